@@ -5,10 +5,12 @@ Environment:
   MEGACLASS_CPU_ONLY=1          build only the C++ CPU kernels, even where CUDA is available
   MEGACLASS_NO_EXTENSION=1      build no extension at all (the PyTorch twin of every kernel is used)
   MEGACLASS_CUDA_ARCHS="80;90"  CUDA architectures to compile for (PTX is added for the newest)
+  MEGACLASS_CPU_ARCH=native     -march of the C++ CPU kernels (e.g. x86-64-v3 for a portable AVX2 build)
   CUDA_HOME                     CUDA toolkit root (the folder holding bin/nvcc and lib64/)
 """
 import glob
 import os
+import re
 import shutil
 
 from setuptools import find_packages, setup
@@ -18,27 +20,27 @@ def _flag(name):
     return os.environ.get(name, "0").lower() not in ("", "0", "false", "no")
 
 
+def _is_cuda_root(root):
+    """A toolkit root holds bin/nvcc, the runtime headers and libcudart (in lib64/ or lib/)."""
+    return bool(root) and os.path.isfile(os.path.join(root, "bin", "nvcc")) and \
+        os.path.isfile(os.path.join(root, "include", "cuda_runtime.h")) and \
+        any(glob.glob(os.path.join(root, lib, "libcudart.so*")) for lib in ("lib64", "lib"))
+
+
 def _cuda_home():
-    """The toolkit root: CUDA_HOME if given, else the parent of nvcc's bin/ (torch's guess can be wrong)."""
-    for root in (os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH")):
-        if root and os.path.exists(os.path.join(root, "bin", "nvcc")):
-            return root
+    """The toolkit root: CUDA_HOME / CUDA_PATH if given, else the root of the nvcc on PATH, else the usual
+    places. torch's own guess can be wrong: an nvcc wrapper script in /usr/local/bin makes it pick /usr/local."""
     nvcc = shutil.which("nvcc")
-    if nvcc:
-        root = os.path.dirname(os.path.dirname(os.path.realpath(nvcc)))
-        if os.path.isdir(os.path.join(root, "lib64")) or os.path.isdir(os.path.join(root, "lib")):
-            return root
-    for root in ("/usr/local/cuda", "/opt/cuda"):
-        if os.path.exists(os.path.join(root, "bin", "nvcc")):
-            return root
-    return None
+    candidates = [os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH"),
+                  nvcc and os.path.dirname(os.path.dirname(os.path.realpath(nvcc))), "/usr/local/cuda", "/opt/cuda"]
+    return next((os.path.realpath(root) for root in candidates if _is_cuda_root(root)), None)
 
 
 def _cuda_arch_flags(archs):
     flags = []
     for arch in archs:
         flags.append(f"-gencode=arch=compute_{arch},code=sm_{arch}")
-    newest = max(archs, key=int)
+    newest = max(archs, key=lambda arch: int(re.match(r"\d+", arch).group()))
     flags.append(f"-gencode=arch=compute_{newest},code=compute_{newest}")
     return flags
 
@@ -51,7 +53,9 @@ def _extensions():
 
     cpp_sources = sorted(glob.glob("csrc/*.cpp"))
     cu_sources = sorted(glob.glob("csrc/*.cu"))
-    cxx_flags = ["-O3", "-std=c++17", "-fopenmp"]
+    cxx_flags = ["-O3", "-fopenmp"]  # torch adds -std=c++20, which its 2.14 headers need
+    # the CPU kernels vectorize for the build machine's instruction set (AVX2 / AVX-512) unless told otherwise
+    cxx_flags.append(f"-march={os.environ.get('MEGACLASS_CPU_ARCH', 'native')}")
     link_flags = ["-fopenmp"]
     cuda_home = None if _flag("MEGACLASS_CPU_ONLY") or torch.version.cuda is None else _cuda_home()
     if cuda_home and cu_sources:
@@ -59,7 +63,7 @@ def _extensions():
         cpp_extension.CUDA_HOME = cuda_home  # torch resolved its own guess at import time
         archs = os.environ.get("MEGACLASS_CUDA_ARCHS", "80;90").replace(",", ";").split(";")
         archs = [a.strip().replace(".", "") for a in archs if a.strip()]
-        nvcc_flags = ["-O3", "-std=c++17", "--use_fast_math", "-lineinfo", *_cuda_arch_flags(archs)]
+        nvcc_flags = ["-O3", "--use_fast_math", "-lineinfo", *_cuda_arch_flags(archs)]
         ext = cpp_extension.CUDAExtension(
             "megaclass._C",
             cpp_sources + cu_sources,
@@ -103,6 +107,7 @@ setup(
     extras_require={
         "mpi": ["mpich", "mpi4py>=4"],
         "bench": ["cut-cross-entropy"],
+        "gpu": ["cut-cross-entropy", "liger-kernel"],  # the peers of `make gpu-check`
         "test": ["pytest", "pytest-timeout", "mpich", "mpi4py>=4", "cut-cross-entropy"],
     },
     ext_modules=ext_modules,

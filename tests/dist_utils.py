@@ -1,8 +1,8 @@
 """Run a function on P gloo ranks in spawned CPU processes (tests only).
 
 `run_ranks(fn, P, *args)` calls `fn(rank, P, *args)` in each process with the default group
-initialized, and returns the list of each rank's return value. An exception on any rank fails
-the call with that rank's traceback.
+initialized (gloo; `backend="nccl"` puts rank r on cuda:r instead), and returns the list of each
+rank's return value. An exception on any rank fails the call with that rank's traceback.
 """
 from __future__ import annotations
 
@@ -21,11 +21,13 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def _entry(rank, world, port, fn, args, queue):
+def _entry(rank, world, port, fn, args, queue, backend):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), OMP_NUM_THREADS="1")
     torch.set_num_threads(1)
     try:
-        dist.init_process_group("gloo", rank=rank, world_size=world)
+        if backend == "nccl":
+            torch.cuda.set_device(rank)
+        dist.init_process_group(backend, rank=rank, world_size=world)
         result = fn(rank, world, *args)
         queue.put((rank, True, result))
     except BaseException:
@@ -35,11 +37,11 @@ def _entry(rank, world, port, fn, args, queue):
             dist.destroy_process_group()
 
 
-def run_ranks(fn, world: int, *args, timeout: float = 300.0):
+def run_ranks(fn, world: int, *args, timeout: float = 300.0, backend: str = "gloo"):
     ctx = mp.get_context("spawn")
     queue = ctx.SimpleQueue()
     port = free_port()
-    procs = [ctx.Process(target=_entry, args=(r, world, port, fn, args, queue)) for r in range(world)]
+    procs = [ctx.Process(target=_entry, args=(r, world, port, fn, args, queue, backend)) for r in range(world)]
     for p in procs:
         p.start()
     results, errors = {}, []

@@ -26,6 +26,21 @@ def is_initialized() -> bool:
     return dist.is_available() and dist.is_initialized()
 
 
+def init_group(backend: str, rank: int, world: int, address: str = "127.0.0.1", port: int = 29500) -> None:
+    """Join a group of `world` ranks at tcp://address:port (tools that start their own ranks, e.g. benchmarks)."""
+    dist.init_process_group(backend, init_method=f"tcp://{address}:{port}", rank=rank, world_size=world)
+
+
+def destroy_group() -> None:
+    if is_initialized():
+        dist.destroy_process_group()
+
+
+def default_group():
+    """The default (world) group when torch.distributed is initialized, else None (a group of one)."""
+    return dist.group.WORLD if is_initialized() else None
+
+
 def world_size(group=None) -> int:
     return dist.get_world_size(group) if is_initialized() else 1
 
@@ -47,6 +62,13 @@ def all_reduce_(tensor: torch.Tensor, group=None, op: str = "sum") -> torch.Tens
     """In-place all-reduce without autograd; returns `tensor`."""
     if world_size(group) > 1:
         dist.all_reduce(tensor, op=_OPS[op], group=group)
+    return tensor
+
+
+def broadcast_(tensor: torch.Tensor, src: int, group=None) -> torch.Tensor:
+    """In-place broadcast from global rank `src` without autograd; returns `tensor`."""
+    if world_size(group) > 1:
+        dist.broadcast(tensor, src=src, group=group)
     return tensor
 
 

@@ -13,6 +13,7 @@ import functools
 import os
 import shutil
 import tempfile
+import warnings
 from pathlib import Path
 
 DEBIAN_WORDNET = Path("/usr/share/wordnet")
@@ -109,9 +110,14 @@ def synset_of(wnid: str):
     if len(wnid) < 2 or not wnid[1:].isdigit():
         raise KeyError(wnid)
     try:
-        return wordnet().synset_from_pos_and_offset(wnid[0], int(wnid[1:]))
-    except Exception as exc:  # NLTK raises WordNetError / ValueError for unknown offsets
+        with warnings.catch_warnings():  # NLTK warns and returns None for an offset it lacks
+            warnings.simplefilter("ignore", UserWarning)
+            synset = wordnet().synset_from_pos_and_offset(wnid[0], int(wnid[1:]))
+    except Exception as exc:  # NLTK raises WordNetError / ValueError for malformed offsets
         raise KeyError(wnid) from exc
+    if synset is None:
+        raise KeyError(wnid)
+    return synset
 
 
 def wnid_of(synset) -> str:

@@ -1,0 +1,70 @@
+// megaclass._C: the two per-chunk kernels of the fused linear + cross-entropy op. This file is the
+// only definition of their schema (the authority for the CPU kernel in lce_cpu.cpp, the CUDA kernel in
+// lce_cuda.cu and the PyTorch twin in megaclass/ops/kernels.py), and it checks their arguments.
+//
+// lce_chunk_stats(Tensor(a!) logits, Tensor target, int class_start, bool store_exp) -> Tensor
+//   logits: [R, C_local], contiguous, fp32/bf16/fp16: this rank's classes [class_start, class_start + C_local)
+//   target: [R] int64 global class ids; a target outside this shard (another rank's class, ignore_index)
+//           contributes target logit 0
+//   returns fp32 [4, R]: row 0 = max_c z, row 1 = Σ_c exp(z − max), row 2 = z_target (0 if not in the shard),
+//           row 3 = Σ_c z; accumulated in fp32 for every input dtype.
+//   store_exp: logits are overwritten with exp(z − max) (in their own dtype), so that the gradient pass
+//           needs no exp of its own.
+//
+// lce_chunk_grad_(Tensor(a!) logits, Tensor target, int class_start, Tensor shift, Tensor row_coef,
+//                 float target_coef, float uniform_coef, bool stored_exp) -> ()
+//   In place, logits become the gradient of the loss with respect to the logits:
+//     g[i,c] = row_coef[i] · (p[i,c] − target_coef·[c == target[i] − class_start] − uniform_coef)
+//   with p[i,c] = exp(z[i,c] − shift[i])        if not stored_exp (shift = lse, the global log-sum-exp)
+//        p[i,c] = e[i,c] · exp(−shift[i])       if stored_exp     (e = exp(z − max), shift = lse − max)
+//   shift, row_coef: fp32 [R]; target_coef = 1 − ε, uniform_coef = ε / C_total (label smoothing ε).
+//   A row with row_coef 0 (an ignored row) becomes exactly 0.
+#include <Python.h>
+
+#include <torch/library.h>
+
+#include "lce.h"
+
+namespace megaclass {
+
+void check_logits_target(const char* op, const at::Tensor& logits, const at::Tensor& target,
+                         c10::DeviceType device_type) {
+  TORCH_CHECK_VALUE(logits.device().type() == device_type, op, ": logits must be a ", device_type,
+                    " tensor, got one on ", logits.device());
+  TORCH_CHECK_VALUE(logits.dim() == 2 && logits.is_contiguous(), op,
+                    ": logits must be a contiguous [R, C_local] tensor, got shape ", logits.sizes());
+  const auto dtype = logits.scalar_type();
+  TORCH_CHECK_VALUE(dtype == at::kFloat || dtype == at::kBFloat16 || dtype == at::kHalf, op,
+                    ": logits must be float32, bfloat16 or float16, got ", dtype);
+  TORCH_CHECK_VALUE(target.device() == logits.device(), op, ": target is on ", target.device(),
+                    " but logits on ", logits.device());
+  TORCH_CHECK_VALUE(target.scalar_type() == at::kLong && target.dim() == 1 && target.size(0) == logits.size(0) &&
+                        target.is_contiguous(),
+                    op, ": target must be a contiguous int64 [R] tensor with R = ", logits.size(0), ", got ",
+                    target.scalar_type(), " ", target.sizes());
+}
+
+void check_row_vector(const char* op, const char* name, const at::Tensor& t, const at::Tensor& logits) {
+  TORCH_CHECK_VALUE(t.device() == logits.device(), op, ": ", name, " is on ", t.device(), " but logits on ",
+                    logits.device());
+  TORCH_CHECK_VALUE(t.scalar_type() == at::kFloat && t.dim() == 1 && t.size(0) == logits.size(0) && t.is_contiguous(),
+                    op, ": ", name, " must be a contiguous float32 [R] tensor with R = ", logits.size(0), ", got ",
+                    t.scalar_type(), " ", t.sizes());
+}
+
+}  // namespace megaclass
+
+// An importable (empty) Python module: importing megaclass._C loads this library, whose static
+// initializers register the ops below with the dispatcher.
+extern "C" PyMODINIT_FUNC PyInit__C(void) {
+  static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_C", "megaclass kernels (torch.ops.megaclass)", -1,
+                                      nullptr};
+  return PyModule_Create(&module);
+}
+
+TORCH_LIBRARY(megaclass, m) {
+  m.def("lce_chunk_stats(Tensor(a!) logits, Tensor target, int class_start, bool store_exp) -> Tensor");
+  m.def(
+      "lce_chunk_grad_(Tensor(a!) logits, Tensor target, int class_start, Tensor shift, Tensor row_coef, "
+      "float target_coef, float uniform_coef, bool stored_exp) -> ()");
+}

@@ -1,0 +1,58 @@
+"""Train one model: `deepspeed launch/train.py --config configs/<name>.yaml [--set key=value ...]`.
+
+    one node, N ranks:  deepspeed --num_gpus N launch/train.py --config configs/webvision2_resnext101.yaml
+    many nodes:         deepspeed --hostfile launch/hostfile.example launch/train.py --config ...
+    torchrun:           torchrun --nproc_per_node N launch/train.py --config ...
+    MPI:                mpirun -n N python launch/train.py --config ...
+    one process:        python launch/train.py --config configs/demo.yaml --set data.root=DIR
+
+Resumes from `run_dir/checkpoints/latest` when it exists (train.resume). The final line reports the
+class-balanced top-1/top-5 on the validation set.
+"""
+import argparse
+import json
+import os
+import sys
+
+from megaclass.engine import distributed
+from megaclass.engine.config import ConfigError, load_config
+from megaclass.engine.data import load_run_data
+from megaclass.engine.pipeline import trainer_class
+from megaclass.engine.trainer import TrainData
+from megaclass.parallel import comm
+
+
+def parse(argv):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", required=True, help="YAML run config (see configs/); validated, unknown keys are errors")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="override one config value, e.g. --set train.epochs=2 (repeatable; values are YAML)")
+    parser.add_argument("--no-eval", action="store_true", help="skip the final validation")
+    parser.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)  # the deepspeed launcher adds it
+    return parser.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse(argv)
+    try:
+        cfg = load_config(args.config, args.overrides)
+        if not cfg.data.root:
+            raise ConfigError("data.root: not set; pass --set data.root=<WebVision-layout directory>")
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    distributed.init(cfg)
+    data = load_run_data(cfg)
+    trainer = trainer_class(cfg)(cfg, TrainData(data.train, data.webvision.num_classes, data.labels, data.sample_weights))
+    trainer.fit(val=(data.val, data.val_labels) if len(data.val_labels) else None)
+    if not args.no_eval and len(data.val_labels):
+        result = trainer.evaluate(data.val, data.val_labels)
+        if comm.rank() == 0:
+            with open(os.path.join(cfg.run_dir, "eval.json"), "w") as f:
+                json.dump(result, f)
+            print(f"validation: top-1 {result['top1']:.2f}%  top-5 {result['top5']:.2f}%")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,310 @@
+"""`megaclass bench ce`: forward + backward of the fused sample-weighted linear cross-entropy against its
+peers and against the floor, the three GEMMs every implementation must do (logits = X Wᵀ, dX = G W,
+dW = Gᵀ X) into preallocated outputs.
+
+Each variant runs in its own process: the median of --repeats timed runs (after one warm-up), and the
+peak memory it adds beyond its inputs ("peak MB"; CPU: peak RSS from getrusage minus the RSS once the
+inputs exist; CUDA: torch.cuda.max_memory_allocated minus the allocation once the inputs exist), and the
+process's whole peak RSS ("RSS MB": torch, inputs and all). The loss is
+`mean_i s_i · CE_i` with random s_i in [0, 1).
+
+`--tp P` runs the op's variants on P gloo ranks (NCCL on CUDA), classes split unevenly as in
+ShardedLinearCrossEntropy, each rank with threads/P threads, and also the op on one rank holding all
+classes: the losses must agree. Time = slowest rank's median; memory = largest rank's peak.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+import torch
+
+VARIANTS = {
+    "megaclass": "megaclass.ops.linear_cross_entropy, kernels from megaclass._C",
+    "megaclass-twin": "megaclass.ops.linear_cross_entropy, PyTorch twin kernels",
+    "naive": "x @ W.T, F.cross_entropy(reduction='none') * s, mean",
+    "torch": "torch.nn.functional.linear_cross_entropy(options=LinearCrossEntropyOptions())",
+    "cce": "cut_cross_entropy.linear_cross_entropy (impl torch_compile on CPU, cce on CUDA)",
+    "liger": "Liger-Kernel LigerFusedLinearCrossEntropyLoss (CUDA)",
+    "floor": "three GEMMs into preallocated outputs",
+}
+TP_VARIANTS = ("megaclass", "megaclass-twin")
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def register(subparsers) -> None:
+    parser = subparsers.add_parser("ce", help="fused linear + weighted cross-entropy against its peers and the GEMM floor",
+                                   description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--n", type=int, default=2048, help="rows N of hidden (default 2048)")
+    parser.add_argument("--d", type=int, default=256, help="features D (default 256)")
+    parser.add_argument("--c", type=int, default=50_000, help="classes C over all ranks (default 50000)")
+    parser.add_argument("--dtype", choices=sorted(DTYPES), default="fp32", help="input dtype (default fp32)")
+    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu", help="device (default cpu)")
+    parser.add_argument("--tp", type=int, default=1, help="ranks the classes are split over (default 1)")
+    parser.add_argument("--threads", type=int, default=torch.get_num_threads(),
+                        help=f"CPU threads in all (split over --tp ranks; default {torch.get_num_threads()})")
+    parser.add_argument("--repeats", type=int, default=5, help="timed runs per variant; the median is reported")
+    parser.add_argument("--chunk-size", type=int, default=None, help="rows per chunk of the op (default: its own)")
+    parser.add_argument("--variants", default=None,
+                        help="comma-separated subset of: " + ", ".join(VARIANTS) + " (default: all available)")
+    parser.add_argument("--json", default=None, metavar="OUT", help="also write the results as JSON to OUT")
+    parser.set_defaults(func=run)
+
+
+def available(name: str, device: str) -> str | None:
+    """None if the variant can run here, else why not."""
+    if name == "megaclass":
+        import warnings
+        from megaclass.ops import kernels
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return None if kernels.extension() is not None else "megaclass._C is not built"
+    if name == "torch":
+        return None if hasattr(torch.nn.functional, "linear_cross_entropy") else "torch has no linear_cross_entropy"
+    if name in ("cce", "liger"):
+        module = {"cce": "cut_cross_entropy", "liger": "liger_kernel"}[name]
+        try:
+            __import__(module)
+        except ImportError:
+            return f"{module} is not installed"
+        if name == "liger" and device != "cuda":
+            return "Liger-Kernel runs on CUDA only"
+    return None
+
+
+# ---------------------------------------------------------------------------------------------------
+# one variant in one process (a rank of --tp)
+
+
+def _rss_bytes() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def _inputs(spec, rank, world):
+    """hidden [N, D], this rank's weight shard [C_r, D] (shards of one weight for any world), target, s."""
+    from megaclass.nn import ShardedLinearCrossEntropy
+    device, dtype = torch.device(spec["device"]), DTYPES[spec["dtype"]]
+    gen = torch.Generator().manual_seed(0)
+    hidden = torch.randn(spec["n"], spec["d"], generator=gen).to(device=device, dtype=dtype).requires_grad_()
+    target = torch.randint(0, spec["c"], (spec["n"],), generator=gen).to(device)
+    s = torch.rand(spec["n"], generator=gen).to(device)
+    torch.manual_seed(1)
+    head = ShardedLinearCrossEntropy(spec["d"], spec["c"], bias=False, device=device, dtype=dtype)
+    weight = head.weight.detach().mul_(4.0).requires_grad_()  # logits of order 1: a realistic softmax
+    return hidden, weight, target, s, head.class_start
+
+
+def _step_fn(name, spec, hidden, weight, target, s, class_start):
+    """A function running one forward + backward of the variant; returns the loss."""
+    import torch.nn.functional as F
+    if name in TP_VARIANTS:
+        from megaclass.ops import linear_cross_entropy
+        from megaclass.parallel import comm
+        group = comm.default_group()
+        implementation = "extension" if name == "megaclass" else "torch"
+
+        def step():
+            loss = linear_cross_entropy(hidden, weight, target, s, class_start=class_start, process_group=group,
+                                        chunk_size=spec["chunk_size"], implementation=implementation)
+            loss.backward()
+            return loss
+        return step
+    if name == "floor":
+        n, c = hidden.shape[0], weight.shape[0]
+        logits = torch.empty(n, c, dtype=hidden.dtype, device=hidden.device)
+        dx, dw = torch.empty_like(hidden), torch.empty_like(weight)
+        x, w = hidden.detach(), weight.detach()
+
+        def step():
+            torch.mm(x, w.t(), out=logits)
+            torch.mm(logits, w, out=dx)
+            torch.mm(logits.t(), x, out=dw)
+            return torch.zeros(())
+        return step
+    if name == "naive":
+        def rows(x, w, t):
+            return F.cross_entropy(x @ w.t(), t, reduction="none")
+    elif name == "torch":
+        from torch.nn.modules.linear_cross_entropy_options import LinearCrossEntropyOptions
+        options = LinearCrossEntropyOptions()
+
+        def rows(x, w, t):
+            return F.linear_cross_entropy(x, w, t, reduction="none", options=options)
+    elif name == "cce":
+        from cut_cross_entropy import linear_cross_entropy as cce
+        impl = "cce" if hidden.device.type == "cuda" else "torch_compile"
+
+        def rows(x, w, t):
+            return cce(x, w, t, reduction="none", impl=impl)
+    elif name == "liger":
+        from liger_kernel.transformers import LigerFusedLinearCrossEntropyLoss
+        loss_fn = LigerFusedLinearCrossEntropyLoss(reduction="none")
+
+        def rows(x, w, t):
+            return loss_fn(w, x, t)
+    else:
+        raise ValueError(f"unknown variant {name!r}")
+
+    def step():
+        loss = (rows(hidden, weight, target).float() * s).mean()
+        loss.backward()
+        return loss
+    return step
+
+
+def _worker(spec) -> dict:
+    from megaclass.parallel import comm
+    rank, world = spec.get("rank", 0), spec.get("world", 1)
+    torch.set_num_threads(max(1, spec["threads"] // world))
+    if spec["device"] == "cuda":
+        torch.cuda.set_device(rank)  # before NCCL starts: each rank's communicator on its own GPU
+    if world > 1:
+        comm.init_group("nccl" if spec["device"] == "cuda" else "gloo", rank, world, port=spec["port"])
+    cuda = spec["device"] == "cuda"
+    hidden, weight, target, s, class_start = _inputs(spec, rank, world)
+    if cuda:
+        torch.cuda.synchronize()
+        base = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+    else:
+        base = _rss_bytes()
+    step = _step_fn(spec["variant"], spec, hidden, weight, target, s, class_start)
+    times = []
+    for i in range(spec["repeats"] + 1):
+        hidden.grad = weight.grad = None
+        comm.barrier(comm.default_group())
+        if cuda:
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        loss = step()
+        if cuda:
+            torch.cuda.synchronize()
+        if i:  # the first run warms up (allocator, compilation, thread pools)
+            times.append(time.perf_counter() - start)
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # the whole process, inputs included
+    peak = torch.cuda.max_memory_allocated() - base if cuda else rss - base
+    comm.destroy_group()
+    return {"median_s": statistics.median(times), "min_s": min(times), "peak_bytes": max(0, peak),
+            "peak_rss_bytes": rss, "loss": float(loss.detach().float())}
+
+
+# ---------------------------------------------------------------------------------------------------
+# the parent: one process (or P ranks) per variant, then the table
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _launch(spec, world) -> dict:
+    """Run the variant in `world` fresh processes; slowest median, largest peak, rank 0's loss."""
+    port = _free_port()
+    procs = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for rank in range(world):
+            out = os.path.join(tmp, f"rank{rank}.json")
+            rank_spec = dict(spec, rank=rank, world=world, port=port)
+            env = dict(os.environ, OMP_NUM_THREADS=str(max(1, spec["threads"] // world)))
+            procs.append((out, subprocess.Popen([sys.executable, "-m", "megaclass.bench.ce", json.dumps(rank_spec), out],
+                                                env=env, stderr=subprocess.PIPE, text=True)))
+        results, errors = [], []
+        for out, proc in procs:
+            _, err = proc.communicate()
+            if proc.returncode:
+                errors.append(err.strip().splitlines()[-1] if err.strip() else f"exit code {proc.returncode}")
+            else:
+                with open(out) as f:
+                    results.append(json.load(f))
+    if errors:
+        return {"error": errors[0]}
+    return {key: max(r[key] for r in results) for key in ("median_s", "min_s", "peak_bytes", "peak_rss_bytes")} | {
+        "loss": results[0]["loss"]}
+
+
+def run(args) -> int:
+    if args.tp < 1 or args.n < 1 or args.d < 1 or args.c < args.tp or args.repeats < 1:
+        raise SystemExit("megaclass bench ce: --n, --d, --repeats and --tp must be ≥ 1 and --c ≥ --tp")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("megaclass bench ce: --device cuda but no CUDA GPU is visible")
+    names = list(VARIANTS) if args.variants is None else [v.strip() for v in args.variants.split(",") if v.strip()]
+    unknown = [v for v in names if v not in VARIANTS]
+    if unknown:
+        raise SystemExit(f"megaclass bench ce: unknown variant(s) {unknown}; choose from {list(VARIANTS)}")
+    spec = {"n": args.n, "d": args.d, "c": args.c, "dtype": args.dtype, "device": args.device,
+            "threads": args.threads, "repeats": args.repeats, "chunk_size": args.chunk_size}
+    runs = []  # (label, variant, world)
+    for name in names:
+        if args.tp > 1 and name not in TP_VARIANTS:
+            continue
+        runs.append((name if args.tp == 1 else f"{name} ({args.tp} ranks)", name, args.tp))
+    if args.tp > 1 and available("megaclass", args.device) is None:
+        runs.append(("megaclass (1 rank)", "megaclass", 1))
+    results = []
+    for label, name, world in runs:
+        why = available(name, args.device)
+        row = {"variant": label, "description": VARIANTS[name]}
+        if why is not None:
+            row["skipped"] = why
+        else:
+            print(f"running {label} ...", file=sys.stderr, flush=True)
+            row.update(_launch(dict(spec, variant=name), world))
+        results.append(row)
+    report = {"config": dict(spec, tp=args.tp), "machine": _machine(args.device), "results": results}
+    print(format_table(report))
+    if args.json:
+        tmp = f"{args.json}.tmp{os.getpid()}"
+        with open(tmp, "w") as f:
+            json.dump(report, f, indent=2)
+        os.replace(tmp, args.json)
+    return 0
+
+
+def _machine(device) -> dict:
+    info = {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(), "torch": torch.__version__}
+    try:
+        with open("/proc/cpuinfo") as f:
+            info["cpu"] = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    if device == "cuda":
+        info["gpu"] = torch.cuda.get_device_name()
+    return info
+
+
+def format_table(report) -> str:
+    cfg = report["config"]
+    by_name = {r["variant"]: r for r in report["results"]}
+    floor = by_name.get("floor", {}).get("median_s")
+    naive = by_name.get("naive", {}).get("peak_bytes")
+    lines = [f"N={cfg['n']} D={cfg['d']} C={cfg['c']} {cfg['dtype']} {cfg['device']} tp={cfg['tp']} "
+             f"threads={cfg['threads']}  ({report['machine']['cpu']}; torch {report['machine']['torch']})",
+             f"{'variant':<28} {'median ms':>10} {'× floor':>8} {'peak MB':>9} {'× naive':>8} {'RSS MB':>8} "
+             f"{'loss':>12}"]
+    for r in report["results"]:
+        if "median_s" not in r:
+            lines.append(f"{r['variant']:<28} {'skipped: ' + r.get('skipped', r.get('error', '?'))}")
+            continue
+        ratio = f"{r['median_s'] / floor:.3f}" if floor else "-"
+        mem = f"{r['peak_bytes'] / naive:.3f}" if naive else "-"
+        loss = "-" if r["variant"] == "floor" else f"{r['loss']:.6f}"
+        lines.append(f"{r['variant']:<28} {r['median_s'] * 1e3:>10.1f} {ratio:>8} {r['peak_bytes'] / 2**20:>9.1f} "
+                     f"{mem:>8} {r['peak_rss_bytes'] / 2**20:>8.0f} {loss:>12}")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":  # a worker: python -m megaclass.bench.ce SPEC_JSON OUT_JSON
+    result = _worker(json.loads(sys.argv[1]))
+    with open(sys.argv[2], "w") as f:
+        json.dump(result, f)

@@ -1,0 +1,174 @@
+"""`megaclass bench train`: training images/s and peak memory, megaclass against plain PyTorch DDP.
+
+Both variants train the same backbone on the same in-memory batches over P gloo/nccl ranks:
+  megaclass  backbone under a DeepSpeed engine + the class-sharded fused head (`Trainer.train_step`)
+  ddp        DistributedDataParallel(backbone + nn.Linear(D, C)) + F.cross_entropy (weighted mean)
+Each variant runs in fresh processes. Memory is the peak per rank (CUDA: max allocated; CPU: peak
+resident set) and, on CPU, the growth of that peak over the process before the model was built,
+which is what training adds (the libraries' fixed footprint differs between the two).
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import socket
+import statistics
+import time
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser("train", help="training images/s and peak memory against plain DDP",
+                              description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--classes", type=int, nargs="+", default=[10_000, 200_000], help="class counts to compare")
+    p.add_argument("--ranks", type=int, default=2, help="processes (ranks) per variant")
+    p.add_argument("--model", default="resnet10t", help="backbone (megaclass.models name or timm name)")
+    p.add_argument("--image-size", type=int, default=32, help="square image side")
+    p.add_argument("--batch", type=int, default=64, help="images per rank per step")
+    p.add_argument("--steps", type=int, default=6, help="timed steps (after --warmup)")
+    p.add_argument("--warmup", type=int, default=2, help="untimed steps first")
+    p.add_argument("--out", default=None, help="also write the table as JSON here")
+    p.set_defaults(func=run)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _batches(args, classes, rank, seed=0):
+    import torch
+
+    g = torch.Generator().manual_seed(seed * 1000 + rank)
+    n = args.warmup + args.steps
+    images = torch.randn(n, args.batch, 3, args.image_size, args.image_size, generator=g)
+    labels = torch.randint(classes, (n, args.batch), generator=g)
+    weights = torch.rand(n, args.batch, generator=g)
+    return [(images[i], labels[i], weights[i]) for i in range(n)]
+
+
+def _worker(rank, world, port, variant, classes, args, queue):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
+                      WORLD_SIZE=str(world), LOCAL_WORLD_SIZE=str(world))
+    try:
+        import torch
+
+        from megaclass.engine import distributed
+        from megaclass.engine.config import config_from_dict
+        from megaclass.engine.monitor import peak_memory_mb
+
+        cfg = config_from_dict({"model": {"name": args.model}, "train": {"micro_batch_size": args.batch, "progress": False},
+                                "optim": {"name": "sgd", "lr": 0.01, "schedule": "constant"}, "data": {"num_workers": 0}})
+        distributed.init(cfg)
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
+        batches = _batches(args, classes, rank)
+        device = torch.device("cuda", rank) if torch.cuda.is_available() else torch.device("cpu")
+        before = peak_memory_mb(device)
+        step = (_megaclass_step if variant == "megaclass" else _ddp_step)(cfg, classes, device, world)
+        times = []
+        for i, batch in enumerate(batches):
+            t0 = time.perf_counter()
+            step(batch)
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            if i >= args.warmup:
+                times.append(time.perf_counter() - t0)
+        peak = peak_memory_mb(device)
+        queue.put((rank, None, {"step_s": statistics.median(times), "peak_mb": peak,
+                                "train_mb": peak - before if device.type == "cpu" else peak}))
+    except BaseException as exc:  # report, never hang the parent
+        import traceback
+
+        queue.put((rank, f"{type(exc).__name__}: {exc}\n{traceback.format_exc()}", None))
+
+
+def _megaclass_step(cfg, classes, device, world):
+    import torch
+    from torch.utils.data import TensorDataset
+
+    from megaclass.engine.trainer import TrainData, Trainer
+    from megaclass.models import build_backbone
+
+    micro = cfg.train.micro_batch_size
+    # The trainer reads only the length of the data set (the schedule); batches are fed directly.
+    placeholder = TensorDataset(torch.zeros(world * micro))
+    trainer = Trainer(cfg, TrainData(placeholder, classes, torch.zeros(world * micro, dtype=torch.long)),
+                      backbone=build_backbone(cfg.model.name, seed=0))
+    index = torch.arange(micro)
+
+    def step(batch):
+        images, target, sample_weights = batch
+        trainer.data.sample_weights = sample_weights  # indexed by `index`: this batch's weights
+        trainer.train_step(iter([(images, target, index)]))
+
+    return step
+
+
+def _ddp_step(cfg, classes, device, world):
+    import torch
+    import torch.nn.functional as F
+    from torch.nn.parallel import DistributedDataParallel
+
+    from megaclass.models import build_backbone
+
+    backbone = build_backbone(cfg.model.name, seed=0)
+    model = torch.nn.Sequential(backbone, torch.nn.Linear(backbone.num_features, classes)).to(device)
+    ddp = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    opt = torch.optim.SGD(ddp.parameters(), lr=0.01, momentum=0.9, weight_decay=1e-4)
+
+    def step(batch):
+        images, target, weights = (t.to(device) for t in batch)
+        loss = (weights * F.cross_entropy(ddp(images), target, reduction="none")).mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+
+    return step
+
+
+def measure(variant: str, classes: int, args) -> dict:
+    """Run one variant on `args.ranks` fresh processes; the slowest rank's time, the largest memory."""
+    import torch.multiprocessing as mp
+
+    ctx = mp.get_context("spawn")
+    queue, port = ctx.SimpleQueue(), _free_port()
+    procs = [ctx.Process(target=_worker, args=(r, args.ranks, port, variant, classes, args, queue))
+             for r in range(args.ranks)]
+    for p in procs:
+        p.start()
+    results, errors = [], []
+    for _ in procs:
+        rank, error, value = queue.get()
+        (errors.append(f"rank {rank}: {error}") if error else results.append(value))
+    for p in procs:
+        p.join()
+    if errors:
+        raise RuntimeError(f"{variant} at {classes} classes failed:\n" + "\n".join(errors))
+    step = max(r["step_s"] for r in results)
+    return {"images_per_s": args.ranks * args.batch / step, "peak_mb": max(r["peak_mb"] for r in results),
+            "train_mb": max(r["train_mb"] for r in results)}
+
+
+def run(args) -> int:
+    import json
+
+    rows = []
+    print(f"{args.model}, {args.image_size}px, {args.batch} images/rank/step, {args.ranks} ranks, "
+          f"median of {args.steps} steps", flush=True)
+    header = "| classes | variant | images/s | peak MB/rank | training MB/rank |"
+    lines = [header, "| ---: | --- | ---: | ---: | ---: |"]
+    for classes in args.classes:
+        for variant in ("ddp", "megaclass"):
+            r = measure(variant, classes, args)
+            rows.append({"classes": classes, "variant": variant, **r})
+            lines.append(f"| {classes:,} | {variant} | {r['images_per_s']:.1f} | {r['peak_mb']:.0f} | {r['train_mb']:.0f} |")
+            print(lines[-1], flush=True)
+        ddp, mc = rows[-2], rows[-1]
+        print(f"  {classes:,} classes: megaclass speed {mc['images_per_s'] / ddp['images_per_s']:.2f}x DDP, "
+              f"training memory {mc['train_mb'] / max(ddp['train_mb'], 1e-9):.2f}x DDP", flush=True)
+    print("\n".join(lines))
+    if args.out:
+        with open(args.out + ".tmp", "w") as f:
+            json.dump(rows, f, indent=1)
+        os.replace(args.out + ".tmp", args.out)
+    return 0

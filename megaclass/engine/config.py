@@ -1,0 +1,329 @@
+"""Run configuration: YAML files validated against dataclasses, `--set key=value` overrides, and the
+DeepSpeed config generated from them.
+
+Every section is a dataclass; an unknown key anywhere is an error that names its dotted path, and
+values are checked in `__post_init__` so that a bad config fails before any process group or model
+exists. `deepspeed:` holds raw DeepSpeed settings merged over the generated ones (for what this
+schema does not cover, e.g. ZeRO offload); keys that megaclass sets itself are refused there.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+import types
+import typing
+from dataclasses import dataclass, field
+from typing import Any
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A config value or key is wrong; the message names the key (and the file when known)."""
+
+
+def _check(ok: bool, key: str, message: str) -> None:
+    if not ok:
+        raise ConfigError(f"{key}: {message}")
+
+
+@dataclass(kw_only=True, slots=True)
+class ModelConfig:
+    name: str = "resnet_tiny"
+    """A timm model name (built without pretrained weights) or a megaclass small model (`resnet_tiny`)."""
+    checkpoint: str | None = None
+    """Optional local checkpoint of the backbone (a state dict or a dict with `state_dict`/`model`)."""
+    drop_rate: float = 0.0
+    """Dropout before the classifier (timm `drop_rate`)."""
+
+    def __post_init__(self):
+        _check(0.0 <= self.drop_rate < 1.0, "model.drop_rate", f"must be in [0, 1), got {self.drop_rate}")
+
+
+@dataclass(kw_only=True, slots=True)
+class HeadConfig:
+    label_smoothing: float = 0.0
+    """F.cross_entropy's label smoothing ε."""
+    bias: bool = False
+    """Give the classifier a bias (sharded with its rows)."""
+    chunk_size: int | None = None
+    """Rows per chunk of the fused op (None: its default)."""
+    lr_scale: float = 1.0
+    """The head's learning rate is optim.lr times this."""
+
+    def __post_init__(self):
+        _check(0.0 <= self.label_smoothing < 1.0, "head.label_smoothing", f"must be in [0, 1), got {self.label_smoothing}")
+        _check(self.chunk_size is None or self.chunk_size > 0, "head.chunk_size", "must be positive")
+        _check(self.lr_scale > 0, "head.lr_scale", "must be positive")
+
+
+@dataclass(kw_only=True, slots=True)
+class DataConfig:
+    root: str = ""
+    """A WebVision-layout directory (info/synsets.txt, info/train_filelist_*.txt, ...)."""
+    image_size: int = 224
+    """Training crop side; evaluation resizes to this too."""
+    weights: str | None = None
+    """Per-image loss weights TSV (`<image path>\\t<weight>`); None = every weight 1."""
+    normalize_weights: bool = True
+    """Scale the loss weights to mean 1 over the training set: only their ratios matter then, and the
+    learning rate keeps its meaning (with "mean" reduction, weights averaging 0.5 would halve it)."""
+    class_balanced: bool = False
+    """Sample training images class-balanced instead of uniformly."""
+    num_workers: int = 2
+    """DataLoader worker processes per rank."""
+    limit_train: int = 0
+    """Use only the first N training images (0 = all); for smoke runs."""
+
+    def __post_init__(self):
+        _check(self.image_size >= 8, "data.image_size", f"must be at least 8, got {self.image_size}")
+        _check(self.num_workers >= 0, "data.num_workers", "must be >= 0")
+        _check(self.limit_train >= 0, "data.limit_train", "must be >= 0")
+
+
+OPTIMIZERS = ("sgd", "adam", "adamw", "deepspeed_adam", "deepspeed_lamb", "apex_fused_lamb")
+
+
+@dataclass(kw_only=True, slots=True)
+class OptimConfig:
+    name: str = "sgd"
+    """One of: sgd, adam, adamw (torch), deepspeed_adam, deepspeed_lamb (DeepSpeed ops), apex_fused_lamb."""
+    lr: float = 0.1
+    """Peak learning rate for a global batch of `train.micro_batch_size × grad_accum × ranks`."""
+    momentum: float = 0.9
+    weight_decay: float = 1e-4
+    betas: tuple[float, float] = (0.9, 0.999)
+    warmup_steps: int = 0
+    """Linear warm-up from 0 over this many optimizer steps."""
+    schedule: str = "cosine"
+    """After warm-up: `cosine` (to 0 at the last step) or `constant`."""
+
+    def __post_init__(self):
+        _check(self.name in OPTIMIZERS, "optim.name", f"unknown optimizer {self.name!r}; choose one of {', '.join(OPTIMIZERS)}")
+        _check(self.lr > 0, "optim.lr", f"must be positive, got {self.lr}")
+        _check(self.weight_decay >= 0, "optim.weight_decay", "must be >= 0")
+        _check(self.warmup_steps >= 0, "optim.warmup_steps", "must be >= 0")
+        _check(self.schedule in ("cosine", "constant"), "optim.schedule", f"must be cosine or constant, got {self.schedule!r}")
+        _check(len(self.betas) == 2, "optim.betas", "must be two numbers")
+        self.betas = tuple(float(b) for b in self.betas)
+
+
+@dataclass(kw_only=True, slots=True)
+class TrainConfig:
+    epochs: float = 1.0
+    """Passes over the training images (fractions allowed)."""
+    micro_batch_size: int = 32
+    """Images per rank per forward pass."""
+    grad_accum: int = 1
+    """Micro-batches per optimizer step."""
+    seed: int = 0
+    """Seeds the model, the classifier, the data order and augmentation: same seed, same run."""
+    log_every: int = 1
+    """Write a CSV/TensorBoard row every N optimizer steps."""
+    save_every: int = 0
+    """Save a checkpoint every N optimizer steps (0 = only at the end)."""
+    max_steps: int = 0
+    """Stop after N optimizer steps (0 = run all epochs); the schedule still spans all epochs."""
+    resume: bool = True
+    """Resume from `run_dir/checkpoints/latest` when it exists."""
+    progress: bool = True
+    """Show a tqdm progress bar on rank 0."""
+
+    def __post_init__(self):
+        _check(self.epochs > 0, "train.epochs", f"must be positive, got {self.epochs}")
+        _check(self.micro_batch_size > 0, "train.micro_batch_size", "must be positive")
+        _check(self.grad_accum > 0, "train.grad_accum", "must be positive")
+        _check(self.log_every > 0, "train.log_every", "must be positive")
+        _check(self.save_every >= 0, "train.save_every", "must be >= 0")
+        _check(self.max_steps >= 0, "train.max_steps", "must be >= 0")
+
+
+@dataclass(kw_only=True, slots=True)
+class ParallelConfig:
+    zero_stage: int = 0
+    """DeepSpeed ZeRO stage of the backbone (0-3); the classifier is class-sharded regardless."""
+    pipeline_stages: int = 1
+    """>1: the backbone runs as a DeepSpeed PipelineModule of this many stages (ZeRO <= 1)."""
+    partition_method: str = "parameters"
+    """How DeepSpeed balances pipeline stages: parameters, uniform, or type:<regex>."""
+    precision: str = "fp32"
+    """fp32 or bf16 (DeepSpeed's bf16 mode for the backbone; the head takes fp32 features and keeps fp32
+    weights). fp16 is not offered: its dynamic loss scale would also scale the head's gradients."""
+    timeout_s: float = 600.0
+    """Collective timeout: a rank that dies ends the others' collectives after this long."""
+    backend: str | None = None
+    """torch.distributed backend (None: DeepSpeed's choice, gloo on CPU, nccl on CUDA)."""
+
+    def __post_init__(self):
+        _check(self.zero_stage in (0, 1, 2, 3), "parallel.zero_stage", f"must be 0, 1, 2 or 3, got {self.zero_stage}")
+        _check(self.pipeline_stages >= 1, "parallel.pipeline_stages", "must be >= 1")
+        _check(self.pipeline_stages == 1 or self.zero_stage <= 1, "parallel.zero_stage",
+               f"DeepSpeed's pipeline engine supports ZeRO stage 0 or 1 only, got {self.zero_stage} with "
+               f"parallel.pipeline_stages={self.pipeline_stages}; set parallel.zero_stage to 0 or 1, or pipeline_stages to 1")
+        _check(self.precision in ("fp32", "bf16"), "parallel.precision", f"must be fp32 or bf16, got {self.precision!r}")
+        _check(self.timeout_s > 0, "parallel.timeout_s", "must be positive")
+
+
+@dataclass(kw_only=True, slots=True)
+class EvalConfig:
+    batch_size: int = 64
+    """Images per rank per evaluation/prediction batch."""
+    topk: int = 5
+    """Predictions written per image (PRED_TSV) and the largest k of top-k accuracy."""
+    every_epochs: int = 1
+    """Evaluate on the validation set every this many whole epochs (0 = only at the end)."""
+
+    def __post_init__(self):
+        _check(self.batch_size > 0, "eval.batch_size", "must be positive")
+        _check(self.topk >= 5, "eval.topk", "must be >= 5 (top-5 accuracy)")
+        _check(self.every_epochs >= 0, "eval.every_epochs", "must be >= 0")
+
+
+@dataclass(kw_only=True, slots=True)
+class ExperimentConfig:
+    knn_k: int = 5
+    """K nearest categories per class (`megaclass semantics --k`)."""
+    encoder: str | None = None
+    """Text encoder for semantics (None: the shipped all-MiniLM-L6-v2)."""
+
+    def __post_init__(self):
+        _check(self.knn_k > 0, "experiment.knn_k", "must be positive")
+
+
+# Keys of the generated DeepSpeed config that the `deepspeed:` section may not set.
+_GENERATED_DS_KEYS = ("train_micro_batch_size_per_gpu", "gradient_accumulation_steps", "train_batch_size",
+                      "optimizer", "scheduler", "zero_optimization.stage", "bf16.enabled", "fp16.enabled")
+
+
+@dataclass(kw_only=True, slots=True)
+class Config:
+    run_dir: str = "runs/default"
+    """Where checkpoints, logs, predictions and results go."""
+    model: ModelConfig = field(default_factory=ModelConfig)
+    head: HeadConfig = field(default_factory=HeadConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    experiment: ExperimentConfig = field(default_factory=ExperimentConfig)
+    deepspeed: dict = field(default_factory=dict)
+    """Extra DeepSpeed settings merged over the generated config (e.g. zero_optimization.offload_optimizer)."""
+
+    def __post_init__(self):
+        _check(bool(self.run_dir), "run_dir", "must not be empty")
+        for dotted in _GENERATED_DS_KEYS:
+            node = self.deepspeed
+            for part in dotted.split("."):
+                node = node.get(part) if isinstance(node, dict) else None
+            _check(node is None, f"deepspeed.{dotted}", "is generated by megaclass; set it through train.*, optim.*, "
+                   "parallel.* instead")
+
+    def deepspeed_config(self) -> dict:
+        """The DeepSpeed config dict for the backbone's engine (the optimizer is built by megaclass)."""
+        ds: dict[str, Any] = {
+            "train_micro_batch_size_per_gpu": self.train.micro_batch_size,
+            "gradient_accumulation_steps": self.train.grad_accum,
+            "zero_optimization": {"stage": self.parallel.zero_stage},
+            "steps_per_print": 10**9,
+            "wall_clock_breakdown": False,
+        }
+        if self.parallel.precision == "bf16":
+            ds["bf16"] = {"enabled": True}
+        if self.parallel.zero_stage > 0:
+            ds["zero_allow_untested_optimizer"] = True
+        return _merge(ds, self.deepspeed)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def _merge(base: dict, extra: dict) -> dict:
+    out = dict(base)
+    for key, value in extra.items():
+        out[key] = _merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out
+
+
+def _build(cls, values: Any, path: str):
+    """Build dataclass `cls` from a mapping, recursively; unknown keys and wrong types name their path."""
+    if not isinstance(values, dict):
+        raise ConfigError(f"{path or 'config'}: expected a mapping, got {type(values).__name__}")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - names)
+    if unknown:
+        where = f"{path}." if path else ""
+        raise ConfigError(f"unknown key {where}{unknown[0]}; valid keys{' of ' + path if path else ''}: {', '.join(sorted(names))}")
+    kwargs = {}
+    for name, value in values.items():
+        key = f"{path}.{name}" if path else name
+        kwargs[name] = _coerce(hints[name], value, key)
+    try:
+        return cls(**kwargs)
+    except ConfigError:
+        raise
+    except TypeError as exc:
+        raise ConfigError(f"{path or 'config'}: {exc}") from None
+
+
+def _coerce(hint, value, key):
+    if dataclasses.is_dataclass(hint):
+        return _build(hint, value, key)
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        hint = next(a for a in args if a is not type(None))
+        return _coerce(hint, value, key)
+    if hint is bool:
+        _check(isinstance(value, bool), key, f"expected true/false, got {value!r}")
+    elif hint is int:
+        _check(isinstance(value, int) and not isinstance(value, bool), key, f"expected an integer, got {value!r}")
+    elif hint is float:
+        _check(isinstance(value, (int, float)) and not isinstance(value, bool), key, f"expected a number, got {value!r}")
+        value = float(value)
+    elif hint is str:
+        _check(isinstance(value, str), key, f"expected a string, got {value!r}")
+    elif hint is dict:
+        _check(isinstance(value, dict), key, f"expected a mapping, got {value!r}")
+    elif origin is tuple:
+        _check(isinstance(value, (list, tuple)) and len(value) == len(args), key, f"expected {len(args)} values, got {value!r}")
+        value = tuple(_coerce(a, v, f"{key}[{i}]") for i, (a, v) in enumerate(zip(args, value)))
+    return value
+
+
+def _apply_override(tree: dict, assignment: str) -> None:
+    if "=" not in assignment:
+        raise ConfigError(f"--set {assignment!r}: expected key=value (e.g. train.epochs=2)")
+    dotted, raw = assignment.split("=", 1)
+    parts = dotted.strip().split(".")
+    node = tree
+    for part in parts[:-1]:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"--set {dotted}: {part} is not a section")
+    node[parts[-1]] = yaml.safe_load(raw) if raw.strip() else ""
+
+
+def load_config(path: str | os.PathLike | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """Read a YAML config (or start from the defaults), apply `key=value` overrides, validate."""
+    tree: dict = {}
+    if path is not None:
+        try:
+            with open(path, encoding="utf-8") as f:
+                tree = yaml.safe_load(f) or {}
+        except FileNotFoundError:
+            raise ConfigError(f"config file not found: {path}") from None
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+    for assignment in overrides:
+        _apply_override(tree, assignment)
+    try:
+        return _build(Config, tree, "")
+    except ConfigError as exc:
+        raise ConfigError(f"{path}: {exc}" if path else str(exc)) from None
+
+
+def config_from_dict(tree: dict) -> Config:
+    return _build(Config, tree, "")

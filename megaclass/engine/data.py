@@ -1,0 +1,148 @@
+"""Feeding the ranks: which images each rank reads at each micro-step, repeatably.
+
+Every epoch has one global order of training images (a permutation from (seed, epoch), or a
+class-balanced draw). Micro-step `j` takes the next `P × micro_batch` images of that order and rank
+`r` reads rows `[r·micro, (r+1)·micro)` of them, so the all-gathered features are exactly the
+global batch a one-rank run would see. Augmentation is seeded per (seed, epoch, image), so a run
+resumed mid-epoch (by skipping micro-steps, not images already loaded) reads the same pixels as one
+that never stopped, with any number of DataLoader workers.
+"""
+from __future__ import annotations
+
+import math
+import random
+from dataclasses import dataclass
+
+import torch
+from torch.utils.data import Dataset, Sampler
+
+from megaclass.data import ClassBalancedSampler, ImageDataset, WebVision, load_webvision
+from megaclass.weighting.tables import read_weights
+
+
+def epoch_order(num_items: int, seed: int, epoch: int, labels: torch.Tensor | None = None) -> torch.Tensor:
+    """The global image order of `epoch`: a seeded permutation, or with `labels` the data package's
+    class-balanced draw (a class uniformly, then one of its images uniformly)."""
+    if labels is None:
+        return torch.randperm(num_items, generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch))
+    sampler = ClassBalancedSampler(labels.tolist(), num_samples=num_items, seed=seed)
+    sampler.set_epoch(epoch)
+    return torch.tensor(list(sampler))
+
+
+class RankBatches(Sampler):
+    """Yields this rank's micro-batches as lists of (epoch, image index), from micro-step `start` on.
+
+    Training (`order_fn` given): micro-steps run on across epochs; each epoch drops its last partial
+    global batch. Prediction (`order_fn=None`): one pass over 0..num_items-1 in order, the last global
+    batch padded with index -1 (the caller drops those rows)."""
+
+    def __init__(self, num_items: int, rank: int, world: int, micro: int, total_micro_steps: int | None = None,
+                 order_fn=None, start: int = 0):
+        self.num_items, self.rank, self.world, self.micro = num_items, rank, world, micro
+        self.order_fn, self.start = order_fn, start
+        global_batch = world * micro
+        if order_fn is None:
+            self.per_epoch = math.ceil(num_items / global_batch)
+            self.total = self.per_epoch
+        else:
+            self.per_epoch = num_items // global_batch
+            if self.per_epoch == 0:
+                raise ValueError(f"{num_items} training images cannot fill one global batch of {global_batch} "
+                                 f"({world} ranks × train.micro_batch_size {micro}); lower train.micro_batch_size")
+            self.total = total_micro_steps
+
+    def __len__(self) -> int:
+        return self.total - self.start
+
+    def __iter__(self):
+        g = self.world * self.micro
+        epoch, order = -1, None
+        for step in range(self.start, self.total):
+            e, j = divmod(step, self.per_epoch)
+            if self.order_fn is None:
+                rows = torch.arange(j * g + self.rank * self.micro, j * g + (self.rank + 1) * self.micro)
+                yield [(0, int(i) if i < self.num_items else -1) for i in rows]
+                continue
+            if e != epoch:
+                epoch, order = e, self.order_fn(e)
+            rows = order[j * g + self.rank * self.micro: j * g + (self.rank + 1) * self.micro]
+            yield [(e, int(i)) for i in rows]
+
+
+class SeededItems(Dataset):
+    """`dataset[(epoch, i)]` = `dataset[i]` drawn under a random state fixed by (seed, epoch, i); the
+    caller's random state is left untouched. Index -1 (padding) returns item 0 with index -1. The
+    index returned is the one the dataset served (it may skip an unreadable image)."""
+
+    def __init__(self, dataset: Dataset, seed: int):
+        self.dataset, self.seed = dataset, seed
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, key):
+        epoch, index = key
+        with torch.random.fork_rng(devices=[]):
+            item_seed = (self.seed * 1_000_003 + epoch) * 10_000_019 + max(index, 0)
+            torch.manual_seed(item_seed)
+            state = random.getstate()
+            random.seed(item_seed)
+            try:
+                image, label, served = self.dataset[max(index, 0)]
+            finally:
+                random.setstate(state)
+        return image, label, served if index >= 0 else -1
+
+
+def read_weight_table(path: str, paths: list[str], allow_extra: bool = False) -> torch.Tensor:
+    """Per-image loss weights (`<image path>\t<weight>`, read by `megaclass.weighting`) in the order
+    of `paths`. Every training image needs a weight; a row naming an image outside the training set
+    is an error (the weights were made for other data) unless `allow_extra` (a run on a subset)."""
+    table = read_weights(path)
+    missing = [p for p in paths if p not in table]
+    if missing:
+        raise ValueError(f"{path}: no weight for {len(missing)} training images, e.g. {missing[0]!r}")
+    if not allow_extra and len(table) > len(paths):
+        known = set(paths)
+        extra = next(p for p in table if p not in known)
+        raise ValueError(f"{path}: image {extra!r} is not in the training set")
+    return torch.tensor([table[p] for p in paths], dtype=torch.float32)
+
+
+@dataclass(slots=True)
+class RunData:
+    """A data set as the trainer reads it."""
+
+    webvision: WebVision
+    train: ImageDataset
+    """training images with augmentation"""
+    train_eval: ImageDataset
+    """the same images without augmentation (predictions on the training set)"""
+    val: ImageDataset
+    labels: torch.Tensor
+    """[N] training labels"""
+    val_labels: torch.Tensor
+    sample_weights: torch.Tensor | None
+    """[N] loss weights, or None for all ones"""
+
+    @property
+    def paths(self) -> list[str]:
+        return [p for p, _ in self.train.items]
+
+
+def load_run_data(cfg, weights: str | None = None) -> RunData:
+    """Everything `cfg.data` names; `weights` overrides `cfg.data.weights`."""
+    data = load_webvision(cfg.data.root)
+    records = data.train[: cfg.data.limit_train] if cfg.data.limit_train else data.train
+    items = [(r.path, r.label) for r in records]
+    if not items:
+        raise ValueError(f"data.root: {cfg.data.root} has no training images")
+    small = cfg.data.image_size <= 64  # decode once: a small data set's steps would be JPEG-bound
+    sets = [ImageDataset(cfg.data.root, its, cfg.data.image_size, train=train, preload=small)
+            for its, train in ((items, True), (items, False), (data.val, False))]
+    weights = weights or cfg.data.weights
+    paths = [p for p, _ in items]
+    sample_weights = read_weight_table(weights, paths, allow_extra=bool(cfg.data.limit_train)) if weights else None
+    return RunData(data, *sets, torch.tensor([label for _, label in items]),
+                   torch.tensor([label for _, label in data.val], dtype=torch.long), sample_weights)

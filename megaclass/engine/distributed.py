@@ -1,0 +1,35 @@
+"""Process-group set-up for every launcher: `deepspeed`, `torchrun`, `mpirun` (mpi4py discovery) or a
+plain `python` run (a group of one)."""
+from __future__ import annotations
+
+import os
+import socket
+from datetime import timedelta
+
+import deepspeed
+import torch
+
+from megaclass.engine.config import Config
+
+_MPI_RANK_VARS = ("OMPI_COMM_WORLD_RANK", "PMI_RANK", "PMIX_RANK", "MV2_COMM_WORLD_RANK")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def init(cfg: Config) -> None:
+    """Join (or form) the job's process group, with `parallel.timeout_s` as the collective timeout so
+    that a rank that dies ends its peers' waits with an error instead of a hang."""
+    launched = "RANK" in os.environ or any(v in os.environ for v in _MPI_RANK_VARS)
+    if not launched:  # plain `python launch/train.py`: one rank
+        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
+                          MASTER_PORT=str(_free_port()))
+    backend = cfg.parallel.backend or deepspeed.get_accelerator().communication_backend_name()
+    deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=True, verbose=False,
+                               timeout=timedelta(seconds=cfg.parallel.timeout_s))
+    if "OMP_NUM_THREADS" not in os.environ:  # ranks of one node share its cores instead of oversubscribing
+        local = int(os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("LOCAL_SIZE", "1")))
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // local))

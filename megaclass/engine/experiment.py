@@ -1,0 +1,154 @@
+"""The seed's experiment in one command: baseline -> +Stage1 -> +Stage1+Stage2.
+
+    semantics (K nearest categories) -> train baseline -> predict on the training images
+    -> stage-1 weights -> train -> predict -> stage-2 weights -> train
+    -> class-balanced top-1/top-5 of each model on the clean validation set
+
+Every rank runs this module (under `deepspeed`, `torchrun` or `mpirun`); rank 0 alone runs the
+single-process steps (semantics, weights) while the others wait at a barrier. Outputs in `run_dir`:
+`results.json` ({"baseline": {"top1", "top5"}, "stage1": ..., "stage2": ...}, percent),
+`weights_stage1.tsv`, `weights_stage2.tsv`, `curves.png`, and one folder per run (checkpoints,
+metrics CSV, TensorBoard, predictions).
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import sys
+
+import torch
+
+from megaclass.engine import distributed
+from megaclass.engine.config import Config, ConfigError, load_config
+from megaclass.engine.data import load_run_data, read_weight_table
+from megaclass.engine.pipeline import trainer_class
+from megaclass.engine.trainer import TrainData
+from megaclass.parallel import comm
+from megaclass.weighting.tables import write_predictions
+
+RUNS = (("baseline", "Baseline"), ("stage1", "+Stage1"), ("stage2", "+Stage1+Stage2"))
+
+
+def _write_json(path: str, obj) -> None:
+    tmp = f"{path}.tmp"
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=2)
+    os.replace(tmp, path)
+
+
+def _cli(argv: list[str]) -> None:
+    """Run a `megaclass` subcommand in this process; a failure names the command."""
+    from megaclass.cli import main
+
+    code = main(argv)
+    if code:
+        raise RuntimeError(f"`megaclass {' '.join(argv)}` failed with exit code {code}")
+
+
+def table(results: dict) -> str:
+    lines = ["| Method | Top-1 (%) | Top-5 (%) |", "| --- | ---: | ---: |"]
+    lines += [f"| {label} | {results[key]['top1']:.2f} | {results[key]['top5']:.2f} |" for key, label in RUNS if key in results]
+    return "\n".join(lines)
+
+
+def plot_curves(path: str, curves: dict) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(10, 4))
+    for key, label in RUNS:
+        if key not in curves:
+            continue
+        steps = curves[key]["train"]
+        ax_loss.plot([r["epoch"] for r in steps], [r["loss"] for r in steps], label=label, alpha=0.8)
+        evals = curves[key]["val"]
+        ax_acc.plot([r["epoch"] for r in evals], [r["top1"] for r in evals], marker="o", label=label)
+    ax_loss.set(xlabel="epoch", ylabel="weighted training loss", title="training loss")
+    ax_acc.set(xlabel="epoch", ylabel="class-balanced top-1 (%)", title="clean validation top-1")
+    for ax in (ax_loss, ax_acc):
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(path + ".tmp.png", dpi=120)
+    plt.close(fig)
+    os.replace(path + ".tmp.png", path)
+
+
+def run(cfg: Config) -> dict:
+    """Collective: every rank calls it. Returns the results dict (on every rank)."""
+    rank0 = comm.rank() == 0
+    run_dir = cfg.run_dir
+    os.makedirs(run_dir, exist_ok=True)
+    data = load_run_data(cfg)
+    paths = data.paths
+    if len(data.val_labels) == 0:
+        raise ValueError(f"{cfg.data.root}/info/val_filelist.txt: no validation images to evaluate on")
+    if rank0:
+        print(data.webvision.summary(), flush=True)
+
+    knn = os.path.join(run_dir, "semantics", "knn.tsv")
+    if rank0:
+        argv = ["semantics", "--synsets", os.path.join(cfg.data.root, "info", "synsets.txt"),
+                "--k", str(cfg.experiment.knn_k), "--out", os.path.dirname(knn)]
+        _cli(argv + (["--encoder", cfg.experiment.encoder] if cfg.experiment.encoder else []))
+    comm.barrier()
+
+    results, curves, weights = {}, {}, None
+    for index, (key, label) in enumerate(RUNS):
+        stage_cfg = dataclasses.replace(cfg, run_dir=os.path.join(run_dir, key))
+        trainer = trainer_class(cfg)(stage_cfg, TrainData(data.train, data.webvision.num_classes, data.labels, weights), name=key)
+        rows = trainer.fit(val=(data.val, data.val_labels))
+        results[key] = trainer.evaluate(data.val, data.val_labels)
+        curves[key] = {"train": rows, "val": trainer.eval_rows}
+        if rank0:
+            print(f"{label}: top-1 {results[key]['top1']:.2f}%  top-5 {results[key]['top5']:.2f}%", flush=True)
+        if index < 2:
+            probs, classes = trainer.predict(data.train_eval, cfg.eval.topk, desc=f"predict {key}")
+            stage = index + 1
+            weights_path = os.path.join(run_dir, f"weights_stage{stage}.tsv")
+            if rank0:
+                predictions = os.path.join(stage_cfg.run_dir, "predictions_train.tsv")
+                write_predictions(predictions, paths, data.webvision.wnids, classes.numpy(), probs.numpy())
+                _cli(["weights", "--data", cfg.data.root, "--knn", knn, "--predictions", predictions,
+                      "--stage", str(stage), "--out", weights_path])
+            comm.barrier()
+            weights = read_weight_table(weights_path, paths, allow_extra=bool(cfg.data.limit_train))
+        trainer.close()
+
+    if rank0:
+        _write_json(os.path.join(run_dir, "results.json"), results)
+        _write_json(os.path.join(run_dir, "curves.json"), curves)
+        plot_curves(os.path.join(run_dir, "curves.png"), curves)
+        print(table(results), flush=True)
+    comm.barrier()
+    return results
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m megaclass.engine.experiment",
+        description="Baseline -> +Stage1 -> +Stage1+Stage2 on a WebVision-layout data set; run it on every rank, "
+                    "e.g. `deepspeed --num_gpus 2 launch/experiment.py --config configs/demo.yaml`.")
+    parser.add_argument("--config", required=True, help="YAML run config (see configs/)")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a config value, e.g. --set data.root=/data/webvision (repeatable)")
+    parser.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)  # passed by the deepspeed launcher
+    args = parser.parse_args(argv)
+    try:
+        cfg = load_config(args.config, args.overrides)
+        if not cfg.data.root:
+            raise ConfigError("data.root: not set; pass --set data.root=<WebVision-layout directory>")
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    distributed.init(cfg)
+    run(cfg)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,118 @@
+"""Pipeline mode: the backbone as a DeepSpeed `PipelineModule` of `parallel.pipeline_stages` stages
+built from LayerSpecs, the class-sharded head on the last stage.
+
+With P ranks and S stages there are P/S data-parallel replicas. The head is sharded by class over
+the last stage's data-parallel group and lives *outside* the PipelineModule (its loss function is a
+plain callable, not a submodule), so the pipeline engine never averages its rows; it has its own
+optimizer, stepped after each `train_batch`. DeepSpeed's pipeline engine supports ZeRO stage <= 1,
+which the config check enforces.
+"""
+from __future__ import annotations
+
+import deepspeed
+import torch
+from deepspeed.pipe import PipelineModule
+
+from megaclass.engine.config import ConfigError
+from megaclass.engine.data import RankBatches
+from megaclass.engine.head import scale_grad, sharded_topk
+from megaclass.engine.optim import build_optimizer, build_schedule
+from megaclass.engine.trainer import Trainer
+from megaclass.models.backbones import create
+from megaclass.models.pipeline import layer_specs, release_cache
+from megaclass.parallel import comm
+
+
+class HeadLoss:
+    """`loss_fn(features, (labels, weights))` of the PipelineModule, run on the last stage. Deliberately
+    not an nn.Module: a module would be registered inside the pipeline and its rows averaged."""
+
+    def __init__(self):
+        self.head, self.data_world = None, 1
+
+    def __call__(self, features: torch.Tensor, labels) -> torch.Tensor:
+        target, weights = labels
+        features = scale_grad(features.float(), self.data_world)  # undo DeepSpeed's data-parallel average
+        return self.head(features, target, weights, gather_input=True)
+
+
+class PipelineTrainer(Trainer):
+    """`Trainer` whose backbone runs as pipeline stages; `fit`, checkpoints and logging are shared."""
+
+    def _build(self, backbone):
+        cfg = self.cfg
+        if backbone is not None:
+            raise ConfigError("pipeline mode builds its backbone from model.name (LayerSpecs)")
+        stages = cfg.parallel.pipeline_stages
+        if self.world % stages:
+            raise ConfigError(f"parallel.pipeline_stages: {stages} does not divide the {self.world} ranks")
+        self.loss_fn = HeadLoss()
+        deepspeed.init_distributed(verbose=False)  # PipelineModule needs DeepSpeed's comm (wraps an existing group)
+        module = PipelineModule(layers=layer_specs(cfg.model.name, cfg.train.seed, cfg.model.checkpoint, cfg.model.drop_rate),
+                                num_stages=stages, loss_fn=self.loss_fn, partition_method=cfg.parallel.partition_method)
+        release_cache()
+        grid = module._grid
+        self.is_last_stage = grid.get_stage_id() == stages - 1
+        self.data_rank, self.data_world = grid.get_data_parallel_id(), grid.get_data_parallel_world_size()
+        self._schedule_steps(self.data_world)
+        self.head = self.head_optimizer = self.head_schedule = None
+        self.class_range = (0, 0)
+        if self.is_last_stage:
+            with torch.device("meta"):
+                num_features = create(cfg.model.name).num_features
+            self._build_head(num_features, grid.get_data_parallel_group())
+            self.loss_fn.head, self.loss_fn.data_world = self.head, self.data_world
+        optimizer = build_optimizer(module.parameters(), cfg.optim, cfg.optim.lr)
+        self.engine, _, _, _ = deepspeed.initialize(
+            model=module, optimizer=optimizer, lr_scheduler=build_schedule(optimizer, cfg.optim, self.total_steps),
+            config=cfg.deepspeed_config())
+
+    def train_step(self, batches) -> float:
+        """One `train_batch` (grad_accum micro-batches through the pipeline), then the head's step."""
+        def micro_batches():
+            while True:
+                images, labels, index = next(batches)
+                weights = (torch.ones(len(labels)) if self.data.sample_weights is None
+                           else self.data.sample_weights[index])
+                yield images.to(self.device, self.input_dtype), (labels.to(self.device), weights.to(self.device))
+
+        torch.manual_seed(self.cfg.train.seed * 7_919 + self.step)
+        loss = self.engine.train_batch(data_iter=micro_batches())
+        if self.is_last_stage:
+            self.head_optimizer.step()
+            self.head_optimizer.zero_grad(set_to_none=True)
+            self.head_schedule.step()
+        self.step += 1
+        return float(loss)
+
+    @torch.no_grad()
+    def predict(self, dataset, k, desc="predict"):
+        """Top-k (probs [N, k], classes [N, k]) on every rank: each replica's first stage reads its
+        slice of every global batch, the last stage gathers the features over its data-parallel group
+        and scores them against its head shard, and the last rank broadcasts the result."""
+        micro = self.cfg.train.micro_batch_size  # the pipeline's activation shapes stay those of training
+        sampler = RankBatches(len(dataset), self.data_rank, self.data_world, micro)
+        probs = torch.zeros(len(dataset), k)
+        classes = torch.zeros(len(dataset), k, dtype=torch.long)
+        self.engine.eval()
+        group = self.head.process_group if self.is_last_stage else None
+        for images, labels, index in self._loader(dataset, sampler, seed=0):
+            batch = iter([(images.to(self.device, self.input_dtype), (labels, torch.ones(len(labels))))])
+            self.engine.total_loss = None  # DeepSpeed 0.19 keeps train_batch's scalar and adds features to it
+            _, features = self.engine.eval_batch(batch, return_logits=True, compute_loss=False, reduce_output=None,
+                                                 num_micro_batches=1)
+            if not self.is_last_stage:
+                continue
+            features = features.float()
+            everyone = comm.all_gather_stacked(features, group).reshape(-1, features.shape[1])
+            all_index = comm.all_gather_stacked(index.to(self.device), group).reshape(-1).cpu()
+            p, c = sharded_topk(everyone, self.head.weight, self.head.bias, self.class_range[0], k, group)
+            keep = all_index >= 0
+            probs[all_index[keep]], classes[all_index[keep]] = p[keep].cpu(), c[keep].cpu()
+        last = self.world - 1  # global rank of a last-stage rank
+        return comm.broadcast_(probs, last), comm.broadcast_(classes, last)
+
+
+def trainer_class(cfg) -> type[Trainer]:
+    """`PipelineTrainer` when the config asks for pipeline stages, else the data-parallel `Trainer`."""
+    return PipelineTrainer if cfg.parallel.pipeline_stages > 1 else Trainer

@@ -1,0 +1,252 @@
+"""Training with the backbone under a DeepSpeed engine and the classifier sharded by class.
+
+One optimizer step (data-parallel mode, P ranks, each with its own micro-batch):
+
+    features = engine(images)                      [n, D]   backbone: ZeRO 0-3 data parallel
+    loss = head(features, labels, weights, gather_input=True)
+        all-gather features -> [P·n, D]; every rank scores them against its classes; the loss is the
+        weighted mean over the global batch; d(features) returns by reduce-scatter
+    engine.backward(loss); engine.step()           backbone gradients averaged by DeepSpeed
+    head_optimizer.step()                          head rows never averaged: each rank owns its own
+
+Pipeline mode (`parallel.pipeline_stages > 1`) runs the backbone as a `PipelineModule` whose loss
+function is the same head on the last stage, sharded over that stage's data-parallel group.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import time
+from dataclasses import dataclass
+
+import deepspeed
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from megaclass.engine import checkpoint
+from megaclass.engine.config import Config, ConfigError
+from megaclass.engine.data import RankBatches, SeededItems, epoch_order
+from megaclass.engine.head import scale_grad, sharded_topk
+from megaclass.engine.monitor import Monitor, peak_memory_mb
+from megaclass.engine.optim import build_optimizer, build_schedule
+from megaclass.models import build_backbone
+from megaclass.nn import ShardedLinearCrossEntropy
+from megaclass.parallel import comm
+
+
+@dataclass(slots=True)
+class TrainData:
+    """What a training run reads. `dataset[i]` -> (image [3, H, W], label, i)."""
+
+    dataset: Dataset
+    num_classes: int
+    labels: torch.Tensor
+    """[N] class index of every training image (class-balanced sampling)."""
+    sample_weights: torch.Tensor | None = None
+    """[N] loss weight s_i of every image; None = all ones."""
+
+
+def device_of_rank() -> torch.device:
+    accelerator = deepspeed.get_accelerator()
+    name = accelerator.device_name()
+    return torch.device(name, accelerator.current_device()) if name == "cuda" else torch.device(name)
+
+
+class Trainer:
+    """Builds the backbone engine, the sharded head and their optimizers for one run (`cfg.run_dir`).
+
+    The process group must exist (`engine.distributed.init`). `backbone` replaces the configured
+    model (tests pass small plain modules); it must map images to [n, num_features] features."""
+
+    def __init__(self, cfg: Config, data: TrainData, backbone: torch.nn.Module | None = None, name: str = "train"):
+        if data.sample_weights is not None and cfg.data.normalize_weights:
+            mean = float(data.sample_weights.mean())
+            if mean <= 0:
+                raise ValueError("every loss weight is 0: nothing to train on")
+            data = dataclasses.replace(data, sample_weights=data.sample_weights / mean)
+        self.cfg, self.data, self.name = cfg, data, name
+        self.world, self.rank = comm.world_size(), comm.rank()
+        self.device = device_of_rank()
+        self.input_dtype = torch.bfloat16 if cfg.parallel.precision == "bf16" else torch.float32
+        self.step = 0
+        self.ckpt_root = os.path.join(cfg.run_dir, "checkpoints")
+        self._build(backbone)
+
+    def _schedule_steps(self, data_world: int) -> None:
+        cfg = self.cfg
+        micro_steps = len(self.data.dataset) // (data_world * cfg.train.micro_batch_size)
+        self.steps_per_epoch = micro_steps // cfg.train.grad_accum
+        if self.steps_per_epoch == 0:
+            raise ValueError(f"{len(self.data.dataset)} training images do not fill one optimizer step of "
+                             f"{data_world} data-parallel ranks × train.micro_batch_size {cfg.train.micro_batch_size} × "
+                             f"train.grad_accum {cfg.train.grad_accum}")
+        self.total_steps = max(1, math.ceil(cfg.train.epochs * self.steps_per_epoch))
+        self.last_step = min(self.total_steps, cfg.train.max_steps) if cfg.train.max_steps else self.total_steps
+
+    def _build_head(self, num_features: int, process_group=None) -> None:
+        """The class-sharded head over `process_group` (None: all ranks), its optimizer and schedule."""
+        cfg = self.cfg
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(cfg.train.seed + 1)
+            self.head = ShardedLinearCrossEntropy(num_features, self.data.num_classes, process_group, bias=cfg.head.bias,
+                                                  label_smoothing=cfg.head.label_smoothing,
+                                                  chunk_size=cfg.head.chunk_size).to(self.device)
+        self.class_range = (self.head.class_start, self.head.class_end)
+        self.head_optimizer = build_optimizer(self.head.parameters(), cfg.optim, cfg.optim.lr * cfg.head.lr_scale)
+        self.head_schedule = build_schedule(self.head_optimizer, cfg.optim, self.total_steps)
+
+    def _build(self, backbone: torch.nn.Module | None) -> None:
+        cfg = self.cfg
+        if cfg.parallel.pipeline_stages > 1:
+            raise ConfigError("parallel.pipeline_stages > 1: use megaclass.engine.pipeline.PipelineTrainer")
+        if backbone is None:
+            backbone = build_backbone(cfg.model.name, cfg.model.checkpoint, cfg.model.drop_rate, seed=cfg.train.seed)
+        self.data_rank, self.data_world = self.rank, self.world
+        self._schedule_steps(self.world)
+        self._build_head(backbone.num_features)
+        optimizer = build_optimizer(backbone.parameters(), cfg.optim, cfg.optim.lr)
+        self.engine, _, _, _ = deepspeed.initialize(
+            model=backbone, optimizer=optimizer, lr_scheduler=build_schedule(optimizer, cfg.optim, self.total_steps),
+            config=cfg.deepspeed_config())
+
+    # -- training ------------------------------------------------------------------------------
+    def _order_fn(self):
+        labels = self.data.labels if self.cfg.data.class_balanced else None
+        n, seed = len(self.data.dataset), self.cfg.train.seed
+        return lambda epoch: epoch_order(n, seed, epoch, labels)
+
+    def _loader(self, dataset: Dataset, sampler: RankBatches, seed: int) -> DataLoader:
+        workers = self.cfg.data.num_workers
+        return DataLoader(SeededItems(dataset, seed), batch_sampler=sampler, num_workers=workers,
+                          pin_memory=self.device.type == "cuda", persistent_workers=False,
+                          prefetch_factor=4 if workers else None)
+
+    def resume(self) -> int:
+        folder = checkpoint.latest_checkpoint(self.ckpt_root) if self.cfg.train.resume else None
+        if folder is not None:
+            self.step = checkpoint.load(folder, self.engine, self.head, self.head_optimizer, self.class_range,
+                                        self.data.num_classes)
+            for _ in range(self.step if self.head is not None else 0):
+                self.head_schedule.step()
+        return self.step
+
+    def save(self) -> str:
+        return checkpoint.save(self.ckpt_root, self.step, self.engine, self.head, self.head_optimizer, self.class_range,
+                               self.data.num_classes, writer=self.rank == 0,
+                               extra_meta={"model": self.cfg.model.name, "epoch": self.step / self.steps_per_epoch})
+
+    def train_step(self, batches) -> float:
+        """One optimizer step over `grad_accum` micro-batches; returns the global mean loss."""
+        accum, total = self.cfg.train.grad_accum, 0.0
+        for micro in range(accum):
+            images, labels, index = next(batches)
+            images, labels = images.to(self.device, self.input_dtype, non_blocking=True), labels.to(self.device)
+            weights = None if self.data.sample_weights is None else self.data.sample_weights[index].to(self.device)
+            torch.manual_seed(self.cfg.train.seed * 7_919 + self.step * accum + micro)  # dropout: repeatable on resume
+            features = scale_grad(self.engine(images).float(), self.data_world)
+            loss = self.head(features, labels, weights, gather_input=True)
+            self.engine.backward(loss)
+            self.engine.step()
+            total += float(loss.detach())
+        self.head_optimizer.step()
+        self.head_optimizer.zero_grad(set_to_none=True)
+        self.head_schedule.step()
+        self.step += 1
+        return total / accum
+
+    def fit(self, val: tuple[Dataset, torch.Tensor] | None = None) -> list[dict]:
+        """Train from the latest checkpoint (if any) to the last step; returns the logged rows.
+        With `val` = (dataset, labels), evaluate every `eval.every_epochs` epochs into
+        `self.eval_rows`, `<name>_eval.csv` and TensorBoard (`val/top1`, `val/top5`)."""
+        cfg = self.cfg
+        self.eval_rows = []
+        start = self.resume()
+        accum = cfg.train.grad_accum
+        sampler = RankBatches(len(self.data.dataset), self.data_rank, self.data_world, cfg.train.micro_batch_size,
+                              total_micro_steps=self.last_step * accum, order_fn=self._order_fn(), start=start * accum)
+        monitor = Monitor(cfg.run_dir, self.name, self.last_step, start, enabled=self.rank == 0,
+                          progress=cfg.train.progress)
+        batches = iter(self._loader(self.data.dataset, sampler, cfg.train.seed))
+        global_batch = self.data_world * cfg.train.micro_batch_size * accum
+        rows = []
+        self.engine.train()
+        try:
+            while self.step < self.last_step:
+                t0 = time.perf_counter()
+                loss = self.train_step(batches)
+                seconds = time.perf_counter() - t0
+                row = {"epoch": self.step / self.steps_per_epoch, "loss": loss, "lr": self.engine.get_lr()[0],
+                       "images_per_s": global_batch / seconds, "peak_mem_mb": peak_memory_mb(self.device)}
+                if not math.isfinite(loss):
+                    raise FloatingPointError(f"loss became {loss} at step {self.step}; lower optim.lr")
+                monitor.advance(loss=loss, img_s=row["images_per_s"])
+                if self.step % cfg.train.log_every == 0 or self.step == self.last_step:
+                    monitor.log(self.step, **row)
+                    rows.append({"step": self.step, **row})
+                if cfg.train.save_every and self.step % cfg.train.save_every == 0 and self.step < self.last_step:
+                    self.save()
+                epoch, end_of_epoch = divmod(self.step, self.steps_per_epoch)
+                if val is not None and cfg.eval.every_epochs and end_of_epoch == 0 and epoch % cfg.eval.every_epochs == 0:
+                    result = {"epoch": epoch, **self.evaluate(*val)}
+                    self.eval_rows.append(result)
+                    monitor.log_eval(self.step, **result)
+                    self.engine.train()
+        finally:
+            monitor.close()
+        self.save()
+        return rows
+
+    # -- inference -----------------------------------------------------------------------------
+    @torch.no_grad()
+    def predict(self, dataset: Dataset, k: int, desc: str = "predict") -> tuple[torch.Tensor, torch.Tensor]:
+        """Top-k (probs [N, k], classes [N, k]) of every item of `dataset`, on every rank.
+
+        Each rank embeds its slice of every global batch; the features are gathered and each rank
+        scores them against its classes (`sharded_topk`)."""
+        micro = self.cfg.eval.batch_size
+        sampler = RankBatches(len(dataset), self.rank, self.world, micro)
+        probs = torch.zeros(len(dataset), k)
+        classes = torch.zeros(len(dataset), k, dtype=torch.long)
+        self.engine.eval()
+        bar = None
+        if self.rank == 0 and self.cfg.train.progress:
+            from tqdm import tqdm
+
+            bar = tqdm(total=len(sampler), desc=desc, unit="batch", dynamic_ncols=True)
+        for images, _, index in self._loader(dataset, sampler, seed=0):
+            features = self.engine(images.to(self.device, self.input_dtype)).float()
+            everyone = comm.all_gather_stacked(features).reshape(-1, features.shape[1])
+            all_index = comm.all_gather_stacked(index.to(self.device)).reshape(-1).cpu()
+            p, c = sharded_topk(everyone, self.head.weight, self.head.bias, self.class_range[0], k)
+            keep = all_index >= 0
+            probs[all_index[keep]] = p[keep].cpu()
+            classes[all_index[keep]] = c[keep].cpu()
+            if bar is not None:
+                bar.update(1)
+        if bar is not None:
+            bar.close()
+        return probs, classes
+
+    def evaluate(self, dataset: Dataset, labels: torch.Tensor) -> dict:
+        """Class-balanced top-1/top-5 in percent: accuracy per class, averaged over the classes present."""
+        _, classes = self.predict(dataset, self.cfg.eval.topk, desc="evaluate")
+        return balanced_topk(classes, labels)
+
+    def close(self) -> None:
+        """Free the engine (several runs can follow each other in one process)."""
+        self.engine.destroy()
+        self.engine = self.head = self.head_optimizer = None
+
+
+def balanced_topk(classes: torch.Tensor, labels: torch.Tensor, ks=(1, 5)) -> dict:
+    """classes: [N, k] predictions best first; labels: [N]. Per-class top-k accuracy averaged over
+    the classes that occur in `labels`, in percent (WebVision's ranking metric)."""
+    out = {}
+    present = labels.unique()
+    for k in ks:
+        hit = (classes[:, :k] == labels[:, None]).any(dim=1).float()
+        per_class = torch.zeros(int(labels.max()) + 1).index_add_(0, labels, hit)
+        counts = torch.bincount(labels, minlength=per_class.numel()).float()
+        out[f"top{k}"] = float((per_class[present] / counts[present]).mean() * 100)
+    return out

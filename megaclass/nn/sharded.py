@@ -1,0 +1,107 @@
+"""`ShardedLinearCrossEntropy`: a classifier layer split by class over a process group, with its loss.
+
+Rank r of P holds classes [start_r, end_r): the first `num_classes % P` ranks hold one extra class
+(`shard_range`). Initialization depends only on (seed, global class id), so the shards of a P-rank
+group are exactly the rows of the one-rank weight drawn after the same `torch.manual_seed`.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from megaclass.ops import linear_cross_entropy
+from megaclass.parallel import comm
+
+_INIT_BLOCK = 4096
+"""Rows drawn from one generator at initialization (any shard draws only the blocks it overlaps)."""
+
+
+def shard_range(num_classes: int, rank: int, world: int) -> tuple[int, int]:
+    """Classes [start, end) of `rank` in a group of `world`; the first `num_classes % world` hold one extra."""
+    base, extra = divmod(num_classes, world)
+    start = rank * base + min(rank, extra)
+    return start, start + base + (rank < extra)
+
+
+class ShardedLinearCrossEntropy(nn.Module):
+    """Linear classifier over `num_classes` classes split across `process_group`, fused with the
+    sample-weighted softmax cross-entropy (`megaclass.ops.linear_cross_entropy`).
+
+    weight: [C_local, in_features], this rank's classes [class_start, class_end); bias: [C_local] or None.
+    process_group: None = the default group when torch.distributed is initialized, else one rank.
+    Initialization: U(−1/√in_features, 1/√in_features) like `nn.Linear`, drawn per block of global rows
+    from a seed taken from torch's default generator (ranks seeded alike get one consistent weight).
+    """
+
+    def __init__(self, in_features: int, num_classes: int, process_group=None, *, bias: bool = True,
+                 ignore_index: int = -100, label_smoothing: float = 0.0, reduction: str = "mean",
+                 chunk_size: int | None = None, device=None, dtype=None):
+        super().__init__()
+        if in_features <= 0 or num_classes <= 0:
+            raise ValueError(f"in_features and num_classes must be positive, got {in_features}, {num_classes}")
+        self.process_group = comm.default_group() if process_group is None else process_group
+        self.world = comm.world_size(self.process_group) if self.process_group is not None else 1
+        self.rank = comm.rank(self.process_group) if self.process_group is not None else 0
+        self.in_features, self.num_classes = in_features, num_classes
+        self.class_start, self.class_end = shard_range(num_classes, self.rank, self.world)
+        self.ignore_index, self.label_smoothing = ignore_index, label_smoothing
+        self.reduction, self.chunk_size = reduction, chunk_size
+        rows = self.class_end - self.class_start
+        self.weight = nn.Parameter(torch.empty(rows, in_features, device=device, dtype=dtype))
+        self.bias = nn.Parameter(torch.empty(rows, device=device, dtype=dtype)) if bias else None
+        self.reset_parameters()
+
+    @torch.no_grad()
+    def reset_parameters(self, seed: int | None = None) -> None:
+        """Redraw weight and bias; `seed` None takes one from torch's default generator."""
+        if seed is None:
+            seed = int(torch.randint(0, 2**62, (1,)))
+        bound = 1.0 / math.sqrt(self.in_features)
+        for name, param, salt in (("weight", self.weight, 0), ("bias", self.bias, 1)):
+            if param is None:
+                continue
+            width = self.in_features if name == "weight" else 1
+            first, last = self.class_start // _INIT_BLOCK, (max(self.class_end, 1) - 1) // _INIT_BLOCK
+            for block in range(first, last + 1):
+                gen = torch.Generator().manual_seed((seed * 1_000_003 + 2 * block + salt) % 2**63)
+                lo = block * _INIT_BLOCK
+                hi = min(self.num_classes, lo + _INIT_BLOCK)
+                values = torch.empty(hi - lo, width).uniform_(-bound, bound, generator=gen)
+                a, b = max(lo, self.class_start), min(hi, self.class_end)
+                if a < b:
+                    param.view(-1, width)[a - self.class_start:b - self.class_start].copy_(values[a - lo:b - lo])
+
+    def forward(self, features: torch.Tensor, target: torch.Tensor, sample_weight: torch.Tensor | None = None,
+                gather_input: bool = False) -> torch.Tensor:
+        """features: [n, in_features]; target: [n] global class ids; sample_weight: [n] or None.
+
+        gather_input=False: features/target/weights are the same on every rank (tensor parallel).
+        gather_input=True: each rank brings its own n rows (data parallel); they are all-gathered into
+        the global batch [P·n] and the loss is over that batch, identical on every rank. The features'
+        backward is a reduce-scatter that sums the gradient over ranks, so the op returns only this
+        shard's part (hidden_grad="partial"): the sum happens once.
+        """
+        hidden_grad = "full"
+        if gather_input and self.world > 1:
+            device = features.device if comm.backend(self.process_group) == "nccl" else "cpu"
+            rows = comm.gather_ints([features.shape[0] if features.dim() else -1], device, self.process_group)
+            if len({r[0] for r in rows}) > 1:
+                raise ValueError(f"gather_input=True needs the same number of rows on every rank, got "
+                                 f"{[r[0] for r in rows]} (rank order)")
+            features = comm.gather_rows(features, self.process_group)
+            target = comm.all_gather_stacked(target, self.process_group).reshape(-1)
+            if sample_weight is not None:
+                sample_weight = comm.all_gather_stacked(sample_weight.detach(), self.process_group).reshape(-1)
+            hidden_grad = "partial"
+        return linear_cross_entropy(
+            features, self.weight, target, sample_weight, bias=self.bias, class_start=self.class_start,
+            process_group=self.process_group if self.world > 1 else None, ignore_index=self.ignore_index,
+            label_smoothing=self.label_smoothing, reduction=self.reduction, chunk_size=self.chunk_size,
+            hidden_grad=hidden_grad)
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, num_classes={self.num_classes}, "
+                f"classes=[{self.class_start}, {self.class_end}) of rank {self.rank}/{self.world}, "
+                f"bias={self.bias is not None}, label_smoothing={self.label_smoothing}")

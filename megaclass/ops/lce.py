@@ -1,0 +1,389 @@
+"""Fused, class-sharded, sample-weighted linear + softmax cross-entropy.
+
+Rank r of a group of P holds classes [class_start, class_start + C_local) of C = Σ C_local; hidden
+X [N, D] is the same on every rank. Per row i with label y_i, weight s_i and label smoothing ε:
+
+    z = X Wᵀ (+ b)                                  a chunk of rows at a time, never [N, C_local]
+    lse_i = log Σ_c exp(z_ic)                       over all C classes of the group
+    ℓ_i = s_i · (lse_i − (1−ε)·z_{i,y_i} − (ε/C)·Σ_c z_ic)        ignored rows give 0
+    g_ic = k_i · (exp(z_ic − lse_i) − (1−ε)·[c = y_i] − ε/C)       k_i = s_i·upstream_i (/ #valid for "mean")
+    dX = Σ_ranks g W,  dW = gᵀ X,  db = Σ_i g_i
+
+Per chunk each rank computes its local (max, Σ exp(z − max), z_target, Σ z) per row; ONE all-gather of
+that [4, R] table gives every rank the same lse. For "mean"/"sum" the weights s_i are known at forward
+time, so the gradients are made during the forward pass (three GEMMs in all: logits, dX, dW) and the
+backward only scales them by the upstream scalar. "none" needs the per-row upstream gradient, known
+only in backward: the forward keeps lse and the backward recomputes the logits (four GEMMs).
+dX is summed over ranks by ONE all-reduce at the end (none with hidden_grad="partial").
+"""
+from __future__ import annotations
+
+import dataclasses
+import threading
+
+import torch
+
+from megaclass.ops import kernels
+from megaclass.parallel import comm
+
+REDUCTIONS = ("mean", "sum", "none")
+HIDDEN_GRADS = ("full", "partial")
+_DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2, torch.float64: 3}
+
+CHUNK_BYTES = {"cpu": 64 << 20}
+"""Default bound on the logits buffer (chunk rows × C_local elements), the op's working set, per device
+type (others: 1 GiB). On CPU, 64 MB (about 330 rows at 50k fp32 classes) keeps the three GEMMs at full
+speed; bigger chunks only add memory traffic."""
+MIN_CHUNK_ROWS = 64
+"""Fewer rows per chunk would starve the GEMMs (dW = gᵀX has only chunk rows as its inner dimension)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class _Options:
+    class_start: int
+    num_classes: int
+    group: object
+    world: int
+    rank: int
+    ignore_index: int
+    label_smoothing: float
+    reduction: str
+    chunk_rows: int
+    hidden_grad: str
+    use_extension: bool
+
+
+def linear_cross_entropy(hidden, weight, target, sample_weight=None, *, bias=None, class_start=0,
+                         process_group=None, ignore_index=-100, label_smoothing=0.0, reduction="mean",
+                         chunk_size=None, hidden_grad="full", implementation="auto"):
+    """Sample-weighted softmax cross-entropy of `hidden @ weight.T (+ bias)` without materializing the logits.
+
+    hidden:        [N, D], identical on every rank of `process_group`
+    weight:        [C_local, D], this rank's classes [class_start, class_start + C_local)
+    target:        [N] int64 global class ids in [0, C), or `ignore_index` (the row then counts 0)
+    sample_weight: [N] non-negative per-row loss weights s_i, or None for all ones
+    bias:          [C_local] or None
+    process_group: the group the classes are split over; None = one rank holding all C classes
+    label_smoothing: ε as in `F.cross_entropy` (the uniform part spread over all C classes)
+    reduction:     "mean" (Σ ℓ_i / number of non-ignored rows; 0 when all are ignored), "sum", "none" ([N])
+    chunk_size:    rows per chunk (the working set is chunk_size × C_local); None = about 64 MB of logits on CPU
+    hidden_grad:   (extension) "full": hidden gets the gradient summed over all shards (one all-reduce);
+                   "partial": only this shard's part, for callers whose hidden is an all-gather that
+                   sums the gradient itself in backward (e.g. `comm.gather_rows`)
+    implementation: (extension) "auto" | "extension" (megaclass._C) | "torch" (the PyTorch twin)
+
+    Returns the loss in hidden's dtype: a scalar, or [N] for "none". Gradients flow to hidden, weight,
+    bias and sample_weight. Bad input raises ValueError on every rank of the group.
+    """
+    opts = _validate(hidden, weight, target, sample_weight, bias, class_start, process_group, ignore_index,
+                     label_smoothing, reduction, chunk_size, hidden_grad, implementation)
+    return _LinearCrossEntropy.apply(hidden, weight, bias, target, sample_weight, opts)
+
+
+# ----------------------------------------------------------------------------------------------------
+# validation: every rank reaches the same verdict (one small all-gather), so bad input never hangs a group
+
+
+def _local_problem(hidden, weight, target, sample_weight, bias, class_start, ignore_index, label_smoothing,
+                   reduction, chunk_size, hidden_grad):
+    """The first problem with this rank's arguments, as a message, or None."""
+    if not isinstance(hidden, torch.Tensor) or hidden.dim() != 2:
+        return f"hidden must be a 2-D tensor [N, D], got {_describe(hidden)}"
+    if not isinstance(weight, torch.Tensor) or weight.dim() != 2:
+        return f"weight must be a 2-D tensor [C_local, D], got {_describe(weight)}"
+    if hidden.dtype not in _DTYPE_CODES:
+        return f"hidden must be float32, bfloat16, float16 or float64, got {hidden.dtype}"
+    if weight.dtype != hidden.dtype:
+        return f"weight dtype {weight.dtype} differs from hidden dtype {hidden.dtype}"
+    if weight.device != hidden.device:
+        return f"weight is on {weight.device} but hidden is on {hidden.device}"
+    if weight.shape[1] != hidden.shape[1]:
+        return f"weight has {weight.shape[1]} features per class but hidden has D={hidden.shape[1]}"
+    n = hidden.shape[0]
+    if not isinstance(target, torch.Tensor) or target.shape != (n,):
+        return f"target must be a tensor of shape [{n}] (one class id per row of hidden), got {_describe(target)}"
+    if target.dtype not in (torch.int64, torch.int32, torch.int16, torch.uint8, torch.int8):
+        return f"target must hold integer class ids, got dtype {target.dtype}"
+    if target.device != hidden.device:
+        return f"target is on {target.device} but hidden is on {hidden.device}"
+    if sample_weight is not None:
+        if not isinstance(sample_weight, torch.Tensor) or sample_weight.shape != (n,):
+            return f"sample_weight must be a tensor of shape [{n}], got {_describe(sample_weight)}"
+        if not sample_weight.is_floating_point():
+            return f"sample_weight must be floating point, got dtype {sample_weight.dtype}"
+        if sample_weight.device != hidden.device:
+            return f"sample_weight is on {sample_weight.device} but hidden is on {hidden.device}"
+    if bias is not None:
+        if not isinstance(bias, torch.Tensor) or bias.shape != (weight.shape[0],):
+            return f"bias must be a tensor of shape [{weight.shape[0]}] (one per local class), got {_describe(bias)}"
+        if bias.dtype != hidden.dtype or bias.device != hidden.device:
+            return f"bias must match hidden's dtype and device ({hidden.dtype}, {hidden.device}), got {bias.dtype}, {bias.device}"
+    if not isinstance(class_start, int) or class_start < 0:
+        return f"class_start must be a non-negative int, got {class_start!r}"
+    if not isinstance(ignore_index, int):
+        return f"ignore_index must be an int, got {ignore_index!r}"
+    if not isinstance(label_smoothing, (int, float)) or not 0.0 <= label_smoothing <= 1.0:
+        return f"label_smoothing must be in [0, 1], got {label_smoothing!r}"
+    if reduction not in REDUCTIONS:
+        return f"reduction must be one of {REDUCTIONS}, got {reduction!r}"
+    if chunk_size is not None and (not isinstance(chunk_size, int) or chunk_size <= 0):
+        return f"chunk_size must be a positive int or None, got {chunk_size!r}"
+    if hidden_grad not in HIDDEN_GRADS:
+        return f"hidden_grad must be one of {HIDDEN_GRADS}, got {hidden_grad!r}"
+    if sample_weight is not None and n:
+        bad = ~torch.isfinite(sample_weight) | (sample_weight < 0)
+        if bool(bad.any()):
+            row = int(bad.nonzero()[0, 0])
+            return f"sample_weight must be finite and non-negative: row {row} holds {sample_weight[row].item()}"
+    return None
+
+
+def _describe(x):
+    if isinstance(x, torch.Tensor):
+        return f"a tensor of shape {list(x.shape)} and dtype {x.dtype}"
+    return f"{type(x).__name__} {x!r}"[:80]
+
+
+def _validate(hidden, weight, target, sample_weight, bias, class_start, group, ignore_index, label_smoothing,
+              reduction, chunk_size, hidden_grad, implementation):
+    problem = _local_problem(hidden, weight, target, sample_weight, bias, class_start, ignore_index,
+                             label_smoothing, reduction, chunk_size, hidden_grad)
+    world = 1 if group is None else comm.world_size(group)
+    if problem is None:
+        n, d = hidden.shape
+        c_local = weight.shape[0]
+        valid = target != ignore_index
+        # the range of this rank's targets: checked against C once every rank's shard is known
+        wide = target.to(torch.int64)
+        lo, hi = (torch.stack([torch.where(valid, wide, torch.iinfo(torch.int64).max).min(),
+                               torch.where(valid, wide, -1).max()]).tolist() if n else (0, -1))
+        row = [0, n, d, c_local, class_start, _DTYPE_CODES[hidden.dtype], int(bias is not None), lo, hi]
+    else:
+        row = [1, -1, -1, -1, -1, -1, -1, 0, -1]
+    if world > 1:
+        device = hidden.device if comm.backend(group) == "nccl" and isinstance(hidden, torch.Tensor) else "cpu"
+        table = comm.gather_ints(row, device=device, group=group)
+        me = comm.rank(group)
+    else:
+        table, me = [row], 0
+    if problem is not None:
+        raise ValueError(f"linear_cross_entropy: {problem}")
+    failed = [r for r, t in enumerate(table) if t[0]]
+    if failed:
+        raise ValueError(f"linear_cross_entropy: rank {failed[0]} of the process group rejected its arguments "
+                         "(its own error says why)")
+    for name, col in (("N (rows of hidden)", 1), ("D (features)", 2), ("dtype", 5), ("bias presence", 6)):
+        values = [t[col] for t in table]
+        if len(set(values)) > 1:
+            raise ValueError(f"linear_cross_entropy: ranks disagree on {name}: {values} (rank order)")
+    shards = sorted((t[4], t[3], r) for r, t in enumerate(table))
+    expected = 0
+    for start, size, r in shards:
+        if start != expected:
+            raise ValueError(
+                f"linear_cross_entropy: class shards do not tile [0, C): rank {r} starts at class {start} "
+                f"but the shards before it end at {expected}; shards (rank: start, size) = "
+                + ", ".join(f"{rr}: {t[4]}, {t[3]}" for rr, t in enumerate(table)))
+        expected += size
+    num_classes = expected
+    if num_classes == 0:
+        raise ValueError("linear_cross_entropy: the group holds no classes (every weight shard has 0 rows)")
+    for r, t in enumerate(table):
+        lo, hi = t[7], t[8]
+        if t[1] and (lo < 0 or hi >= num_classes):
+            if r == me:
+                _raise_bad_target(target, ignore_index, num_classes)
+            raise ValueError(f"linear_cross_entropy: rank {r} has a target outside [0, {num_classes}) that is not "
+                             f"ignore_index={ignore_index} (its own error names the row)")
+    use_ext = kernels.uses_extension(hidden, implementation)
+    if chunk_size is None:
+        budget = CHUNK_BYTES.get(hidden.device.type, 1 << 30)
+        chunk_size = max(MIN_CHUNK_ROWS, budget // max(1, weight.shape[0] * hidden.element_size()))
+    chunk_rows = max(1, min(chunk_size, hidden.shape[0]))
+    return _Options(class_start=class_start, num_classes=num_classes, group=group, world=world, rank=me,
+                    ignore_index=ignore_index, label_smoothing=float(label_smoothing), reduction=reduction,
+                    chunk_rows=chunk_rows, hidden_grad=hidden_grad, use_extension=use_ext)
+
+
+def _raise_bad_target(target, ignore_index, num_classes):
+    bad = (target != ignore_index) & ((target < 0) | (target >= num_classes))
+    row = int(bad.nonzero()[0, 0])
+    raise ValueError(f"linear_cross_entropy: target[{row}] = {int(target[row])} is outside [0, {num_classes}) "
+                     f"and is not ignore_index ({ignore_index})")
+
+
+# ----------------------------------------------------------------------------------------------------
+# the chunk loop
+
+
+def _combine(stats):
+    """stats: [P, 4, R] per-rank (max, Σexp, z_target, Σz) -> (lse, z_target, Σz) over all classes, [R] each."""
+    if stats.shape[0] == 1:
+        m, sumexp, zt, zsum = stats[0]
+        return m + torch.log(sumexp), zt, zsum
+    m = stats[:, 0].amax(0)
+    sumexp = (stats[:, 1] * torch.exp(stats[:, 0] - m)).sum(0)
+    return m + torch.log(sumexp), stats[:, 2].sum(0), stats[:, 3].sum(0)
+
+
+_BUFFERS = threading.local()
+
+
+def _logits_buffer(rows, cols, dtype, device):
+    """An uninitialized [rows, cols] logits buffer. On CPU it is kept per thread between calls (the
+    largest one asked for): a fresh tens-of-MB allocation costs a page fault per 4 KB on every call,
+    which is several percent of the op. GPU allocators cache by themselves."""
+    if device.type != "cpu":
+        return torch.empty(rows, cols, dtype=dtype, device=device)
+    cache = getattr(_BUFFERS, "by_dtype", None)
+    if cache is None:
+        cache = _BUFFERS.by_dtype = {}
+    flat = cache.get(dtype)
+    if flat is None or flat.numel() < rows * cols:
+        cache.pop(dtype, None)  # free the old one before allocating the new
+        flat = cache[dtype] = torch.empty(rows * cols, dtype=dtype)
+    return flat[:rows * cols].view(rows, cols)
+
+
+def _logits_(out, x, weight, bias):
+    """out [r, C_local] = x [r, D] @ weightᵀ (+ bias), into a slice of the reused buffer."""
+    if bias is None:
+        torch.mm(x, weight.t(), out=out)
+    else:
+        torch.addmm(bias, x, weight.t(), out=out)
+
+
+class _Grads:
+    """dX [N, D] (hidden's dtype; summed over ranks in fp32), dW [C_local, D] and db [C_local]
+    (accumulated in fp32, cast at the end). need = (dX?, dW?, db?)."""
+
+    def __init__(self, hidden, weight, bias, need):
+        acc = kernels.stats_dtype(hidden.dtype)
+        self.dx = torch.empty_like(hidden, memory_format=torch.contiguous_format) if need[0] else None
+        self.dw = torch.empty(weight.shape, dtype=acc, device=weight.device) if need[1] else None
+        self.db = torch.empty(weight.shape[0], dtype=acc, device=weight.device) if need[2] else None
+        self._first = True  # the first chunk writes dW and db, later ones add (no zero-fill pass)
+        self._cuda = hidden.device.type == "cuda"
+
+    def add_chunk(self, g, a, b, hidden, weight):
+        """g: [b − a, C_local] gradient of the logits of rows [a, b)."""
+        if self.dx is not None:
+            torch.mm(g, weight, out=self.dx[a:b])
+        x = hidden[a:b]
+        if self.dw is not None:
+            if g.dtype == self.dw.dtype:
+                torch.mm(g.t(), x, out=self.dw) if self._first else self.dw.addmm_(g.t(), x)
+            else:
+                part = torch.mm(g.t(), x, out_dtype=self.dw.dtype) if self._cuda else torch.mm(g.t(), x)
+                self.dw.copy_(part) if self._first else self.dw.add_(part)
+        if self.db is not None:
+            part = g.sum(0, dtype=self.db.dtype)
+            self.db.copy_(part) if self._first else self.db.add_(part)
+        self._first = False
+
+    def finish(self, weight, bias, opts):
+        if self._first:  # no rows
+            for t in (self.dw, self.db):
+                if t is not None:
+                    t.zero_()
+        dx = self.dx
+        if dx is not None and opts.world > 1 and opts.hidden_grad == "full":
+            acc = kernels.stats_dtype(dx.dtype)
+            dx = comm.all_reduce_(dx.to(acc), opts.group).to(dx.dtype)
+        dw = None if self.dw is None else self.dw.to(weight.dtype)
+        db = None if self.db is None else self.db.to(bias.dtype)
+        return dx, dw, db
+
+
+def _sweep(hidden, weight, bias, target, row_coef, opts, need, lse=None):
+    """One pass over the rows, a chunk at a time, in one reused logits buffer [chunk rows, C_local].
+
+    lse None (forward): returns (CE_i [N], lse [N], grads): statistics, combined over ranks with one
+        all-gather per chunk; when row_coef [N] is given, also the gradients, from the stored exps.
+    lse [N] given (backward of "none"): recomputes the logits and returns (None, None, grads) for
+        row_coef = s_i · valid_i · upstream_i; no collective but the final dX all-reduce.
+    """
+    n, c_local = hidden.shape[0], weight.shape[0]
+    acc = kernels.stats_dtype(hidden.dtype)
+    forward = lse is None
+    grads = _Grads(hidden, weight, bias, need) if row_coef is not None else None
+    if forward:
+        ce = torch.empty(n, dtype=acc, device=hidden.device)
+        lse = torch.empty(n, dtype=acc, device=hidden.device)
+    buf = _logits_buffer(min(n, opts.chunk_rows), c_local, hidden.dtype, hidden.device)
+    eps, ext, start = opts.label_smoothing, opts.use_extension, opts.class_start
+    uniform = eps / opts.num_classes
+    store_exp = forward and grads is not None
+    for a in range(0, n, opts.chunk_rows):
+        b = min(n, a + opts.chunk_rows)
+        logits = buf[:b - a]
+        _logits_(logits, hidden[a:b], weight, bias)
+        if forward:
+            local = kernels.chunk_stats(logits, target[a:b], start, store_exp, ext)  # [4, R]
+            stats = comm.all_gather_stacked(local, opts.group) if opts.world > 1 else local.unsqueeze(0)
+            lse_c, zt, zsum = _combine(stats)
+            ce[a:b] = lse_c - (1.0 - eps) * zt - uniform * zsum
+            lse[a:b] = lse_c
+            shift = lse_c - local[0] if store_exp else lse_c
+        else:
+            shift = lse[a:b]
+        if grads is not None:
+            kernels.chunk_grad_(logits, target[a:b], start, shift, row_coef[a:b], 1.0 - eps, uniform, store_exp, ext)
+            grads.add_chunk(logits, a, b, hidden, weight)
+    return (ce, lse, grads) if forward else (None, None, grads)
+
+
+class _LinearCrossEntropy(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, target, sample_weight, opts):
+        acc = kernels.stats_dtype(hidden.dtype)
+        target = target.to(torch.int64).contiguous()
+        valid = target != opts.ignore_index
+        s = (torch.ones(target.shape, dtype=acc, device=hidden.device) if sample_weight is None
+             else sample_weight.detach().to(acc))
+        s_valid = torch.where(valid, s, 0)
+        need = (ctx.needs_input_grad[0], ctx.needs_input_grad[1], bias is not None and ctx.needs_input_grad[2])
+        ctx.opts, ctx.need, ctx.need_s = opts, need, ctx.needs_input_grad[4]
+        denom = valid.sum().clamp(min=1).to(acc) if opts.reduction == "mean" else None
+        if opts.reduction == "none":
+            row_coef = None
+        else:
+            row_coef = (s_valid / denom if denom is not None else s_valid) if any(need) else None
+        ce, lse, grads = _sweep(hidden, weight, bias, target, row_coef, opts, need)
+        ce = torch.where(valid, ce, 0)
+        rows = s_valid * ce
+        if opts.reduction == "none":
+            ctx.save_for_backward(hidden, weight, bias, target, s_valid, lse, ce)
+            return rows.to(hidden.dtype)
+        loss = rows.sum()
+        if denom is not None:
+            ce = ce / denom
+            loss = loss / denom
+        # kept as attributes, not saved tensors, so that backward can hand them over without a copy
+        ctx.grads = grads.finish(weight, bias, opts) if grads is not None else (None, None, None)
+        ctx.save_for_backward(ce if ctx.need_s else None)
+        return loss.to(hidden.dtype)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad):
+        opts = ctx.opts
+        if opts.reduction != "none":
+            (ce,) = ctx.saved_tensors
+            ds = None if ce is None else ce * grad.to(ce.dtype)
+            if ctx.grads is None:
+                raise RuntimeError("linear_cross_entropy: a second backward through the same loss; its gradients "
+                                   "were made in forward and handed over by the first one")
+            if grad.device.type == "cpu" and float(grad) == 1.0:
+                # the usual loss.backward(): hand the gradients over (autograd adopts them without a copy)
+                (dx, dw, db), ctx.grads = ctx.grads, None
+                return dx, dw, db, None, ds, None
+            return (*(None if t is None else t * grad.to(t.dtype) for t in ctx.grads), None, ds, None)
+        hidden, weight, bias, target, s_valid, lse, ce = ctx.saved_tensors
+        up = grad.to(lse.dtype)
+        dx = dw = db = None
+        if any(ctx.need):
+            _, _, grads = _sweep(hidden, weight, bias, target, s_valid * up, opts, ctx.need, lse=lse)
+            dx, dw, db = grads.finish(weight, bias, opts)
+        ds = ce * up if ctx.need_s else None
+        return dx, dw, db, None, ds, None

@@ -1,0 +1,221 @@
+"""K nearest categories: WordNet (Wu-Palmer) similarity updated with BERT cosine, top-k blockwise.
+
+    score(a, b) = alpha · wup(a, b) + (1 - alpha) · cos(e_a, e_b)
+
+e_x: the L2-normalized MiniLM embedding of class x's text (lemmas, gloss, hypernyms). Both terms are
+symmetric and lie in [0, 1] (wup) or [-1, 1] (cos, in practice ~[0, 1]); see docs/semantics.md for why
+alpha = 0.5 is the default. Neighbours are found a block of rows × a block of columns at a time, upper
+triangle only (the score is symmetric, so each block serves its rows and, transposed, its columns):
+memory is O(block²) plus the [C, K] answer, never C × C.
+"""
+from __future__ import annotations
+
+import logging
+import math
+from collections import Counter
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+import torch
+
+from megaclass.semantics.cache import ArrayCache, atomic_write_text, digest
+from megaclass.semantics.encoder import TextEncoder
+from megaclass.semantics.hierarchy import WuPalmer
+from megaclass.semantics.synsets import WNID, check_noun_synsets, class_texts
+
+log = logging.getLogger(__name__)
+
+DEFAULT_ALPHA = 0.5
+DEFAULT_BLOCK = 2048
+# Bump when the text recipe or similarity changes, so cached neighbours of older code are not reused.
+SIMILARITY_VERSION = 1
+
+ScoreBlock = Callable[[slice, slice], torch.Tensor]
+
+
+class KnnFileError(ValueError):
+    """A knn.tsv file is malformed; the message names the file and line."""
+
+
+def topk_blockwise(score_block: ScoreBlock, n: int, k: int, block_size: int = DEFAULT_BLOCK,
+                   progress: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """The k best columns of every row of a SYMMETRIC n × n score matrix, the diagonal excluded.
+
+    score_block(rows, cols) -> float32 [len(rows), len(cols)] gives one block; only blocks with
+    cols.start >= rows.start are requested. Returns (indices int64 [n, k], scores float32 [n, k]),
+    best first, equal scores by lower index (which of several classes tied at the k-th place is kept
+    is not specified).
+    """
+    if not 1 <= k < n:
+        raise ValueError(f"k must be in [1, {n - 1}] for {n} classes, got {k}")
+    best_val = torch.full((n, k), -math.inf)
+    best_idx = torch.full((n, k), -1, dtype=torch.int64)
+
+    def merge(rows: slice, values: torch.Tensor, indices: torch.Tensor) -> None:
+        values = torch.cat([best_val[rows], values], 1)
+        indices = torch.cat([best_idx[rows], indices], 1)
+        top, pos = values.topk(k, dim=1)
+        best_val[rows], best_idx[rows] = top, indices.gather(1, pos)
+
+    starts = range(0, n, block_size)
+    pairs = [(r, c) for r in starts for c in starts if c >= r]
+    if progress:
+        from tqdm import tqdm
+
+        pairs = tqdm(pairs, desc="neighbours", unit="block")
+    for r0, c0 in pairs:
+        rows, cols = slice(r0, min(r0 + block_size, n)), slice(c0, min(c0 + block_size, n))
+        scores = score_block(rows, cols)
+        if r0 == c0:
+            scores.fill_diagonal_(-math.inf)
+        top, pos = scores.topk(min(k, scores.shape[1]), dim=1)
+        merge(rows, top, pos + c0)
+        if r0 != c0:
+            top, pos = scores.T.contiguous().topk(min(k, scores.shape[0]), dim=1)
+            merge(cols, top, pos + r0)
+    order = np.lexsort((best_idx.numpy(), -best_val.numpy()), axis=1)
+    order = torch.from_numpy(order)
+    return best_idx.gather(1, order), best_val.gather(1, order)
+
+
+def embedding_knn(embeddings: torch.Tensor, k: int, block_size: int = DEFAULT_BLOCK,
+                  progress: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """Cosine neighbours from precomputed L2-normalized embeddings [C, D] -> (indices, scores) [C, k]."""
+    out = torch.empty(block_size, block_size, dtype=embeddings.dtype)
+
+    def score_block(rows: slice, cols: slice) -> torch.Tensor:
+        a, b = embeddings[rows], embeddings[cols]
+        return torch.mm(a, b.T, out=out[:len(a), :len(b)])
+
+    return topk_blockwise(score_block, len(embeddings), k, block_size, progress)
+
+
+def combined_knn(wup: WuPalmer, embeddings: torch.Tensor, k: int, alpha: float = DEFAULT_ALPHA,
+                 block_size: int = DEFAULT_BLOCK, progress: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """Neighbours by alpha · wup + (1 - alpha) · cos; embeddings: float32 [C, D], L2-normalized."""
+    current: dict[int, torch.Tensor] = {}  # the Wu-Palmer rows of the current row block
+
+    def score_block(rows: slice, cols: slice) -> torch.Tensor:
+        if rows.start not in current:
+            current.clear()
+            current[rows.start] = wup.block(rows).mul_(alpha)
+        cos = embeddings[rows] @ embeddings[cols].T
+        return cos.mul_(1 - alpha).add_(current[rows.start][:, cols])
+
+    return topk_blockwise(score_block, len(embeddings), k, block_size, progress)
+
+
+def _as_encoder(encoder: TextEncoder | str | None) -> TextEncoder:
+    return encoder if hasattr(encoder, "encode") else TextEncoder(encoder)
+
+
+def class_embeddings(wnids: Sequence[str], encoder: TextEncoder | str | None = None,
+                     cache_dir: str | Path | None = None, names: Sequence[str] | None = None,
+                     progress: bool = False) -> np.ndarray:
+    """float32 [C, D] L2-normalized embeddings of `class_texts(wnids, names)`, cached by content."""
+    texts = class_texts(wnids, names)
+    encoder = _as_encoder(encoder)
+    return _embeddings(texts, encoder, digest("embeddings", encoder.identity, texts), ArrayCache(cache_dir),
+                       progress)
+
+
+def _embeddings(texts, encoder, key, cache, progress) -> np.ndarray:
+    hit = cache.load("embeddings", key)
+    if hit is not None and hit["embeddings"].shape[0] == len(texts):
+        log.info("embeddings: reused %s", cache.path("embeddings", key))
+        return hit["embeddings"]
+    log.info("embeddings: encoding %d class texts with %s", len(texts), getattr(encoder, "name_or_path", encoder))
+    embeddings = np.ascontiguousarray(encoder.encode(texts, progress=progress), dtype=np.float32)
+    cache.save("embeddings", key, embeddings=embeddings)
+    return embeddings
+
+
+def nearest_categories(wnids: Sequence[str], k: int, alpha: float = DEFAULT_ALPHA,
+                       encoder: TextEncoder | str | None = None, cache_dir: str | Path | None = None,
+                       names: Sequence[str] | None = None, block_size: int = DEFAULT_BLOCK,
+                       progress: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    """The k nearest categories of every class, itself excluded.
+
+    wnids: C WordNet 3.0 noun synset ids; names: optional class names (else WordNet lemmas) for the
+    text; encoder: a TextEncoder, a model dir / hub name, or None for the shipped MiniLM; cache_dir:
+    where embeddings and neighbours are kept (None: no cache). A second call with the same inputs
+    loads both and never runs the encoder.
+    Returns (neighbors int64 [C, k] indices into wnids, scores float32 [C, k]), best first.
+    """
+    if not 0.0 <= alpha <= 1.0:
+        raise ValueError(f"alpha must be in [0, 1], got {alpha}")
+    repeated = sorted(w for w, n in Counter(wnids).items() if n > 1)
+    if repeated:
+        raise ValueError(f"wnids repeat {', '.join(repeated)}; each class must appear once")
+    if not 1 <= k < len(wnids):
+        raise ValueError(f"k must be in [1, {len(wnids) - 1}] for {len(wnids)} classes, got {k}")
+    check_noun_synsets(wnids)
+    cache = ArrayCache(cache_dir)
+    texts = class_texts(wnids, names)
+    encoder = _as_encoder(encoder)
+    emb_key = digest("embeddings", encoder.identity, texts)
+    knn_key = digest("knn", SIMILARITY_VERSION, emb_key, list(wnids), k, alpha)
+    hit = cache.load("knn", knn_key)
+    if hit is not None and hit["neighbors"].shape == (len(wnids), k):
+        log.info("neighbours: reused %s", cache.path("knn", knn_key))
+        return hit["neighbors"], hit["scores"]
+    embeddings = torch.from_numpy(_embeddings(texts, encoder, emb_key, cache, progress))
+    log.info("neighbours: Wu-Palmer over %d classes, alpha %.3g, k %d", len(wnids), alpha, k)
+    indices, scores = combined_knn(WuPalmer(wnids), embeddings, k, alpha, block_size, progress)
+    neighbors, scores = indices.numpy(), scores.numpy()
+    cache.save("knn", knn_key, neighbors=neighbors, scores=scores)
+    return neighbors, scores
+
+
+def write_knn_tsv(path: str | Path, wnids: Sequence[str], neighbors: np.ndarray, scores: np.ndarray) -> None:
+    """`wnid<TAB>neighbor_wnid<TAB>score`, K rows per class in class order, best first (atomic)."""
+    neighbors, scores = np.asarray(neighbors), np.asarray(scores)
+    if neighbors.shape != scores.shape or neighbors.shape[0] != len(wnids):
+        raise ValueError(f"neighbors {neighbors.shape} / scores {scores.shape} do not match {len(wnids)} wnids")
+    lines = [f"{wnids[c]}\t{wnids[j]}\t{s:.6f}\n"
+             for c in range(len(wnids)) for j, s in zip(neighbors[c].tolist(), scores[c].tolist())]
+    atomic_write_text(path, "".join(lines))
+
+
+def read_knn_tsv(path: str | Path) -> dict[str, list[tuple[str, float]]]:
+    """Read knn.tsv -> {wnid: [(neighbor_wnid, score), ...]} in file order (best first).
+
+    Raises KnnFileError naming the file and line for a wrong field count, a malformed wnid, a
+    non-finite or non-numeric score, a class listed as its own neighbour, or a repeated pair.
+    """
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise KnnFileError(f"cannot read {path}: {exc}") from exc
+    table: dict[str, list[tuple[str, float]]] = {}
+    seen: set[tuple[str, str]] = set()
+    for number, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        where = f"{path}:{number}"
+        fields = line.rstrip("\r\n").split("\t")
+        if len(fields) != 3:
+            raise KnnFileError(f"{where}: expected 3 tab-separated fields (wnid, neighbor_wnid, score), "
+                               f"got {len(fields)}: {line!r}")
+        wnid, other, score_text = fields
+        for value in (wnid, other):
+            if not WNID.match(value):
+                raise KnnFileError(f"{where}: {value!r} is not a wnid")
+        try:
+            score = float(score_text)
+        except ValueError:
+            raise KnnFileError(f"{where}: score {score_text!r} is not a number") from None
+        if not math.isfinite(score):
+            raise KnnFileError(f"{where}: score {score_text!r} is not finite")
+        if wnid == other:
+            raise KnnFileError(f"{where}: {wnid} is listed as its own neighbour")
+        if (wnid, other) in seen:
+            raise KnnFileError(f"{where}: pair {wnid} -> {other} repeated")
+        seen.add((wnid, other))
+        table.setdefault(wnid, []).append((other, score))
+    if not table:
+        raise KnnFileError(f"{path} has no rows")
+    return table
+

@@ -1,0 +1,60 @@
+"""`megaclass weights`: stage-1 / stage-2 per-image loss weights -> OUT_TSV (+ a PNG beside it)."""
+from __future__ import annotations
+
+import logging
+import sys
+from pathlib import Path
+
+
+def register(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "weights", help="stage-1 / stage-2 per-image loss weights -> weights.tsv",
+        description="Per-image loss weights for every training image of a WebVision-layout data set. "
+                    "Stage 1: search rank + whether the model's predictions fall on the label or its WordNet "
+                    "nearest categories. Stage 2: stage 1's evidence plus keyword text (title, description, "
+                    "tags) matched against the label's and the predicted classes' text. Writes OUT_TSV "
+                    "(`<image path><TAB><weight>`) and OUT_TSV with .png: weight histograms (clean vs noisy "
+                    "when ROOT/truth_train.tsv exists) and the highest/lowest-weighted images of a few classes.")
+    parser.add_argument("--data", required=True, metavar="ROOT", help="data set root (holds info/synsets.txt)")
+    parser.add_argument("--knn", required=True, metavar="KNN_TSV",
+                        help="K nearest categories, `wnid<TAB>neighbor_wnid<TAB>score` (megaclass semantics)")
+    parser.add_argument("--predictions", required=True, metavar="PRED_TSV",
+                        help="model predictions on the training images, "
+                             "`<image path><TAB><wnid>:<prob> <wnid>:<prob> …` (top k, best first)")
+    parser.add_argument("--stage", required=True, type=int, choices=(1, 2),
+                        help="1: rank + predictions vs KNN; 2: stage 1's evidence + keyword text")
+    parser.add_argument("--out", required=True, metavar="OUT_TSV", help="where to write the weights (atomically)")
+    parser.add_argument("--no-plot", action="store_true", help="skip the PNG")
+    parser.set_defaults(func=_run)
+
+
+def _run(args) -> int:
+    from megaclass.data.synth import read_truth
+    from megaclass.semantics import KnnFileError
+    from megaclass.weighting.metrics import roc_auc
+    from megaclass.weighting.pipeline import WeightingInputError, compute_weights
+    from megaclass.weighting.plot import plot_weights
+    from megaclass.weighting.tables import TableError, write_weights
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        result = compute_weights(args.data, args.knn, args.predictions, args.stage, progress=True)
+    except (OSError, ValueError, KnnFileError, TableError, WeightingInputError) as exc:
+        print(f"megaclass weights: {exc}", file=sys.stderr)
+        return 2
+    print(result.data.summary())
+    write_weights(args.out, result.paths, result.weights)
+    import numpy as np
+
+    truth = read_truth(args.data)
+    clean = None if truth is None else np.array([truth[p].clean if p in truth else True for p in result.paths])
+    line = f"stage {args.stage}: {len(result.weights)} weights, mean {result.weights.mean():.3f} -> {args.out}"
+    if clean is not None:
+        line += f"; AUC clean vs noisy {roc_auc(result.weights, clean):.4f}"
+    print(line, *(f"{k}={v}" for k, v in result.notes.items()))
+    if not args.no_plot:
+        png = Path(args.out).with_suffix(".png")
+        plot_weights(png, args.data, result.data.train, result.weights, [t for _, t in result.data.synsets],
+                     args.stage, clean)
+        print(f"plot -> {png}")
+    return 0

@@ -1,0 +1,84 @@
+"""From files to weights: a WebVision-layout data set + knn.tsv + predictions -> one weight per
+training image (`compute_weights`), as `megaclass weights` runs it."""
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from megaclass.data.webvision import WebVision, load_webvision
+from megaclass.weighting.stage1 import Stage1Config, knn_arrays, stage1_weights
+from megaclass.weighting.stage2 import (Stage2Config, class_descriptions, image_keywords, stage2_weights,
+                                        text_vectors)
+from megaclass.weighting.tables import read_predictions
+
+log = logging.getLogger(__name__)
+
+
+class WeightingInputError(ValueError):
+    """The inputs do not fit together (predictions or knn.tsv made for other data)."""
+
+
+@dataclass(slots=True)
+class WeightsResult:
+    data: WebVision
+    weights: np.ndarray
+    """[N] in the order of `data.train`"""
+    stage: int
+    notes: dict[str, object] = field(default_factory=dict)
+
+    @property
+    def paths(self) -> list[str]:
+        return [r.path for r in self.data.train]
+
+
+def compute_weights(root: str | os.PathLike, knn_tsv: str | os.PathLike, predictions_tsv: str | os.PathLike,
+                    stage: int, data: WebVision | None = None, embeddings=None,
+                    stage1: Stage1Config = Stage1Config(), stage2: Stage2Config = Stage2Config(),
+                    progress: bool = False) -> WeightsResult:
+    """Stage-1 or stage-2 weights for every training image of the data set at `root`."""
+    if stage not in (1, 2):
+        raise ValueError(f"stage must be 1 or 2, got {stage}")
+    from megaclass.semantics import read_knn_tsv
+
+    data = data or load_webvision(root, progress=progress)
+    if not data.train:
+        raise WeightingInputError(f"{root}: no training images")
+    knn = read_knn_tsv(knn_tsv)
+    neighbors, scores = knn_arrays(data.wnids, knn)
+    known = sum(w in knn for w in data.wnids)
+    if known == 0:
+        raise WeightingInputError(f"{knn_tsv}: none of the {data.num_classes} classes of {root} has neighbours "
+                                  f"there; was it made from another synsets.txt?")
+    preds = read_predictions(predictions_tsv, data.wnids)
+    paths = [r.path for r in data.train]
+    pred_classes, pred_probs, found = preds.align(paths)
+    if not found.any():
+        raise WeightingInputError(f"{predictions_tsv}: no row names a training image of {root} "
+                                  f"(first row: {next(iter(preds.row))!r}, first image: {paths[0]!r})")
+    notes = {"images": len(paths), "without_predictions": int((~found).sum()),
+             "classes_without_neighbours": data.num_classes - known}
+    if notes["without_predictions"]:
+        log.warning("%d of %d training images have no prediction row in %s; they keep their rank prior",
+                    notes["without_predictions"], len(paths), predictions_tsv)
+    labels = np.array([r.label for r in data.train], dtype=np.int64)
+    sources = [r.source for r in data.train]
+    ranks = [r.rank for r in data.train]
+    if stage == 1:
+        weights = stage1_weights(labels, sources, ranks, pred_classes, pred_probs, neighbors, scores, stage1)
+    else:
+        from megaclass.weighting.keywords import KeywordExtractor
+
+        extractor = KeywordExtractor()
+        records = data.train
+        image_kw = image_keywords(extractor, [r.title for r in records], [r.description for r in records],
+                                  [r.tags for r in records], [data.query_text(r) or data.synsets[r.label][1]
+                                                              for r in records])
+        class_kw = [extractor(text) for text in class_descriptions(data.synsets)]
+        image_vectors, class_vectors = text_vectors(image_kw, class_kw, embeddings, stage2.min_df, progress=progress)
+        notes["without_keywords"] = sum(not ks for ks in image_kw)
+        weights = stage2_weights(labels, sources, ranks, pred_classes, pred_probs, neighbors, scores,
+                                 image_vectors, class_vectors, stage2)
+    return WeightsResult(data, weights, stage, notes)

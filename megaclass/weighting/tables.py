@@ -1,0 +1,147 @@
+"""The weighting's file formats.
+
+PRED_TSV  `<image path as in the filelist><TAB><wnid>:<prob> <wnid>:<prob> …` (top k, best first)
+OUT_TSV   `<image path><TAB><weight>` (one row per training image)
+"""
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+
+class TableError(ValueError):
+    """A predictions or weights file is malformed; the message names the file and line."""
+
+
+@dataclass(slots=True)
+class Predictions:
+    """Top-k predictions. `classes`: int64 [N, k] indices into the class list (-1 = none), `probs`:
+    float32 [N, k]; row `row[path]` belongs to that image."""
+
+    row: dict[str, int]
+    classes: np.ndarray
+    probs: np.ndarray
+
+    def align(self, paths: Sequence[str]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Rows in the order of `paths` -> (classes [M, k], probs [M, k], found bool [M]); images
+        without a row get class -1 and probability 0."""
+        index = np.array([self.row.get(p, -1) for p in paths], dtype=np.int64)
+        found = index >= 0
+        k = self.classes.shape[1]
+        classes = np.full((len(paths), k), -1, dtype=np.int64)
+        probs = np.zeros((len(paths), k), dtype=np.float32)
+        classes[found], probs[found] = self.classes[index[found]], self.probs[index[found]]
+        return classes, probs, found
+
+
+def read_predictions(path: str | os.PathLike, wnids: Sequence[str]) -> Predictions:
+    """Read PRED_TSV against the class list `wnids` (line order of synsets.txt).
+
+    Raises TableError (file:line) for a missing tab, an item that is not `wnid:prob`, a wnid that is
+    not a class, a probability outside [0, 1], or an image listed twice.
+    """
+    path = Path(path)
+    class_of = {w: i for i, w in enumerate(wnids)}
+    row: dict[str, int] = {}
+    lists: list[list[tuple[int, float]]] = []
+    try:
+        f = open(path, encoding="utf-8")
+    except OSError as exc:
+        raise TableError(f"cannot read predictions {path}: {exc}") from exc
+    with f:
+        for lineno, line in enumerate(f, 1):
+            line = line.rstrip("\r\n")
+            if not line.strip():
+                continue
+            image, tab, rest = line.partition("\t")
+            where = f"{path}:{lineno}"
+            if not tab or not image:
+                raise TableError(f"{where}: expected '<image path><TAB><wnid>:<prob> …', got {line[:120]!r}")
+            if image in row:
+                raise TableError(f"{where}: image {image!r} listed twice")
+            items = []
+            for item in rest.split():
+                wnid, colon, prob = item.partition(":")
+                if not colon:
+                    raise TableError(f"{where}: {item!r} is not '<wnid>:<prob>'")
+                if wnid not in class_of:
+                    raise TableError(f"{where}: {wnid!r} is not one of the {len(wnids)} classes of synsets.txt")
+                try:
+                    p = float(prob)
+                except ValueError:
+                    raise TableError(f"{where}: probability {prob!r} is not a number") from None
+                if not 0.0 <= p <= 1.0 + 1e-4:
+                    raise TableError(f"{where}: probability {prob} outside [0, 1]")
+                items.append((class_of[wnid], p))
+            row[image] = len(lists)
+            lists.append(items)
+    if not lists:
+        raise TableError(f"{path}: no predictions")
+    k = max(len(items) for items in lists) or 1
+    classes = np.full((len(lists), k), -1, dtype=np.int64)
+    probs = np.zeros((len(lists), k), dtype=np.float32)
+    for r, items in enumerate(lists):
+        for j, (c, p) in enumerate(items):
+            classes[r, j], probs[r, j] = c, p
+    return Predictions(row, classes, probs)
+
+
+def write_predictions(path: str | os.PathLike, paths: Sequence[str], wnids: Sequence[str],
+                      classes: np.ndarray, probs: np.ndarray) -> None:
+    """Write PRED_TSV atomically. classes: int [N, k] indices into wnids (-1 skipped), probs: [N, k]."""
+    lines = []
+    for image, cs, ps in zip(paths, np.asarray(classes).tolist(), np.asarray(probs).tolist()):
+        lines.append(image + "\t" + " ".join(f"{wnids[c]}:{p:.6f}" for c, p in zip(cs, ps) if c >= 0) + "\n")
+    _atomic_write(Path(path), "".join(lines))
+
+
+def write_weights(path: str | os.PathLike, paths: Sequence[str], weights: Sequence[float]) -> None:
+    """Write OUT_TSV (`<image path><TAB><weight>`) atomically: a temp file in the same folder, then rename."""
+    weights = np.asarray(weights, dtype=np.float64)
+    if len(paths) != len(weights):
+        raise ValueError(f"{len(paths)} paths but {len(weights)} weights")
+    if not np.all(np.isfinite(weights)) or np.any(weights < 0):
+        raise ValueError("weights must be finite and non-negative")
+    _atomic_write(Path(path), "".join(f"{p}\t{w:.6f}\n" for p, w in zip(paths, weights.tolist())))
+
+
+def read_weights(path: str | os.PathLike) -> dict[str, float]:
+    """OUT_TSV -> {image path: weight}. Raises TableError (file:line) on a malformed row, a weight that
+    is not a finite non-negative number, or an image listed twice."""
+    path = Path(path)
+    weights: dict[str, float] = {}
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise TableError(f"cannot read weights {path}: {exc}") from exc
+    for lineno, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        parts = line.split("\t")
+        if len(parts) != 2:
+            raise TableError(f"{path}:{lineno}: expected '<image path><TAB><weight>', got {line[:120]!r}")
+        try:
+            w = float(parts[1])
+        except ValueError:
+            raise TableError(f"{path}:{lineno}: weight {parts[1]!r} is not a number") from None
+        if not math.isfinite(w) or w < 0:
+            raise TableError(f"{path}:{lineno}: weight must be finite and ≥ 0, got {parts[1]}")
+        if parts[0] in weights:
+            raise TableError(f"{path}:{lineno}: image {parts[0]!r} listed twice")
+        weights[parts[0]] = w
+    return weights
+
+
+def _atomic_write(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        tmp.write_text(text, encoding="utf-8")
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)

@@ -1,0 +1,51 @@
+"""`megaclass bench ce` end to end at a tiny size: every variant computes the same loss, the table and the
+JSON report hold each variant's ratio to the floor, and --tp 2 reproduces the one-rank loss.
+(No timing is asserted: timings on a shared machine are noise.)"""
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+
+from megaclass.bench.ce import available
+from megaclass.cli import main
+
+
+def test_variants_agree_and_report(tmp_path, capsys):
+    out = tmp_path / "ce.json"
+    variants = ["megaclass-twin", "naive", "floor"] + (["megaclass"] if available("megaclass", "cpu") is None else [])
+    code = main(["bench", "ce", "--n", "64", "--d", "16", "--c", "1000", "--repeats", "1",
+                 "--variants", ",".join(variants), "--json", str(out)])
+    assert code == 0
+    report = json.loads(out.read_text())
+    rows = {r["variant"]: r for r in report["results"]}
+    assert set(rows) == set(variants)
+    assert report["config"]["c"] == 1000 and report["config"]["tp"] == 1
+    for name in variants:
+        assert rows[name]["median_s"] > 0 and rows[name]["peak_bytes"] >= 0
+    naive = rows["naive"]["loss"]
+    assert math.isfinite(naive) and naive > 0
+    for name in set(variants) - {"naive", "floor"}:
+        assert abs(rows[name]["loss"] - naive) <= 1e-5 * naive, name
+    table = capsys.readouterr().out
+    assert "× floor" in table and "megaclass-twin" in table and "1.000" in table  # the floor's own ratio
+
+
+def test_tensor_parallel_matches_one_rank(tmp_path):
+    if available("megaclass", "cpu") is not None:
+        pytest.skip("megaclass._C is not built")
+    out = tmp_path / "tp.json"
+    assert main(["bench", "ce", "--n", "32", "--d", "8", "--c", "777", "--tp", "2", "--repeats", "1",
+                 "--variants", "megaclass", "--json", str(out)]) == 0
+    rows = {r["variant"]: r for r in json.loads(out.read_text())["results"]}
+    assert set(rows) == {"megaclass (2 ranks)", "megaclass (1 rank)"}
+    one = rows["megaclass (1 rank)"]["loss"]
+    assert abs(rows["megaclass (2 ranks)"]["loss"] - one) <= 1e-5 * one
+
+
+def test_bad_arguments_exit_with_a_message():
+    with pytest.raises(SystemExit, match="unknown variant"):
+        main(["bench", "ce", "--variants", "fastest"])
+    with pytest.raises(SystemExit, match="--c ≥ --tp"):
+        main(["bench", "ce", "--c", "1", "--tp", "2"])

@@ -1,0 +1,114 @@
+"""`ShardedLinearCrossEntropy`: uneven shards, shard initialization equal to the one-rank weight, and the
+data-parallel layout (gather_input=True) where the features' gradient must be summed exactly once."""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from dist_utils import run_ranks
+from megaclass.nn import ShardedLinearCrossEntropy, shard_range
+from megaclass.parallel import comm
+
+D, C, ROWS = 6, 17, 5  # 17 classes over 3 ranks: 6, 6, 5
+
+
+def test_shard_range_tiles_with_extra_classes_first():
+    for classes, world in ((17, 3), (10, 4), (3, 5), (8, 2)):
+        ranges = [shard_range(classes, r, world) for r in range(world)]
+        assert ranges[0][0] == 0 and ranges[-1][1] == classes
+        assert all(a[1] == b[0] for a, b in zip(ranges, ranges[1:]))
+        sizes = [e - s for s, e in ranges]
+        extra = classes % world
+        assert sizes == [classes // world + (r < extra) for r in range(world)]
+
+
+def test_one_rank_module_is_linear_plus_weighted_cross_entropy():
+    torch.manual_seed(0)
+    head = ShardedLinearCrossEntropy(D, C, label_smoothing=0.1)
+    assert head.weight.shape == (C, D) and head.bias.shape == (C,)
+    bound = 1 / D ** 0.5
+    assert head.weight.abs().max() <= bound and head.weight.std() > bound / 3
+    x = torch.randn(9, D, requires_grad=True)
+    target, s = torch.randint(0, C, (9,)), torch.rand(9)
+    loss = head(x, target, s)
+    loss.backward()
+    x64 = x.detach().double().requires_grad_()
+    w64 = head.weight.detach().double().requires_grad_()
+    ref = (F.cross_entropy(x64 @ w64.T + head.bias.detach().double(), target, reduction="none",
+                           label_smoothing=0.1) * s.double()).mean()
+    ref.backward()
+    assert torch.allclose(loss.double(), ref, rtol=1e-6)
+    assert torch.allclose(x.grad.double(), x64.grad, rtol=1e-5, atol=1e-7)
+    assert torch.allclose(head.weight.grad.double(), w64.grad, rtol=1e-5, atol=1e-7)
+
+
+def test_bad_sizes():
+    with pytest.raises(ValueError, match="in_features and num_classes must be positive"):
+        ShardedLinearCrossEntropy(0, 10)
+
+
+def _rank_inputs(rank):
+    gen = torch.Generator().manual_seed(100 + rank)
+    return torch.randn(ROWS, D, generator=gen), torch.randint(0, C, (ROWS,), generator=gen), torch.rand(ROWS, generator=gen)
+
+
+def _module_rank(rank, world):
+    torch.manual_seed(0)
+    head = ShardedLinearCrossEntropy(D, C, label_smoothing=0.1)  # None: the default (world) group
+    shard = (head.class_start, head.class_end, head.weight.detach().clone().numpy(), head.bias.detach().clone().numpy())
+
+    # data parallel: every rank has its own rows; the loss is over the all-gathered batch
+    features, target, s = _rank_inputs(rank)
+    features.requires_grad_()
+    loss = head(features, target, s, gather_input=True)
+    loss.backward()
+    dp = (loss.detach().numpy(), features.grad.numpy(), head.weight.grad.numpy(), head.bias.grad.numpy())
+
+    # tensor parallel: the same rows on every rank
+    head.zero_grad()
+    everything = [_rank_inputs(r) for r in range(world)]
+    x = torch.cat([e[0] for e in everything]).requires_grad_()
+    loss_tp = head(x, torch.cat([e[1] for e in everything]), torch.cat([e[2] for e in everything]))
+    loss_tp.backward()
+    tp = (loss_tp.detach().numpy(), x.grad.numpy(), head.weight.grad.numpy())
+    return shard, dp, tp
+
+
+def test_three_ranks_init_gather_input_and_tensor_parallel():
+    world = 3
+    results = run_ranks(_module_rank, world)
+    torch.manual_seed(0)
+    single = ShardedLinearCrossEntropy(D, C, label_smoothing=0.1)
+    for rank, (shard, _, _) in enumerate(results):
+        start, end, w, b = shard
+        assert (start, end) == shard_range(C, rank, world)
+        assert torch.equal(torch.from_numpy(w), single.weight.detach()[start:end])  # bit-exact
+        assert torch.equal(torch.from_numpy(b), single.bias.detach()[start:end])
+
+    # float64 reference of the global batch, computed in one process
+    everything = [_rank_inputs(r) for r in range(world)]
+    x = torch.cat([e[0] for e in everything]).double().requires_grad_()
+    target = torch.cat([e[1] for e in everything])
+    s = torch.cat([e[2] for e in everything]).double()
+    w = single.weight.detach().double().requires_grad_()
+    b = single.bias.detach().double().requires_grad_()
+    ref = (F.cross_entropy(x @ w.T + b, target, reduction="none", label_smoothing=0.1) * s).mean()
+    ref.backward()
+    for rank, (shard, dp, tp) in enumerate(results):
+        start, end = shard[:2]
+        loss, dfeat, dw, db = (torch.from_numpy(a).double() for a in dp)
+        assert torch.allclose(loss, ref, rtol=1e-6)
+        # summed once: a doubled sum (all-reduce in the op AND reduce-scatter in gather_rows) would be 3×
+        assert torch.allclose(dfeat, x.grad[rank * ROWS:(rank + 1) * ROWS], rtol=1e-5, atol=1e-8)
+        assert torch.allclose(dw, w.grad[start:end], rtol=1e-5, atol=1e-8)
+        assert torch.allclose(db, b.grad[start:end], rtol=1e-5, atol=1e-8)
+        loss_tp, dx_tp, dw_tp = (torch.from_numpy(a).double() for a in tp)
+        assert torch.allclose(loss_tp, ref, rtol=1e-6)
+        assert torch.allclose(dx_tp, x.grad, rtol=1e-5, atol=1e-8)
+        assert torch.allclose(dw_tp, w.grad[start:end], rtol=1e-5, atol=1e-8)
+
+
+def test_default_group_is_none_without_distributed():
+    assert comm.default_group() is None
+    assert ShardedLinearCrossEntropy(D, C).world == 1

@@ -1,0 +1,213 @@
+"""`megaclass.ops.linear_cross_entropy` on one rank against a float64 reference (tests/lce_reference.py),
+through both kernel implementations: `megaclass._C` and the PyTorch twin."""
+from __future__ import annotations
+
+import sys
+
+import pytest
+import torch
+
+import megaclass
+from lce_reference import assert_close_rel, make_inputs, plain
+from megaclass.ops import kernels, lce, linear_cross_entropy
+
+
+def _extension_built():
+    import warnings
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return kernels.extension() is not None
+
+
+IMPLEMENTATIONS = ["torch", pytest.param("extension", marks=pytest.mark.skipif(
+    not _extension_built(), reason="megaclass._C is not built (python setup.py build_ext --inplace)"))]
+
+
+def _ours(hidden, weight, target, s, bias, *, implementation, reduction="mean", upstream=None, **kw):
+    h = hidden.clone().requires_grad_()
+    w = weight.clone().requires_grad_()
+    b = None if bias is None else bias.clone().requires_grad_()
+    sw = None if s is None else s.clone().requires_grad_()
+    loss = linear_cross_entropy(h, w, target, sw, bias=b, reduction=reduction, implementation=implementation, **kw)
+    inputs = [t for t in (h, w, b, sw) if t is not None]
+    grads = list(torch.autograd.grad(loss, inputs, upstream))
+    db = grads.pop(2) if b is not None else None
+    ds = grads[2] if sw is not None else None
+    return loss.detach(), grads[0], grads[1], db, ds
+
+
+def _check(hidden, weight, target, s, bias, implementation, *, reduction="mean", eps=0.0, ignore_index=-100, **kw):
+    dtype = hidden.dtype
+    upstream = torch.randn(hidden.shape[0], generator=torch.Generator().manual_seed(1)) if reduction == "none" else None
+    ours = _ours(hidden, weight, target, s, bias, implementation=implementation, reduction=reduction,
+                 upstream=None if upstream is None else upstream.to(dtype), label_smoothing=eps,
+                 ignore_index=ignore_index, **kw)
+    ref = plain(hidden, weight, target, s, bias, dtype=torch.float64, eps=eps, reduction=reduction, upstream=upstream,
+                ignore_index=ignore_index)
+    mine = plain(hidden, weight, target, s, bias, dtype=dtype, eps=eps, reduction=reduction, upstream=upstream,
+                 ignore_index=ignore_index)
+    for name, o, r, p in zip(("loss", "d hidden", "d weight", "d bias", "d sample_weight"), ours, ref, mine):
+        if r is None:
+            assert o is None, name
+            continue
+        if name == "d sample_weight" and s is None:
+            continue
+        assert o.dtype == dtype or name == "d sample_weight", f"{name}: dtype {o.dtype}"
+        assert_close_rel(name, o, r, p, dtype)
+    return ours
+
+
+@pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("eps", [0.0, 0.1])
+@pytest.mark.parametrize("bias", [False, True])
+def test_matches_float64_reference(implementation, reduction, eps, bias):
+    # odd shapes, several chunks with a ragged last one, ignored rows, sample weights
+    hidden, weight, target, s, b = make_inputs(37, 19, 53, bias=bias, seed=3)
+    _check(hidden, weight, target, s, b, implementation, reduction=reduction, eps=eps, chunk_size=8)
+
+
+@pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
+@pytest.mark.parametrize("chunk_size", [1, 5, 64, None])
+def test_chunk_size_does_not_change_the_result(implementation, chunk_size):
+    hidden, weight, target, s, b = make_inputs(29, 8, 41, bias=True, seed=4)
+    _check(hidden, weight, target, s, b, implementation, eps=0.05, chunk_size=chunk_size)
+
+
+@pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_half_precision_inputs(implementation, dtype, reduction):
+    hidden, weight, target, s, b = make_inputs(70, 32, 333, dtype, bias=True, seed=5)
+    _check(hidden, weight, target, s, b, implementation, reduction=reduction, eps=0.1, chunk_size=16)
+
+
+@pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
+def test_huge_logits_stay_finite(implementation):
+    # logits of order 1e4: exp overflows without the max shift
+    hidden, weight, target, s, _ = make_inputs(24, 16, 300, scale=1e4, seed=6)
+    loss = _check(hidden, weight, target, s, None, implementation, eps=0.1, chunk_size=7)[0]
+    assert loss > 1e3
+
+
+@pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_every_row_ignored(implementation, reduction):
+    hidden, weight, target, s, b = make_inputs(9, 6, 10, bias=True, seed=7)
+    target.fill_(-100)
+    upstream = torch.ones(9) if reduction == "none" else None
+    loss, dh, dw, db, _ = _ours(hidden, weight, target, s, b, implementation=implementation, reduction=reduction,
+                                upstream=upstream, label_smoothing=0.2)
+    assert torch.equal(loss, torch.zeros_like(loss))  # 0, not NaN
+    for g in (dh, dw, db):
+        assert torch.equal(g, torch.zeros_like(g))
+
+
+@pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
+def test_ignore_index_inside_the_class_range(implementation):
+    hidden, weight, target, s, _ = make_inputs(20, 5, 12, ignore_every=0, seed=8)
+    target[::3] = 4
+    _check(hidden, weight, target, s, None, implementation, eps=0.1, ignore_index=4, chunk_size=6)
+
+
+@pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
+def test_forward_without_grad_and_empty_batch(implementation):
+    hidden, weight, target, s, b = make_inputs(15, 4, 9, bias=True, seed=9)
+    with torch.no_grad():
+        loss = linear_cross_entropy(hidden, weight, target, s, bias=b, implementation=implementation)
+    ref = plain(hidden, weight, target, s, b, dtype=torch.float64)[0]
+    assert abs(float(loss) - float(ref)) <= 1e-5 * abs(float(ref))
+    empty = torch.zeros(0, 4, requires_grad=True)
+    loss = linear_cross_entropy(empty, weight, target[:0], implementation=implementation)
+    loss.backward()
+    assert float(loss.detach()) == 0.0 and empty.grad.shape == (0, 4)
+
+
+def test_unweighted_equals_cross_entropy_of_linear():
+    hidden, weight, target, _, b = make_inputs(16, 8, 20, bias=True, weighted=False, seed=10)
+    ours = linear_cross_entropy(hidden.double(), weight.double(), target, bias=b.double(), label_smoothing=0.3)
+    ref = torch.nn.functional.cross_entropy(hidden.double() @ weight.double().T + b.double(), target,
+                                            label_smoothing=0.3)
+    assert torch.allclose(ours, ref, rtol=1e-12, atol=0)
+
+
+# ---- the kernels themselves, against float64 statistics of the same logits
+
+
+def _stats64(z, target, start):
+    z = z.double()
+    m = z.amax(1)
+    local = target - start
+    inside = (local >= 0) & (local < z.shape[1])
+    zt = torch.where(inside, z.gather(1, local.clamp(0, z.shape[1] - 1)[:, None])[:, 0], 0)
+    return torch.stack([m, (z - m[:, None]).exp().sum(1), zt, z.sum(1)]), (z - m[:, None]).exp()
+
+
+@pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("cols", [1, 31, 100])
+def test_kernels_against_float64(implementation, dtype, cols):
+    gen = torch.Generator().manual_seed(cols)
+    rows, start = 6, 5
+    z = (torch.randn(rows, cols, generator=gen) * 4).to(dtype)
+    target = torch.tensor([5, 4, 5 + cols - 1, 5 + cols, -100, 5 + cols // 2])  # in, below, last, above, ignored
+    ref, e = _stats64(z, target, start)
+    use_ext = implementation == "extension"
+    logits = z.clone()
+    stats = kernels.chunk_stats(logits, target, start, True, use_ext)
+    tol = 8 * (2.0 ** -23) * cols * 4
+    assert stats.dtype == torch.float32
+    assert torch.allclose(stats.double(), ref, rtol=1e-5, atol=tol)
+    assert torch.allclose(logits.double(), e, rtol=2 * 2.0 ** -8 if dtype == torch.bfloat16 else 1e-6, atol=1e-7)
+    lse = ref[0] + ref[1].log() + 0.25  # as if other ranks held more classes
+    row_coef = torch.tensor([1.0, 0.5, 2.0, 0.0, 1.5, 0.3])
+    expected = (z.double() - lse[:, None]).exp() - 0.01
+    local = target - start
+    for i in range(rows):
+        if 0 <= local[i] < cols:
+            expected[i, local[i]] -= 0.9
+    expected *= row_coef.double()[:, None]
+    for stored in (False, True):
+        g = logits.clone() if stored else z.clone()
+        shift = (lse - ref[0] if stored else lse).float()
+        kernels.chunk_grad_(g, target, start, shift, row_coef, 0.9, 0.01, stored, use_ext)
+        # bf16: e and g are each rounded to 8 bits; near-cancelling entries need an absolute bound
+        half = dtype == torch.bfloat16
+        assert torch.allclose(g.double(), expected, rtol=2.0 ** -7 if half else 1e-5,
+                              atol=2.0 ** -8 * float(expected.abs().max()) if half else 1e-6)
+        assert torch.equal(g[3], torch.zeros_like(g[3]))  # row_coef 0: exactly 0
+
+
+def test_missing_extension_warns_once_and_falls_back(monkeypatch):
+    kernels.extension.cache_clear()
+    monkeypatch.setitem(sys.modules, "megaclass._C", None)  # makes `from megaclass import _C` fail
+    monkeypatch.delattr(megaclass, "_C", raising=False)
+    try:
+        with pytest.warns(RuntimeWarning, match="megaclass._C is not available") as record:
+            hidden, weight, target, s, _ = make_inputs(6, 3, 5, seed=11)
+            linear_cross_entropy(hidden, weight, target, s)
+            linear_cross_entropy(hidden, weight, target, s)
+        assert len([w for w in record if "megaclass._C" in str(w.message)]) == 1
+        assert not kernels.uses_extension(hidden)
+        with pytest.raises(ValueError, match="implementation='extension'"):
+            linear_cross_entropy(hidden, weight, target, implementation="extension")
+    finally:
+        kernels.extension.cache_clear()
+
+
+@pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_never_allocates_all_logits(implementation, reduction):
+    from torch.profiler import ProfilerActivity, profile
+    n, d, c, chunk = 512, 16, 4000, 32
+    hidden, weight, target, s, _ = make_inputs(n, d, c, seed=12)
+    hidden.requires_grad_()
+    weight.requires_grad_()
+    lce._BUFFERS.__dict__.clear()  # the CPU logits buffer kept between calls: allocate it afresh here
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        loss = linear_cross_entropy(hidden, weight, target, s, reduction=reduction, chunk_size=chunk,
+                                    implementation=implementation)
+        loss.sum().backward()
+    largest = max(e.cpu_memory_usage for e in prof.events() if e.name.startswith("aten::"))
+    # one chunk of logits is 512 KB (the twin also makes a temporary of that size); all of them 8 MB
+    assert largest <= chunk * c * 4, largest

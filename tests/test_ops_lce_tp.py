@@ -1,0 +1,135 @@
+"""The fused op with classes split over 2 and 3 gloo ranks (uneven shards) against the one-process
+float64 reference, and bad input across ranks: the same ValueError on every rank, never a hang."""
+from __future__ import annotations
+
+import re
+import warnings
+
+import torch
+
+from dist_utils import run_ranks
+from lce_reference import assert_close_rel, make_inputs, plain
+from megaclass.nn import shard_range
+from megaclass.ops import kernels, linear_cross_entropy
+from megaclass.parallel import comm
+
+N, D, C = 23, 7, 31  # 31 classes: shards 16+15 on 2 ranks, 11+10+10 on 3
+
+# (reduction, label smoothing, bias, hidden_grad, chunk_size)
+CASES = [("mean", 0.0, False, "full", 5), ("sum", 0.1, True, "full", None), ("none", 0.2, True, "full", 4),
+         ("mean", 0.1, True, "partial", 6)]
+
+
+def _implementations():
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return ["torch"] + (["extension"] if kernels.extension() is not None else [])
+
+
+def _upstream(reduction):
+    return torch.randn(N, generator=torch.Generator().manual_seed(2)) if reduction == "none" else None
+
+
+def _tp_rank(rank, world):
+    start, end = shard_range(C, rank, world)
+    group = comm.default_group()
+    out = []
+    for implementation in _implementations():
+        for seed, (reduction, eps, bias, hidden_grad, chunk) in enumerate(CASES):
+            hidden, weight, target, s, b = make_inputs(N, D, C, bias=bias, seed=seed)
+            h = hidden.clone().requires_grad_()
+            w = weight[start:end].clone().requires_grad_()
+            bb = None if b is None else b[start:end].clone().requires_grad_()
+            sw = s.clone().requires_grad_()
+            loss = linear_cross_entropy(h, w, target, sw, bias=bb, class_start=start, process_group=group,
+                                        reduction=reduction, label_smoothing=eps, chunk_size=chunk,
+                                        hidden_grad=hidden_grad, implementation=implementation)
+            inputs = [t for t in (h, w, bb, sw) if t is not None]
+            grads = torch.autograd.grad(loss, inputs, _upstream(reduction))
+            out.append([loss.detach().numpy()] + [g.numpy() for g in grads])
+    return out, _bad_input_cases(rank, world)  # in the same processes: spawning ranks is the slow part
+
+
+def _check_tp(world):
+    results, messages = zip(*run_ranks(_tp_rank, world))
+    _check_errors(messages)
+    cases = [(impl, c) for impl in _implementations() for c in CASES]
+    for k, (impl, (reduction, eps, bias, hidden_grad, _)) in enumerate(cases):
+        hidden, weight, target, s, b = make_inputs(N, D, C, bias=bias, seed=k % len(CASES))
+        kw = dict(eps=eps, reduction=reduction, upstream=_upstream(reduction))
+        ref = plain(hidden, weight, target, s, b, dtype=torch.float64, **kw)
+        fp32 = plain(hidden, weight, target, s, b, dtype=torch.float32, **kw)
+        ref = [t for t in ref if t is not None]
+        fp32 = [t for t in fp32 if t is not None]
+        per_rank = [[torch.from_numpy(a) for a in r[k]] for r in results]
+        label = f"{impl} {reduction} ε={eps} bias={bias} hidden_grad={hidden_grad} P={world}"
+        for rank in range(world):  # the loss is the same on every rank
+            assert_close_rel(f"{label}: loss on rank {rank}", per_rank[rank][0], ref[0], fp32[0], torch.float32)
+        if hidden_grad == "full":
+            for rank in range(world):
+                assert_close_rel(f"{label}: d hidden on rank {rank}", per_rank[rank][1], ref[1], fp32[1], torch.float32)
+        else:  # each rank returns its shard's part: they add up to the full gradient
+            total = sum(r[1].double() for r in per_rank)
+            assert_close_rel(f"{label}: Σ partial d hidden", total, ref[1], fp32[1], torch.float32)
+        shards = range(2, len(ref) - 1)  # d weight (and d bias): concatenated over ranks in rank order
+        for j in shards:
+            full = torch.cat([r[j] for r in per_rank])
+            assert_close_rel(f"{label}: grad {j}", full, ref[j], fp32[j], torch.float32)
+        for rank in range(world):
+            assert_close_rel(f"{label}: d sample_weight", per_rank[rank][-1], ref[-1], fp32[-1], torch.float32)
+
+
+def test_two_ranks_uneven_shards_and_bad_input_on_one_rank():
+    _check_tp(2)
+
+
+def test_three_ranks_uneven_shards_and_bad_input_on_some_ranks():
+    # bad input across ranks must raise the same ValueError on every rank, never hang the group
+    _check_tp(3)
+
+
+def _bad_input_cases(rank, world):
+    """Each case breaks the arguments of one rank only (rank 0 or 1); every rank must raise."""
+    group = comm.default_group()
+    first, last = shard_range(10, rank, world)
+    x, w, t = torch.randn(6, 4), torch.randn(last - first, 4), torch.tensor([0, 1, 2, 9, -100, 3])
+    messages = []
+
+    def attempt(hidden, weight, target, s=None, class_start=first):
+        try:
+            linear_cross_entropy(hidden, weight, target, s, class_start=class_start, process_group=group)
+        except ValueError as exc:
+            messages.append(str(exc))
+        else:
+            messages.append(None)
+
+    one = rank == 1
+    attempt(torch.randn(6, 5) if one else x, torch.randn(last - first, 5) if one else w, t)  # D differs
+    attempt(x, w, t, class_start=first + 1 if one else first)  # a gap before rank 1
+    attempt(x, w, t, class_start=first - 1 if one else first)  # rank 1 overlaps rank 0
+    attempt(x, w, torch.tensor([0, 1, 99, 9, -100, 3]) if one else t)  # a bad target on rank 1 only
+    attempt(x, w, t, torch.tensor([1.0, -1.0, 1, 1, 1, 1]) if rank == 0 else None)  # bad weight on rank 0
+    attempt(torch.randn(7, 4) if one else x, w, torch.zeros(7, dtype=torch.long) if one else t)  # N differs
+    attempt(x, w, t)  # the group is still in step: a valid call works
+    return messages
+
+
+# (the rank with the bad argument or None, its error, every other rank's error)
+EXPECTED_ERRORS = [
+    (None, r"ranks disagree on D \(features\): \[4, 5", None),
+    (None, r"class shards do not tile \[0, C\)", None),
+    (None, r"class shards do not tile \[0, C\)", None),
+    (1, r"target\[2\] = 99 is outside \[0, 10\)", r"rank 1 has a target outside \[0, 10\)"),
+    (0, r"sample_weight must be finite and non-negative: row 1 holds -1", r"rank 0 of the process group rejected"),
+    (None, r"ranks disagree on N \(rows of hidden\): \[6, 7", None),
+]
+
+
+def _check_errors(messages):
+    for case, (culprit, own, others) in enumerate(EXPECTED_ERRORS):
+        for rank, rank_messages in enumerate(messages):
+            message = rank_messages[case]
+            assert message is not None, f"case {case}: rank {rank} did not raise"
+            pattern = own if culprit is None or rank == culprit else others
+            assert re.search(pattern, message), f"case {case}, rank {rank}: {message}"
+    assert all(m[len(EXPECTED_ERRORS)] is None for m in messages)  # the group is still in step afterwards

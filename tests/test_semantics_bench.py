@@ -1,0 +1,14 @@
+"""`megaclass bench knn` runs end to end at a small size and its answer agrees with a dense top-k."""
+import json
+
+from megaclass.cli import main
+
+
+def test_bench_knn_small(tmp_path, capsys):
+    out = tmp_path / "knn_bench.json"
+    code = main(["bench", "knn", "--classes", "3000", "--dim", "64", "--block-size", "512",
+                 "--check-rows", "3000", "--rate-seconds", "0.2", "--out", str(out)])
+    assert code == 0
+    result = json.loads(out.read_text())["embeddings"]
+    assert result["checked_rows"] == 3000 and result["checked_rows_agree"] is True
+    assert result["floor_s"] > 0 and result["time_s"] > 0 and result["classes"] == 3000

@@ -1,0 +1,58 @@
+"""Stage 2's pieces on hand-computed cases: the text margin, the query-word rule, IDF bags."""
+import math
+
+import numpy as np
+
+from megaclass.weighting.keywords import KeywordExtractor
+from megaclass.weighting.stage1 import Stage1Config, knn_arrays, stage1_weights
+from megaclass.weighting.stage2 import Stage2Config, image_keywords, stage2_weights, text_margin, text_vectors
+from megaclass.weighting.text import KeywordEmbeddings, inverse_document_frequency
+
+
+def test_text_margin_by_hand():
+    classes = np.array([[1.0, 0.0], [0.0, 1.0], [0.6, 0.8]])
+    images = np.array([[1.0, 0.0], [0.0, 1.0], [0.0, 0.0], [0.6, 0.8]])
+    labels = np.array([0, 0, 1, 2])
+    preds = np.array([[1, 2], [0, 1], [0, 2], [2, -1]])
+    # image 0: cos(label 0) = 1, best other of {1: 0, 2: 0.6} = 0.6 -> 0.4
+    # image 1: cos(label 0) = 0, other {1: 1} (0 is the label itself) -> -1
+    # image 2: no text -> 0;  image 3: no alternative to its label -> 0
+    np.testing.assert_allclose(text_margin(images, labels, preds, classes), [0.4, -1.0, 0.0, 0.0])
+
+
+def test_stage2_adds_capped_text_evidence_to_stage1():
+    neighbors, scores = knn_arrays(["n00000001", "n00000002"], {"n00000001": [("n00000002", 0.5)]})
+    labels, sources, ranks = np.array([0, 0, 1]), ["google"] * 3, [1, 2, 3]
+    preds, probs = np.array([[0, 1], [1, 0], [1, 0]]), np.array([[0.8, 0.2], [0.7, 0.3], [0.9, 0.1]])
+    classes = np.array([[1.0, 0.0], [0.0, 1.0]])
+    images = np.array([[1.0, 0.0], [0.0, 1.0], [0.8, 0.6]])
+    cfg = Stage2Config(tau=0.1, max_evidence=4.0, stage1=Stage1Config(rank_bins=1))
+    w1 = stage1_weights(labels, sources, ranks, preds, probs, neighbors, scores, cfg.stage1)
+    margins = [1.0, -1.0, 0.6 - 0.8]
+    expected = [1 / (1 + math.exp(-(math.log(w / (1 - w)) + max(-4.0, min(4.0, m / 0.1)))))
+                for w, m in zip(w1, margins)]
+    got = stage2_weights(labels, sources, ranks, preds, probs, neighbors, scores, images, classes, cfg)
+    np.testing.assert_allclose(got, expected, rtol=1e-9)
+
+
+def test_query_words_are_removed():
+    extract = KeywordExtractor()
+    kw = image_keywords(extract, ["Crane lifting steel beams", "crane"], ["", "IMG_1.JPG"], ["cranes", ""],
+                        ["crane", "crane"])
+    assert kw == [["lifting", "steel", "beam"], []]
+
+
+def test_idf_bags_match_a_direct_computation():
+    embeddings = KeywordEmbeddings()
+    lists = [["heron", "marsh"], ["heron"], ["steel", "heron"]]
+    idf, unseen = inverse_document_frequency(lists)
+    assert math.isclose(idf["heron"], math.log(4 / 4) + 1) and math.isclose(idf["marsh"], math.log(4 / 2) + 1)
+    bags = embeddings.bags(lists + [[]], idf, unseen)
+    words = embeddings.encoder.encode(["heron", "marsh", "steel"])
+    vec = dict(zip(["heron", "marsh", "steel"], words.astype(np.float64)))
+    for row, ks in zip(bags, lists):
+        direct = sum(idf[k] * vec[k] for k in ks)
+        np.testing.assert_allclose(row, direct / np.linalg.norm(direct), atol=1e-5)
+    assert not bags[3].any()
+    image_vectors, _ = text_vectors(lists, [["bird"]], embeddings, min_df=2)  # only "heron" is on ≥ 2 images
+    np.testing.assert_allclose(image_vectors[0], vec["heron"] / np.linalg.norm(vec["heron"]), atol=1e-5)
