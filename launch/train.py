@@ -42,7 +42,11 @@ def main(argv=None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     distributed.init(cfg)
-    data = load_run_data(cfg)
+    try:
+        data = load_run_data(cfg)  # every rank reads the same files, so every rank stops here alike
+    except (OSError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     trainer = trainer_class(cfg)(cfg, TrainData(data.train, data.webvision.num_classes, data.labels, data.sample_weights))
     trainer.fit(val=(data.val, data.val_labels) if len(data.val_labels) else None)
     if not args.no_eval and len(data.val_labels):

@@ -65,3 +65,16 @@ def test_run_data_loads_the_layout_and_fails_naming_the_file(tmp_path):
     assert image.shape == (3, 16, 16) and label == 1 and index == 5
     with pytest.raises(Exception, match="synsets.txt"):
         load_run_data(config_from_dict({"data": {"root": str(tmp_path / "nothing")}}))
+
+
+def test_head_gradient_clipping_scales_to_the_norm():
+    from torch import nn
+
+    from megaclass.engine.head import clip_head_grad_
+
+    head = nn.Linear(3, 2)
+    head.weight.grad = torch.tensor([[3.0, 0.0, 0.0], [0.0, 4.0, 0.0]])
+    head.bias.grad = torch.tensor([0.0, 12.0])  # norm sqrt(9 + 16 + 144) = 13
+    assert clip_head_grad_(head, 1.0) == pytest.approx(13.0)
+    assert torch.linalg.vector_norm(torch.cat([head.weight.grad.flatten(), head.bias.grad])) == pytest.approx(1.0, rel=1e-5)
+    assert clip_head_grad_(head, 5.0) == pytest.approx(1.0, rel=1e-5)  # below the limit: unchanged

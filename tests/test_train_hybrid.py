@@ -21,7 +21,7 @@ def _config(run_dir, zero_stage):
         "run_dir": run_dir,
         "head": {"bias": True},
         "data": {"num_workers": 0},
-        "optim": {"name": "sgd", "lr": 0.5, "momentum": 0.9, "weight_decay": 0.01, "schedule": "constant"},
+        "optim": {"name": "sgd", "lr": 0.2, "momentum": 0.9, "weight_decay": 0.01, "schedule": "constant"},
         "train": {"micro_batch_size": MICRO, "max_steps": STEPS, "progress": False, "seed": 3},
         "parallel": {"zero_stage": zero_stage},
     })
@@ -62,7 +62,7 @@ def _reference():
 
         head = ShardedLinearCrossEntropy(D, CLASSES, bias=True).double()
     params = list(backbone.parameters()) + list(head.parameters())
-    opt = torch.optim.SGD(params, lr=0.5, momentum=0.9, weight_decay=0.01)
+    opt = torch.optim.SGD(params, lr=0.2, momentum=0.9, weight_decay=0.01)
     order, global_batch, losses = epoch_order(N, 3, 0), 2 * MICRO, []
     for step in range(STEPS):
         idx = order[step * global_batch:(step + 1) * global_batch]

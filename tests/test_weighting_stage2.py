@@ -6,7 +6,7 @@ import numpy as np
 from megaclass.weighting.keywords import KeywordExtractor
 from megaclass.weighting.stage1 import Stage1Config, knn_arrays, stage1_weights
 from megaclass.weighting.stage2 import Stage2Config, image_keywords, stage2_weights, text_margin, text_vectors
-from megaclass.weighting.text import KeywordEmbeddings, inverse_document_frequency
+from megaclass.weighting.text import KeywordEmbeddings, inverse_document_frequency, select_vocabulary
 
 
 def test_text_margin_by_hand():
@@ -54,5 +54,7 @@ def test_idf_bags_match_a_direct_computation():
         direct = sum(idf[k] * vec[k] for k in ks)
         np.testing.assert_allclose(row, direct / np.linalg.norm(direct), atol=1e-5)
     assert not bags[3].any()
+    assert select_vocabulary(lists, min_df=1, max_vocabulary=2) == {"heron", "marsh"}  # df 3, then a tie → a-z
+    assert select_vocabulary(lists, min_df=2) == {"heron"}
     image_vectors, _ = text_vectors(lists, [["bird"]], embeddings, min_df=2)  # only "heron" is on ≥ 2 images
     np.testing.assert_allclose(image_vectors[0], vec["heron"] / np.linalg.norm(vec["heron"]), atol=1e-5)

@@ -2,7 +2,9 @@
 peers and against the floor, the three GEMMs every implementation must do (logits = X Wᵀ, dX = G W,
 dW = Gᵀ X) into preallocated outputs.
 
-Each variant runs in its own process: the median of --repeats timed runs (after one warm-up), and the
+Each variant runs in its own process: the median of --repeats timed runs (after one warm-up); its
+ratio to the floor ("× floor"), the median of --repeats (variant, floor) pairs timed alternately in
+that process, so that load drifting between processes does not bias it; and the
 peak memory it adds beyond its inputs ("peak MB"; CPU: peak RSS from getrusage minus the RSS once the
 inputs exist; CUDA: torch.cuda.max_memory_allocated minus the allocation once the inputs exist), and the
 process's whole peak RSS ("RSS MB": torch, inputs and all). The loss is
@@ -53,6 +55,9 @@ def register(subparsers) -> None:
     parser.add_argument("--threads", type=int, default=torch.get_num_threads(),
                         help=f"CPU threads in all (split over --tp ranks; default {torch.get_num_threads()})")
     parser.add_argument("--repeats", type=int, default=5, help="timed runs per variant; the median is reported")
+    parser.add_argument("--clock", choices=["wall", "cpu"], default="wall",
+                        help="wall: elapsed time (default); cpu: the process's CPU time, steadier on a shared "
+                             "machine with --threads 1 (with more threads it also counts their spin-waits)")
     parser.add_argument("--chunk-size", type=int, default=None, help="rows per chunk of the op (default: its own)")
     parser.add_argument("--variants", default=None,
                         help="comma-separated subset of: " + ", ".join(VARIANTS) + " (default: all available)")
@@ -179,23 +184,44 @@ def _worker(spec) -> dict:
     else:
         base = _rss_bytes()
     step = _step_fn(spec["variant"], spec, hidden, weight, target, s, class_start)
+    clock = time.process_time if spec["clock"] == "cpu" else time.perf_counter
     times = []
     for i in range(spec["repeats"] + 1):
         hidden.grad = weight.grad = None
         comm.barrier(comm.default_group())
         if cuda:
             torch.cuda.synchronize()
-        start = time.perf_counter()
+        start = clock()
         loss = step()
         if cuda:
             torch.cuda.synchronize()
         if i:  # the first run warms up (allocator, compilation, thread pools)
-            times.append(time.perf_counter() - start)
+            times.append(clock() - start)
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # the whole process, inputs included
     peak = torch.cuda.max_memory_allocated() - base if cuda else rss - base
+    result = {"median_s": statistics.median(times), "min_s": min(times), "peak_bytes": max(0, peak),
+              "peak_rss_bytes": rss, "loss": float(loss.detach().float())}
+    if world == 1 and spec["variant"] != "floor":
+        # the ratio to the floor, timed alternately in this process (after the memory was read): steady
+        # even when the machine's load drifts between the variants' processes
+        floor = _step_fn("floor", spec, hidden, weight, target, s, class_start)
+        floor()
+        ratios = []
+        for _ in range(spec["repeats"]):
+            pair = []
+            for fn in (step, floor):
+                hidden.grad = weight.grad = None
+                if cuda:
+                    torch.cuda.synchronize()
+                start = clock()
+                fn()
+                if cuda:
+                    torch.cuda.synchronize()
+                pair.append(clock() - start)
+            ratios.append(pair[0] / pair[1])
+        result["floor_ratio"] = statistics.median(ratios)
     comm.destroy_group()
-    return {"median_s": statistics.median(times), "min_s": min(times), "peak_bytes": max(0, peak),
-            "peak_rss_bytes": rss, "loss": float(loss.detach().float())}
+    return result
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -229,8 +255,8 @@ def _launch(spec, world) -> dict:
                     results.append(json.load(f))
     if errors:
         return {"error": errors[0]}
-    return {key: max(r[key] for r in results) for key in ("median_s", "min_s", "peak_bytes", "peak_rss_bytes")} | {
-        "loss": results[0]["loss"]}
+    merged = {key: max(r[key] for r in results) for key in ("median_s", "min_s", "peak_bytes", "peak_rss_bytes")}
+    return merged | {key: results[0][key] for key in ("loss", "floor_ratio") if key in results[0]}
 
 
 def run(args) -> int:
@@ -243,7 +269,7 @@ def run(args) -> int:
     if unknown:
         raise SystemExit(f"megaclass bench ce: unknown variant(s) {unknown}; choose from {list(VARIANTS)}")
     spec = {"n": args.n, "d": args.d, "c": args.c, "dtype": args.dtype, "device": args.device,
-            "threads": args.threads, "repeats": args.repeats, "chunk_size": args.chunk_size}
+            "threads": args.threads, "repeats": args.repeats, "chunk_size": args.chunk_size, "clock": args.clock}
     runs = []  # (label, variant, world)
     for name in names:
         if args.tp > 1 and name not in TP_VARIANTS:
@@ -289,14 +315,16 @@ def format_table(report) -> str:
     floor = by_name.get("floor", {}).get("median_s")
     naive = by_name.get("naive", {}).get("peak_bytes")
     lines = [f"N={cfg['n']} D={cfg['d']} C={cfg['c']} {cfg['dtype']} {cfg['device']} tp={cfg['tp']} "
-             f"threads={cfg['threads']}  ({report['machine']['cpu']}; torch {report['machine']['torch']})",
+             f"threads={cfg['threads']} clock={cfg['clock']}  ({report['machine']['cpu']}; "
+             f"torch {report['machine']['torch']})",
              f"{'variant':<28} {'median ms':>10} {'× floor':>8} {'peak MB':>9} {'× naive':>8} {'RSS MB':>8} "
              f"{'loss':>12}"]
     for r in report["results"]:
         if "median_s" not in r:
             lines.append(f"{r['variant']:<28} {'skipped: ' + r.get('skipped', r.get('error', '?'))}")
             continue
-        ratio = f"{r['median_s'] / floor:.3f}" if floor else "-"
+        ratio = (f"{r['floor_ratio']:.3f}" if "floor_ratio" in r else
+                 f"{r['median_s'] / floor:.3f}" if floor else "-")
         mem = f"{r['peak_bytes'] / naive:.3f}" if naive else "-"
         loss = "-" if r["variant"] == "floor" else f"{r['loss']:.6f}"
         lines.append(f"{r['variant']:<28} {r['median_s'] * 1e3:>10.1f} {ratio:>8} {r['peak_bytes'] / 2**20:>9.1f} "

@@ -102,15 +102,20 @@ def ilsvrc_wnids() -> list[str]:
     return [line.strip() for line in path.read_text().splitlines() if line.strip()]
 
 
+def _hypernyms(synset) -> list:
+    """Hypernyms in offset order: NLTK returns them in set order, which changes with the string-hash seed."""
+    return sorted(synset.hypernyms(), key=lambda h: h.offset())
+
+
 def _concept(wnid: str) -> Concept:
     from megaclass.semantics.wordnet import synset_of
 
     syn = synset_of(wnid)
     names = [n.replace("_", " ") for n in syn.lemma_names()]
     related = []
-    for hyper in syn.hypernyms() + [h for p in syn.hypernyms() for h in p.hypernyms()]:
+    for hyper in _hypernyms(syn) + [h for p in _hypernyms(syn) for h in _hypernyms(p)]:
         related += [n.replace("_", " ") for n in hyper.lemma_names()[:2]]
-    for hypo in syn.hyponyms()[:6]:
+    for hypo in sorted(syn.hyponyms(), key=lambda h: h.offset())[:6]:
         related.append(hypo.lemma_names()[0].replace("_", " "))
     gloss = [w.strip(";,.()'\"") for w in syn.definition().split()]
     gloss = [w for w in gloss if len(w) > 3 and w.lower() not in STOP]
@@ -132,7 +137,7 @@ def choose_categories(cfg: SynthConfig, rng: np.random.Generator) -> tuple[list[
     for w, syn in synsets.items():
         for name in syn.lemma_names():
             by_name.setdefault(name.lower(), []).append(w)
-        for hyper in syn.hypernyms():
+        for hyper in _hypernyms(syn):
             by_parent.setdefault(wnid_of(hyper), []).append(w)
     pairs = sorted({tuple(sorted(set(ws)))[:2] for ws in by_name.values() if len(set(ws)) >= 2})
     parents = sorted(p for p, ws in by_parent.items() if len(ws) >= 2)
@@ -144,8 +149,8 @@ def choose_categories(cfg: SynthConfig, rng: np.random.Generator) -> tuple[list[
             break
         kids = [w for w in by_parent[parents[i]] if w not in chosen]
         chosen += list(rng.choice(kids, size=min(len(kids), int(rng.integers(2, 4))), replace=False))
-    taken_parents = {wnid_of(h) for w in chosen for h in synsets[w].hypernyms()}
-    free = [w for w in pool if w not in chosen and not {wnid_of(h) for h in synsets[w].hypernyms()} & taken_parents]
+    taken_parents = {wnid_of(h) for w in chosen for h in _hypernyms(synsets[w])}
+    free = [w for w in pool if w not in chosen and not {wnid_of(h) for h in _hypernyms(synsets[w])} & taken_parents]
     order = rng.permutation(len(free))
     chosen = sorted(chosen[: cfg.classes] + [free[i] for i in order[: max(0, cfg.classes - len(chosen))]])
     outlier_ids = [free[i] for i in order if free[i] not in chosen][: cfg.outlier_concepts]
@@ -153,10 +158,10 @@ def choose_categories(cfg: SynthConfig, rng: np.random.Generator) -> tuple[list[
     classes = [_concept(w) for w in chosen]
     index = {w: i for i, w in enumerate(chosen)}
     groups: dict[str, int] = {}
+    parent_of = {w: wnid_of(_hypernyms(synsets[w])[0]) if synsets[w].hypernyms() else w for w in chosen}
     for i, w in enumerate(chosen):
-        parent = wnid_of(synsets[w].hypernyms()[0]) if synsets[w].hypernyms() else w
-        if sum(parent == (wnid_of(synsets[v].hypernyms()[0]) if synsets[v].hypernyms() else v) for v in chosen) > 1:
-            classes[i].group = groups.setdefault(parent, len(groups))
+        if sum(parent_of[w] == parent_of[v] for v in chosen) > 1:
+            classes[i].group = groups.setdefault(parent_of[w], len(groups))
         names = [n.lower() for n in synsets[w].lemma_names()]
         for v in chosen:
             shared = [n for n in names if v != w and n in {m.lower() for m in synsets[v].lemma_names()}]

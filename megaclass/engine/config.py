@@ -97,12 +97,16 @@ class OptimConfig:
     """Linear warm-up from 0 over this many optimizer steps."""
     schedule: str = "cosine"
     """After warm-up: `cosine` (to 0 at the last step) or `constant`."""
+    grad_clip: float = 0.0
+    """Clip the gradient norm to this (0 = off): the backbone's by DeepSpeed, the head's over all its
+    shards, each separately. (DeepSpeed alone would clip only the backbone, at 1.0 by default.)"""
 
     def __post_init__(self):
         _check(self.name in OPTIMIZERS, "optim.name", f"unknown optimizer {self.name!r}; choose one of {', '.join(OPTIMIZERS)}")
         _check(self.lr > 0, "optim.lr", f"must be positive, got {self.lr}")
         _check(self.weight_decay >= 0, "optim.weight_decay", "must be >= 0")
         _check(self.warmup_steps >= 0, "optim.warmup_steps", "must be >= 0")
+        _check(self.grad_clip >= 0, "optim.grad_clip", "must be >= 0")
         _check(self.schedule in ("cosine", "constant"), "optim.schedule", f"must be cosine or constant, got {self.schedule!r}")
         _check(len(self.betas) == 2, "optim.betas", "must be two numbers")
         self.betas = tuple(float(b) for b in self.betas)
@@ -192,7 +196,8 @@ class ExperimentConfig:
 
 # Keys of the generated DeepSpeed config that the `deepspeed:` section may not set.
 _GENERATED_DS_KEYS = ("train_micro_batch_size_per_gpu", "gradient_accumulation_steps", "train_batch_size",
-                      "optimizer", "scheduler", "zero_optimization.stage", "bf16.enabled", "fp16.enabled")
+                      "optimizer", "scheduler", "zero_optimization.stage", "gradient_clipping", "bf16.enabled",
+                      "fp16.enabled")
 
 
 @dataclass(kw_only=True, slots=True)
@@ -225,6 +230,7 @@ class Config:
             "train_micro_batch_size_per_gpu": self.train.micro_batch_size,
             "gradient_accumulation_steps": self.train.grad_accum,
             "zero_optimization": {"stage": self.parallel.zero_stage},
+            "gradient_clipping": self.optim.grad_clip,
             "steps_per_print": 10**9,
             "wall_clock_breakdown": False,
         }

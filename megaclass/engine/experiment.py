@@ -18,11 +18,9 @@ import json
 import os
 import sys
 
-import torch
-
 from megaclass.engine import distributed
 from megaclass.engine.config import Config, ConfigError, load_config
-from megaclass.engine.data import load_run_data, read_weight_table
+from megaclass.engine.data import RunData, load_run_data, read_weight_table
 from megaclass.engine.pipeline import trainer_class
 from megaclass.engine.trainer import TrainData
 from megaclass.parallel import comm
@@ -78,15 +76,12 @@ def plot_curves(path: str, curves: dict) -> None:
     os.replace(path + ".tmp.png", path)
 
 
-def run(cfg: Config) -> dict:
+def run(cfg: Config, data: RunData) -> dict:
     """Collective: every rank calls it. Returns the results dict (on every rank)."""
     rank0 = comm.rank() == 0
     run_dir = cfg.run_dir
     os.makedirs(run_dir, exist_ok=True)
-    data = load_run_data(cfg)
     paths = data.paths
-    if len(data.val_labels) == 0:
-        raise ValueError(f"{cfg.data.root}/info/val_filelist.txt: no validation images to evaluate on")
     if rank0:
         print(data.webvision.summary(), flush=True)
 
@@ -146,7 +141,14 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     distributed.init(cfg)
-    run(cfg)
+    try:
+        data = load_run_data(cfg)  # every rank reads the same files, so every rank stops here alike
+        if len(data.val_labels) == 0:
+            raise ValueError(f"{cfg.data.root}/info/val_filelist.txt: no validation images to evaluate on")
+    except (OSError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    run(cfg, data)
     return 0
 
 

@@ -38,6 +38,20 @@ def scale_grad(x: torch.Tensor, factor: float) -> torch.Tensor:
     return x if factor == 1 else _ScaleGrad.apply(x, factor)
 
 
+def clip_head_grad_(head: nn.Module, max_norm: float, group=None) -> float:
+    """Scale the head's gradients so that their norm over all shards of `group` is at most
+    `max_norm`; returns that norm (the same on every rank)."""
+    grads = [p.grad for p in head.parameters() if p.grad is not None]
+    square = torch.zeros((), dtype=torch.float32, device=grads[0].device if grads else "cpu")
+    for g in grads:
+        square += g.float().pow(2).sum()
+    norm = float(comm.all_reduce_(square, group).sqrt())
+    if norm > max_norm:
+        for g in grads:
+            g.mul_(max_norm / (norm + 1e-6))
+    return norm
+
+
 def _head_params(head: nn.Module) -> dict[str, torch.Tensor]:
     params = {"weight": head.weight}
     if getattr(head, "bias", None) is not None:

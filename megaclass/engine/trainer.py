@@ -27,7 +27,7 @@ from torch.utils.data import DataLoader, Dataset
 from megaclass.engine import checkpoint
 from megaclass.engine.config import Config, ConfigError
 from megaclass.engine.data import RankBatches, SeededItems, epoch_order
-from megaclass.engine.head import scale_grad, sharded_topk
+from megaclass.engine.head import clip_head_grad_, scale_grad, sharded_topk
 from megaclass.engine.monitor import Monitor, peak_memory_mb
 from megaclass.engine.optim import build_optimizer, build_schedule
 from megaclass.models import build_backbone
@@ -149,6 +149,8 @@ class Trainer:
             self.engine.backward(loss)
             self.engine.step()
             total += float(loss.detach())
+        if self.cfg.optim.grad_clip:
+            clip_head_grad_(self.head, self.cfg.optim.grad_clip, self.head.process_group)
         self.head_optimizer.step()
         self.head_optimizer.zero_grad(set_to_none=True)
         self.head_schedule.step()

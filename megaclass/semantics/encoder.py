@@ -32,7 +32,7 @@ class TextEncoder:
         self.batch_size = batch_size
         self.max_length = max_length
         self.device = torch.device(device)
-        self.dtype = dtype  # bfloat16: autocast, ~1.5x faster on CPUs with AVX512-BF16, cosine to fp32 > 0.9999
+        self.dtype = dtype  # bfloat16: autocast, faster on CPUs with AVX512-BF16; cosine to fp32 > 0.9999
         self._model = None
         self._tokenizer = None
 

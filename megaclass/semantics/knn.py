@@ -5,8 +5,8 @@
 e_x: the L2-normalized MiniLM embedding of class x's text (lemmas, gloss, hypernyms). Both terms are
 symmetric and lie in [0, 1] (wup) or [-1, 1] (cos, in practice ~[0, 1]); see docs/semantics.md for why
 alpha = 0.5 is the default. Neighbours are found a block of rows × a block of columns at a time, upper
-triangle only (the score is symmetric, so each block serves its rows and, transposed, its columns):
-memory is O(block²) plus the [C, K] answer, never C × C.
+triangle only (the score is symmetric, so each block serves its rows and, through the entries above
+the columns' current k-th best, its columns): memory is O(block²) plus the [C, K] answer, never C × C.
 """
 from __future__ import annotations
 
@@ -58,8 +58,23 @@ def topk_blockwise(score_block: ScoreBlock, n: int, k: int, block_size: int = DE
         top, pos = values.topk(k, dim=1)
         best_val[rows], best_idx[rows] = top, indices.gather(1, pos)
 
+    def merge_sparse(cols: slice, col: torch.Tensor, index: torch.Tensor, value: torch.Tensor) -> None:
+        """Merge candidates (column-local `col`, global `index`, `value`) into the columns' best lists."""
+        col, perm = col.sort(stable=True)
+        counts = torch.bincount(col, minlength=cols.stop - cols.start)
+        slot = torch.arange(len(col)) - (counts.cumsum(0) - counts)[col]  # rank of arrival within its column
+        width = int(counts.max())
+        values = torch.full((len(counts), width), -math.inf)
+        indices = torch.full((len(counts), width), -1, dtype=torch.int64)
+        values[col, slot], indices[col, slot] = value[perm], index[perm]
+        merge(cols, values, indices)
+
+    # Row blocks last to first: when tile (r, c > r) arrives, the classes of block c have already met
+    # every class from c on, so their k-th best is a tight threshold and only the few tile entries above
+    # it need handling for the columns (~k per column at most, on random data), instead of a transpose
+    # and a second top-k over the whole tile.
     starts = range(0, n, block_size)
-    pairs = [(r, c) for r in starts for c in starts if c >= r]
+    pairs = [(r, c) for r in reversed(starts) for c in starts if c >= r]
     if progress:
         from tqdm import tqdm
 
@@ -71,9 +86,12 @@ def topk_blockwise(score_block: ScoreBlock, n: int, k: int, block_size: int = DE
             scores.fill_diagonal_(-math.inf)
         top, pos = scores.topk(min(k, scores.shape[1]), dim=1)
         merge(rows, top, pos + c0)
-        if r0 != c0:
-            top, pos = scores.T.contiguous().topk(min(k, scores.shape[0]), dim=1)
-            merge(cols, top, pos + r0)
+        if r0 != c0:  # numpy's flatnonzero is ~2x faster than torch's nonzero here
+            flat = np.flatnonzero(scores.numpy() > best_val[cols, k - 1].numpy())
+            if len(flat):
+                row, col = np.divmod(flat, scores.shape[1])
+                row, col = torch.from_numpy(row), torch.from_numpy(col)
+                merge_sparse(cols, col, row + r0, scores[row, col])
     order = np.lexsort((best_idx.numpy(), -best_val.numpy()), axis=1)
     order = torch.from_numpy(order)
     return best_idx.gather(1, order), best_val.gather(1, order)

@@ -154,7 +154,8 @@ def class_texts(wnids: Sequence[str], names: Iterable[str] | None = None) -> lis
     for wnid, name in zip(wnids, names):
         synset = synset_of(wnid)
         text = f"{name.strip() or ', '.join(lemma_names(synset))}: {synset.definition()}"
-        kinds = [", ".join(lemma_names(h)) for h in _hypernyms(synset)]
+        # NLTK returns hypernyms in set order, which changes between processes: sort for stable text.
+        kinds = [", ".join(lemma_names(h)) for h in sorted(_hypernyms(synset), key=lambda h: h.name())]
         if kinds:
             text += "; a kind of " + "; ".join(kinds)
         texts.append(text)

@@ -29,6 +29,8 @@ def register(subparsers) -> None:
 
 
 def _run(args) -> int:
+    import numpy as np
+
     from megaclass.data.synth import read_truth
     from megaclass.semantics import KnnFileError
     from megaclass.weighting.metrics import roc_auc
@@ -44,8 +46,6 @@ def _run(args) -> int:
         return 2
     print(result.data.summary())
     write_weights(args.out, result.paths, result.weights)
-    import numpy as np
-
     truth = read_truth(args.data)
     clean = None if truth is None else np.array([truth[p].clean if p in truth else True for p in result.paths])
     line = f"stage {args.stage}: {len(result.weights)} weights, mean {result.weights.mean():.3f} -> {args.out}"

@@ -77,7 +77,8 @@ def compute_weights(root: str | os.PathLike, knn_tsv: str | os.PathLike, predict
                                   [r.tags for r in records], [data.query_text(r) or data.synsets[r.label][1]
                                                               for r in records])
         class_kw = [extractor(text) for text in class_descriptions(data.synsets)]
-        image_vectors, class_vectors = text_vectors(image_kw, class_kw, embeddings, stage2.min_df, progress=progress)
+        image_vectors, class_vectors = text_vectors(image_kw, class_kw, embeddings, stage2.min_df,
+                                                    stage2.max_vocabulary, progress=progress)
         notes["without_keywords"] = sum(not ks for ks in image_kw)
         weights = stage2_weights(labels, sources, ranks, pred_classes, pred_probs, neighbors, scores,
                                  image_vectors, class_vectors, stage2)

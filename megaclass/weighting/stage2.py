@@ -17,14 +17,13 @@ a matching page (+0.1) into +3.3 logits; M = 4 caps the text's say at a factor e
 """
 from __future__ import annotations
 
-from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
 
 from megaclass.weighting.stage1 import Stage1Config, logit, stage1_weights
-from megaclass.weighting.text import KeywordEmbeddings, inverse_document_frequency
+from megaclass.weighting.text import KeywordEmbeddings, inverse_document_frequency, select_vocabulary
 
 
 @dataclass(frozen=True, slots=True)
@@ -36,12 +35,15 @@ class Stage2Config:
     min_df: int = 2
     """image keywords found on fewer images are dropped before encoding: a word seen once is mostly a
     name, an id or a typo, and the web's long tail of them would dominate the encoder's work"""
+    max_vocabulary: int = 100_000
+    """at most this many image keywords are encoded, the most frequent; a vocabulary that large covers
+    the words of a language in use, what lies beyond is names, ids, typos and foreign words"""
     stage1: Stage1Config = field(default_factory=Stage1Config)
 
     def __post_init__(self):
-        if self.tau <= 0 or self.max_evidence <= 0 or self.min_df < 1:
-            raise ValueError(f"tau and max_evidence must be positive and min_df ≥ 1, got {self.tau}, "
-                             f"{self.max_evidence}, {self.min_df}")
+        if self.tau <= 0 or self.max_evidence <= 0 or self.min_df < 1 or self.max_vocabulary < 1:
+            raise ValueError(f"tau, max_evidence, max_vocabulary must be positive and min_df ≥ 1, got {self.tau}, "
+                             f"{self.max_evidence}, {self.max_vocabulary}, {self.min_df}")
 
 
 def class_descriptions(synsets: Sequence[tuple[str, str]]) -> list[str]:
@@ -91,14 +93,14 @@ def text_margin(image_vectors: np.ndarray, labels: np.ndarray, pred_classes: np.
 
 
 def text_vectors(image_kw: Sequence[Sequence[str]], class_kw: Sequence[Sequence[str]],
-                 embeddings: KeywordEmbeddings | None = None, min_df: int = 1,
+                 embeddings: KeywordEmbeddings | None = None, min_df: int = 1, max_vocabulary: int | None = None,
                  progress: bool = False) -> tuple[np.ndarray, np.ndarray]:
     """(image vectors [N, D], class vectors [C, D]): IDF-weighted keyword bags, IDF over the images;
-    image keywords on fewer than `min_df` images are left out."""
+    image keywords outside `select_vocabulary(image_kw, min_df, max_vocabulary)` are left out."""
     embeddings = embeddings or KeywordEmbeddings()
-    if min_df > 1:
-        df = Counter(k for ks in image_kw for k in set(ks))
-        image_kw = [[k for k in ks if df[k] >= min_df] for ks in image_kw]
+    if min_df > 1 or max_vocabulary is not None:
+        keep = select_vocabulary(image_kw, min_df, max_vocabulary)
+        image_kw = [[k for k in ks if k in keep] for ks in image_kw]
     idf, unseen = inverse_document_frequency(image_kw)
     embeddings.add((k for ks in list(image_kw) + list(class_kw) for k in ks), progress=progress)
     return embeddings.bags(image_kw, idf, unseen), embeddings.bags(class_kw, idf, unseen)

@@ -65,6 +65,17 @@ class KeywordEmbeddings:
         return out
 
 
+def select_vocabulary(keyword_lists: Sequence[Sequence[str]], min_df: int = 1,
+                      max_vocabulary: int | None = None) -> set[str]:
+    """Keywords found on at least `min_df` images, at most `max_vocabulary` of them (the most
+    frequent; ties broken alphabetically, so the choice is deterministic)."""
+    df = Counter(k for ks in keyword_lists for k in set(ks))
+    keep = [k for k, n in df.items() if n >= min_df]
+    if max_vocabulary is not None and len(keep) > max_vocabulary:
+        keep = sorted(keep, key=lambda k: (-df[k], k))[:max_vocabulary]
+    return set(keep)
+
+
 def inverse_document_frequency(keyword_lists: Sequence[Sequence[str]]) -> tuple[dict[str, float], float]:
     """Smoothed IDF `log((1 + N) / (1 + df)) + 1` per keyword, and the value for an unseen keyword."""
     df = Counter(k for ks in keyword_lists for k in set(ks))
