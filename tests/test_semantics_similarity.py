@@ -68,6 +68,18 @@ def test_blockwise_topk_matches_dense_float64(n, k, block):
     np.testing.assert_allclose(val.numpy(), ref_val, atol=1e-5)
 
 
+def test_blockwise_topk_with_many_exact_ties_keeps_the_best_values():
+    # 5 distinct vectors repeated: ties everywhere, also at the cut, where any tied index is right.
+    gen = torch.Generator().manual_seed(5)
+    base = torch.nn.functional.normalize(torch.randn(5, 8, generator=gen, dtype=torch.float64), dim=1)
+    emb = base[torch.arange(203) % 5]
+    _, ref_val = dense_topk((emb @ emb.T).numpy(), 45)
+    idx, val = embedding_knn(emb.float(), 45, block_size=32)
+    np.testing.assert_allclose(val.numpy(), ref_val, atol=1e-5)
+    assert not (idx.numpy() == np.arange(203)[:, None]).any()
+    assert all(len(set(row)) == 45 for row in idx.tolist())
+
+
 def test_blockwise_topk_orders_equal_scores_by_index():
     scores = torch.tensor([[0, 1, 1, 1, 1], [1, 0, 2, 2, 1], [1, 2, 0, 2, 1], [1, 2, 2, 0, 1], [1, 1, 1, 1, 0]],
                           dtype=torch.float32)
