@@ -26,9 +26,13 @@ $(WORDNET):
 		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq wordnet-base wordnet-sense-index >/dev/null; \
 	else echo "note: apt-get unavailable; megaclass needs WordNet 3.0 (see README: WordNet)"; fi
 
-# Incremental (ninja) build of megaclass._C into the source tree.
+# Incremental (ninja) build of megaclass._C into the source tree. On a CPU-only machine DeepSpeed
+# JIT-compiles its shared-memory collectives on first use: build them here, once, not inside a test.
 build: $(STAMP)
 	$(PY) setup.py -q build_ext --inplace
+	@$(PY) -c "from deepspeed.accelerator import get_accelerator as a; \
+		b = a().create_op_builder('ShareMemCommBuilder') if a().device_name() == 'cpu' else None; \
+		b is not None and b.load(verbose=False)" 2>&1 | grep -v "^\[" || true
 
 test: setup
 	$(PY) -m pytest $(PYTEST_ARGS)

@@ -5,13 +5,15 @@ Environment:
   MEGACLASS_CPU_ONLY=1          build only the C++ CPU kernels, even where CUDA is available
   MEGACLASS_NO_EXTENSION=1      build no extension at all (the PyTorch twin of every kernel is used)
   MEGACLASS_CUDA_ARCHS="80;90"  CUDA architectures to compile for (PTX is added for the newest)
-  MEGACLASS_CPU_ARCH=native     -march of the C++ CPU kernels (e.g. x86-64-v3 for a portable AVX2 build)
+  MEGACLASS_CPU_ARCH=native     -march of the C++ CPU kernels (default x86-64-v3, portable AVX2 + FMA, when
+                                the compiler and host support it; native for this machine's AVX-512)
   CUDA_HOME                     CUDA toolkit root (the folder holding bin/nvcc and lib64/)
 """
 import glob
 import os
 import re
 import shutil
+import subprocess
 
 from setuptools import find_packages, setup
 
@@ -45,6 +47,23 @@ def _cuda_arch_flags(archs):
     return flags
 
 
+def _cpu_arch():
+    """-march of the CPU kernels: MEGACLASS_CPU_ARCH if set (e.g. native), else x86-64-v3 (AVX2 + FMA) where
+    this host and the compiler support it, else None (the compiler's default). Never native by default: a
+    build on an AVX-512 login node would die with SIGILL on older compute nodes."""
+    arch = os.environ.get("MEGACLASS_CPU_ARCH")
+    if arch:
+        return arch
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = next((set(line.split(":", 1)[1].split()) for line in f if line.startswith("flags")), set())
+        probe = subprocess.run([os.environ.get("CXX", "c++"), "-march=x86-64-v3", "-x", "c++", "-fsyntax-only", "-"],
+                               input=b"int main() { return 0; }\n", capture_output=True)
+    except OSError:
+        return None
+    return "x86-64-v3" if {"avx2", "fma"} <= flags and probe.returncode == 0 else None
+
+
 def _extensions():
     if _flag("MEGACLASS_NO_EXTENSION"):
         return [], {}
@@ -54,8 +73,9 @@ def _extensions():
     cpp_sources = sorted(glob.glob("csrc/*.cpp"))
     cu_sources = sorted(glob.glob("csrc/*.cu"))
     cxx_flags = ["-O3", "-fopenmp"]  # torch adds -std=c++20, which its 2.14 headers need
-    # the CPU kernels vectorize for the build machine's instruction set (AVX2 / AVX-512) unless told otherwise
-    cxx_flags.append(f"-march={os.environ.get('MEGACLASS_CPU_ARCH', 'native')}")
+    arch = _cpu_arch()
+    if arch:
+        cxx_flags.append(f"-march={arch}")
     link_flags = ["-fopenmp"]
     cuda_home = None if _flag("MEGACLASS_CPU_ONLY") or torch.version.cuda is None else _cuda_home()
     if cuda_home and cu_sources:

@@ -19,6 +19,7 @@ from megaclass.engine.config import ConfigError, load_config
 from megaclass.engine.data import load_run_data
 from megaclass.engine.pipeline import trainer_class
 from megaclass.engine.trainer import TrainData
+from megaclass.io import atomic_write_text
 from megaclass.parallel import comm
 
 
@@ -48,12 +49,15 @@ def main(argv=None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     trainer = trainer_class(cfg)(cfg, TrainData(data.train, data.webvision.num_classes, data.labels, data.sample_weights))
-    trainer.fit(val=(data.val, data.val_labels) if len(data.val_labels) else None)
+    try:
+        trainer.fit(val=(data.val, data.val_labels) if len(data.val_labels) else None)
+    except (OSError, ValueError) as exc:  # e.g. a checkpoint that cannot resume here (every rank reads it alike)
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     if not args.no_eval and len(data.val_labels):
         result = trainer.evaluate(data.val, data.val_labels)
         if comm.rank() == 0:
-            with open(os.path.join(cfg.run_dir, "eval.json"), "w") as f:
-                json.dump(result, f)
+            atomic_write_text(os.path.join(cfg.run_dir, "eval.json"), json.dumps(result))
             print(f"validation: top-1 {result['top1']:.2f}%  top-5 {result['top5']:.2f}%")
     return 0
 

@@ -7,18 +7,13 @@ rank's return value. An exception on any rank fails the call with that rank's tr
 from __future__ import annotations
 
 import os
-import socket
 import traceback
 
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from megaclass.parallel.comm import free_port
 
 
 def _entry(rank, world, port, fn, args, queue, backend):

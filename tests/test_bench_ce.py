@@ -13,12 +13,13 @@ from megaclass.cli import main
 
 
 def test_variants_agree_and_report(tmp_path, capsys):
-    out = tmp_path / "ce.json"
+    out = tmp_path / "results" / "ce.json"  # a folder not made yet: written atomically through megaclass.io
     variants = ["megaclass-twin", "naive", "floor"] + (["megaclass"] if available("megaclass", "cpu") is None else [])
     code = main(["bench", "ce", "--n", "64", "--d", "16", "--c", "1000", "--repeats", "1",
                  "--variants", ",".join(variants), "--json", str(out)])
     assert code == 0
     report = json.loads(out.read_text())
+    assert [p.name for p in out.parent.iterdir()] == ["ce.json"]  # no temp file left behind
     rows = {r["variant"]: r for r in report["results"]}
     assert set(rows) == set(variants)
     assert report["config"]["c"] == 1000 and report["config"]["tp"] == 1

@@ -104,3 +104,29 @@ def test_cli_rejects_bad_arguments(tmp_path, capsys):
     (tmp_path / "full" / "f").write_text("x")
     assert main(["synth", "--out", str(tmp_path / "full")]) == 2
     assert "not empty" in capsys.readouterr().err
+
+
+def test_out_appears_only_when_complete(tmp_path, monkeypatch):
+    """A run killed part-way leaves no `--out` (nothing a later run could mistake for a data set); one
+    that fails cleans up after itself; `--out` may be an empty folder, replaced by the result."""
+    import megaclass.data.synth as synth
+
+    out = tmp_path / "data"
+    save, calls = synth._save_jpeg, []
+
+    def save_then_fail(array, path):
+        assert not out.exists()  # a SIGKILL here would leave no `out` behind
+        calls.append(path)
+        if len(calls) == 5:
+            raise KeyboardInterrupt
+        save(array, path)
+
+    monkeypatch.setattr(synth, "_save_jpeg", save_then_fail)
+    tiny = SynthConfig(classes=2, per_class=4, val_per_class=1, image_size=8, seed=0)
+    with pytest.raises(KeyboardInterrupt):
+        generate(out, tiny, progress=False)
+    assert not out.exists() and list(tmp_path.iterdir()) == []
+    monkeypatch.setattr(synth, "_save_jpeg", save)
+    out.mkdir()
+    generate(out, tiny, progress=False)
+    assert load_webvision(out).num_classes == 2 and list(tmp_path.iterdir()) == [out]

@@ -130,7 +130,100 @@ def test_head_shards_that_do_not_cover_the_classes_are_an_error(tmp_path):
         load_head_shard(str(tmp_path), target, None, (6, 11), 12)
 
 
+def test_a_head_shard_creates_its_folder(tmp_path):
+    """Every rank writes its own shard: none may rely on another rank (on another node) making the folder."""
+    shard = _Shard(torch.ones(3, 2), torch.zeros(3))
+    path = tmp_path / ".tmp-step-00000001" / "head" / "shard-000000000.pt"
+    save_head_shard(str(path), head_shard_state(shard, torch.optim.SGD(shard.parameters(), lr=0.1), (0, 3), 3))
+    assert torch.equal(torch.load(path, weights_only=True)["params"]["weight"], torch.ones(3, 2))
+
+
 def test_latest_naming_a_missing_checkpoint_is_an_error(tmp_path):
     (tmp_path / "latest").write_text("step-00000009")
     with pytest.raises(FileNotFoundError, match="step-00000009"):
         checkpoint.latest_checkpoint(str(tmp_path))
+
+
+class _OneUnreadable(torch.utils.data.Dataset):
+    """Item 3 cannot be read: like ImageDataset, the dataset serves the next image in its place."""
+
+    def __init__(self, items):
+        self.items = items
+
+    def __len__(self):
+        return len(self.items)
+
+    def __getitem__(self, i):
+        return self.items[i + 1 if i == 3 else i]
+
+
+def _one_rank_checks(rank, world, root):
+    import json
+    from unittest import mock
+
+    os.environ["LOCAL_RANK"] = str(rank)
+    ckpt = f"{root}/run/checkpoints"
+    t = _trainer(f"{root}/run", max_steps=2)
+    t.fit()
+    t.close()
+
+    again = _trainer(f"{root}/run", max_steps=2)
+    assert again.resume() == 2
+    meta = f"{ckpt}/step-00000002/meta.json"
+    before = os.stat(meta).st_mtime_ns
+    again.save()  # the step it just loaded: not written again
+    skipped = os.stat(meta).st_mtime_ns == before and not os.path.exists(f"{ckpt}/.tmp-step-00000002")
+
+    real_replace = os.replace
+
+    def killed_before_the_new_folder_moves_in(src, dst):
+        if os.path.basename(src).startswith(".tmp-step-"):
+            raise OSError("killed (simulated)")
+        return real_replace(src, dst)
+
+    with mock.patch.object(os, "replace", killed_before_the_new_folder_moves_in):
+        try:
+            checkpoint.save(ckpt, 2, again.engine, again.head, again.head_optimizer, again.class_range, CLASSES,
+                            writer=True)
+            died = False
+        except OSError:
+            died = True
+    head_saved = again.head.weight.detach().clone()
+    again.close()
+    folder = checkpoint.latest_checkpoint(ckpt)
+    third = _trainer(f"{root}/run", max_steps=2)
+    step_third = third.resume()
+    head_third = third.head.weight.detach().clone()
+    items = random_items(N, CLASSES)
+    probs, classes = third.predict(_OneUnreadable(items), k=3)
+    third.close()
+
+    with open(os.path.join(folder, "meta.json")) as f:
+        saved = json.load(f)
+    with open(os.path.join(folder, "meta.json"), "w") as f:
+        json.dump({**saved, "world_size": 2, "zero_stage": 2}, f)
+    other_world = _trainer(f"{root}/run", max_steps=2)
+    try:
+        other_world.resume()
+        world_error = None
+    except ValueError as exc:
+        world_error = str(exc)
+    other_world.close()
+    return {"skipped": skipped, "died": died, "folder": os.path.basename(folder), "step": step_third,
+            "same_head": bool(torch.equal(head_saved, head_third)), "classes": classes.numpy(), "probs": probs.numpy(),
+            "world_error": world_error}
+
+
+@pytest.mark.timeout(180)
+def test_resave_skips_the_loaded_step_a_killed_resave_stays_loadable_and_other_world_zero_is_refused(tmp_path):
+    got = run_ranks(_one_rank_checks, 1, str(tmp_path))[0]
+    assert got["skipped"]
+    # the re-save died after moving the old folder aside: `latest` still resolves, to that folder
+    assert got["died"] and got["folder"] == ".old-step-00000002"
+    assert got["step"] == 2 and got["same_head"]
+    # the unreadable image has no prediction (class -1, probability 0), not "class 0"
+    assert (got["classes"][3] == -1).all() and (got["probs"][3] == 0).all()
+    others = [i for i in range(N) if i != 3]
+    assert (got["classes"][others] >= 0).all() and (got["probs"][others] > 0).all()
+    assert got["world_error"] is not None and "2 ranks with ZeRO stage 2" in got["world_error"]
+    assert "universal checkpoint" in got["world_error"]

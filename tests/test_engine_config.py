@@ -60,8 +60,16 @@ def test_missing_and_broken_files(tmp_path):
         load_config(bad)
 
 
+def test_lamb_for_the_backbone_needs_an_element_wise_optimizer_for_the_sharded_head():
+    with pytest.raises(ConfigError, match="head.optimizer: optim.name is deepspeed_lamb.*number of ranks"):
+        load_config(None, ["optim.name=deepspeed_lamb"])
+    with pytest.raises(ConfigError, match="head.optimizer: must be one of sgd, adam, adamw"):
+        load_config(None, ["optim.name=deepspeed_lamb", "head.optimizer=apex_fused_lamb"])
+    assert load_config(None, ["optim.name=deepspeed_lamb", "head.optimizer=adamw"]).head.optimizer == "adamw"
+
+
 def test_apex_fused_lamb_when_missing_names_the_alternatives():
-    cfg = load_config(None, ["optim.name=apex_fused_lamb"])
+    cfg = load_config(None, ["optim.name=apex_fused_lamb", "head.optimizer=adamw"])
     try:
         import apex.optimizers  # noqa: F401
     except ImportError:

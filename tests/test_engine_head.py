@@ -16,6 +16,15 @@ def test_balanced_topk_averages_per_class_accuracy():
     assert got["top2"] == pytest.approx((0.75 + 1 + 0) / 3 * 100)
 
 
+
+def test_balanced_topk_leaves_out_images_without_a_prediction():
+    labels = torch.tensor([0, 0, 1, 1])
+    preds = torch.tensor([[0, 1], [-1, -1], [1, 0], [-1, -1]])  # rows 1 and 3: unreadable images
+    assert balanced_topk(preds, labels, ks=(1,))["top1"] == pytest.approx(100.0)
+    with pytest.raises(ValueError, match="no image of the evaluation set could be read"):
+        balanced_topk(torch.full((2, 2), -1), torch.tensor([0, 1]))
+
+
 def test_rank_batches_tile_the_global_batch_and_resume_mid_epoch():
     order_fn = lambda epoch: epoch_order(10, seed=1, epoch=epoch)  # noqa: E731
     world, micro = 2, 2

@@ -61,7 +61,23 @@ def _module_rank(rank, world):
     # data parallel: every rank has its own rows; the loss is over the all-gathered batch
     features, target, s = _rank_inputs(rank)
     features.requires_grad_()
-    loss = head(features, target, s, gather_input=True)
+    tables = []
+    real_gather_ints = comm.gather_ints
+    comm.gather_ints = lambda *args, **kw: tables.append(1) or real_gather_ints(*args, **kw)
+    try:
+        loss = head(features, target, s, gather_input=True)
+        # bad input: an error on every rank from the same one validation collective, never a hang
+        errors = []
+        for bad in ((features[:ROWS - 1 if rank == 1 else ROWS], target[:ROWS - 1 if rank == 1 else ROWS],
+                     s[:ROWS - 1 if rank == 1 else ROWS]),
+                    (features, target, s.clone().requires_grad_(rank == 0))):
+            try:
+                head(*bad, gather_input=True)
+            except ValueError as err:
+                errors.append(str(err))
+    finally:
+        comm.gather_ints = real_gather_ints
+    assert len(tables) == 3, tables  # one validation table per call, none extra for the row count
     loss.backward()
     dp = (loss.detach().numpy(), features.grad.numpy(), head.weight.grad.numpy(), head.bias.grad.numpy())
 
@@ -72,7 +88,7 @@ def _module_rank(rank, world):
     loss_tp = head(x, torch.cat([e[1] for e in everything]), torch.cat([e[2] for e in everything]))
     loss_tp.backward()
     tp = (loss_tp.detach().numpy(), x.grad.numpy(), head.weight.grad.numpy())
-    return shard, dp, tp
+    return shard, dp, tp, errors
 
 
 def test_three_ranks_init_gather_input_and_tensor_parallel():
@@ -80,7 +96,12 @@ def test_three_ranks_init_gather_input_and_tensor_parallel():
     results = run_ranks(_module_rank, world)
     torch.manual_seed(0)
     single = ShardedLinearCrossEntropy(D, C, label_smoothing=0.1)
-    for rank, (shard, _, _) in enumerate(results):
+    for rank, (*_, errors) in enumerate(results):
+        assert len(errors) == 2, errors
+        assert f"[{ROWS}, {ROWS - 1}, {ROWS}] (rank order) (gather_input=True needs the same number of rows" in errors[0]
+        assert ("sample_weight requires grad" in errors[1]) == (rank == 0), errors[1]
+        assert rank == 0 or "rank 0 of the process group rejected" in errors[1], errors[1]
+    for rank, (shard, _, _, _) in enumerate(results):
         start, end, w, b = shard
         assert (start, end) == shard_range(C, rank, world)
         assert torch.equal(torch.from_numpy(w), single.weight.detach()[start:end])  # bit-exact
@@ -95,7 +116,7 @@ def test_three_ranks_init_gather_input_and_tensor_parallel():
     b = single.bias.detach().double().requires_grad_()
     ref = (F.cross_entropy(x @ w.T + b, target, reduction="none", label_smoothing=0.1) * s).mean()
     ref.backward()
-    for rank, (shard, dp, tp) in enumerate(results):
+    for rank, (shard, dp, tp, _) in enumerate(results):
         start, end = shard[:2]
         loss, dfeat, dw, db = (torch.from_numpy(a).double() for a in dp)
         assert torch.allclose(loss, ref, rtol=1e-6)

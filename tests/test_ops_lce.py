@@ -123,6 +123,27 @@ def test_forward_without_grad_and_empty_batch(implementation):
     assert float(loss.detach()) == 0.0 and empty.grad.shape == (0, 4)
 
 
+@pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+def test_no_gradient_work_when_grad_is_disabled(implementation, reduction, monkeypatch):
+    # an eval-time loss of parameters that require grad: no gradient GEMMs, no dX all-reduce
+    hidden, weight, target, s, b = make_inputs(15, 4, 9, bias=True, seed=9)
+    inputs = [t.requires_grad_() for t in (hidden, weight, s, b)]
+    made = []
+    real = lce._Grads
+    monkeypatch.setattr(lce, "_Grads", lambda *args: made.append(args[3]) or real(*args))
+    ref = plain(hidden, weight, target, s, b, dtype=torch.float64, reduction=reduction)[0]
+    for context in (torch.no_grad, torch.inference_mode):
+        with context():
+            loss = linear_cross_entropy(hidden, weight, target, s, bias=b, reduction=reduction,
+                                        implementation=implementation)
+        assert not loss.requires_grad and made == [], context.__name__
+        assert abs(float(loss) - float(ref)) <= 1e-5 * abs(float(ref))
+    linear_cross_entropy(hidden, weight, target, s, bias=b, reduction=reduction, implementation=implementation)
+    assert made == [(True, True, True)]  # with grad enabled the forward makes all three
+    assert all(t.grad is None for t in inputs)
+
+
 def test_unweighted_equals_cross_entropy_of_linear():
     hidden, weight, target, _, b = make_inputs(16, 8, 20, bias=True, weighted=False, seed=10)
     ours = linear_cross_entropy(hidden.double(), weight.double(), target, bias=b.double(), label_smoothing=0.3)

@@ -1,5 +1,7 @@
 """Hybrid parallelism: the backbone data-parallel under DeepSpeed (ZeRO 0, 2, 3) and the head split by
-class must train exactly like one process holding the whole model on the whole global batch."""
+class must train exactly like one process holding the whole model on the whole global batch, also
+when a step accumulates several micro-batches (the head is stepped outside DeepSpeed, so its gradient
+must be scaled across micro-batches like the backbone's)."""
 import os
 
 import deepspeed
@@ -13,7 +15,7 @@ from megaclass.engine.config import config_from_dict
 from megaclass.engine.data import epoch_order
 from megaclass.engine.trainer import TrainData, Trainer
 
-N, CLASSES, MICRO, STEPS, D = 32, 11, 4, 3, 8  # 11 classes over 2 ranks: uneven shards (6 + 5)
+N, CLASSES, MICRO, ACCUM, STEPS, D = 48, 11, 4, 2, 3, 8  # 11 classes over 2 ranks: uneven shards (6 + 5)
 
 
 def _config(run_dir, zero_stage):
@@ -22,7 +24,7 @@ def _config(run_dir, zero_stage):
         "head": {"bias": True},
         "data": {"num_workers": 0},
         "optim": {"name": "sgd", "lr": 0.2, "momentum": 0.9, "weight_decay": 0.01, "schedule": "constant"},
-        "train": {"micro_batch_size": MICRO, "max_steps": STEPS, "progress": False, "seed": 3},
+        "train": {"micro_batch_size": MICRO, "grad_accum": ACCUM, "max_steps": STEPS, "progress": False, "seed": 3},
         "parallel": {"zero_stage": zero_stage},
     })
 
@@ -63,7 +65,7 @@ def _reference():
         head = ShardedLinearCrossEntropy(D, CLASSES, bias=True).double()
     params = list(backbone.parameters()) + list(head.parameters())
     opt = torch.optim.SGD(params, lr=0.2, momentum=0.9, weight_decay=0.01)
-    order, global_batch, losses = epoch_order(N, 3, 0), 2 * MICRO, []
+    order, global_batch, losses = epoch_order(N, 3, 0), 2 * MICRO * ACCUM, []
     for step in range(STEPS):
         idx = order[step * global_batch:(step + 1) * global_batch]
         logits = backbone(items.images[idx].double()) @ head.weight.T + head.bias

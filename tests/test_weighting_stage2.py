@@ -4,7 +4,7 @@ import math
 import numpy as np
 
 from megaclass.weighting.keywords import KeywordExtractor
-from megaclass.weighting.stage1 import Stage1Config, knn_arrays, stage1_weights
+from megaclass.weighting.stage1 import Stage1Config, knn_arrays
 from megaclass.weighting.stage2 import Stage2Config, image_keywords, stage2_weights, text_margin, text_vectors
 from megaclass.weighting.text import KeywordEmbeddings, inverse_document_frequency, select_vocabulary
 
@@ -26,12 +26,15 @@ def test_stage2_adds_capped_text_evidence_to_stage1():
     preds, probs = np.array([[0, 1], [1, 0], [1, 0]]), np.array([[0.8, 0.2], [0.7, 0.3], [0.9, 0.1]])
     classes = np.array([[1.0, 0.0], [0.0, 1.0]])
     images = np.array([[1.0, 0.0], [0.0, 1.0], [0.8, 0.6]])
-    cfg = Stage2Config(tau=0.1, max_evidence=4.0, stage1=Stage1Config(rank_bins=1))
-    w1 = stage1_weights(labels, sources, ranks, preds, probs, neighbors, scores, cfg.stage1)
+    # Stage 1 by hand. Agreement a: image 0: 0.8·1 (label) + 0.2·0.5 (KNN neighbour 1) = 0.9; image 1:
+    # 0.7·0.5 + 0.3·1 = 0.65; image 2: 0.9·1 + 0.1·0 (class 1 has no neighbours) = 0.9. With one rank
+    # bin, π = ā for every image, so w1 = σ(logit ā + logit a − logit ā) = a.
+    w1 = [0.9, 0.65, 0.9]
     margins = [1.0, -1.0, 0.6 - 0.8]
     expected = [1 / (1 + math.exp(-(math.log(w / (1 - w)) + max(-4.0, min(4.0, m / 0.1)))))
-                for w, m in zip(w1, margins)]
-    got = stage2_weights(labels, sources, ranks, preds, probs, neighbors, scores, images, classes, cfg)
+                for w, m in zip(w1, margins)]  # text evidence +4 (capped), −4 (capped), −2
+    got = stage2_weights(labels, sources, ranks, preds, probs, neighbors, scores, images, classes,
+                         Stage2Config(tau=0.1, max_evidence=4.0), Stage1Config(rank_bins=1))
     np.testing.assert_allclose(got, expected, rtol=1e-9)
 
 

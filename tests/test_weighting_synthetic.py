@@ -81,3 +81,23 @@ def test_mismatched_inputs_are_clear_errors(run, capsys):
     assert main(args + [str(folder / "other.tsv")]) == 2
     assert "no row names a training image" in capsys.readouterr().err
     assert not (folder / "x.tsv").exists()
+
+
+def test_auc_leaves_out_images_the_truth_file_lacks(run, capsys):
+    """An image missing from truth_train.tsv is unknown, not clean: the printed AUC is over the rest."""
+    folder, wv, truth, _ = run
+    truth_file = folder / "data" / "truth_train.tsv"
+    original = truth_file.read_text()
+    noisy = [p for p, t in truth.items() if not t.clean][:30]
+    try:
+        truth_file.write_text("".join(line + "\n" for line in original.splitlines()
+                                      if line.split("\t")[0] not in noisy))
+        args = ["weights", "--data", str(folder / "data"), "--knn", str(folder / "knn.tsv"), "--stage", "1",
+                "--predictions", str(folder / "pred.tsv"), "--out", str(folder / "partial.tsv"), "--no-plot"]
+        assert main(args) == 0
+    finally:
+        truth_file.write_text(original)
+    weights = read_weights(folder / "partial.tsv")
+    kept = [r.path for r in wv.train if r.path not in noisy]
+    auc = roc_auc(np.array([weights[p] for p in kept]), np.array([truth[p].clean for p in kept]))
+    assert f"AUC clean vs noisy {auc:.4f} (30 images not in truth_train.tsv excluded)" in capsys.readouterr().out

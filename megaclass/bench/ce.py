@@ -10,6 +10,11 @@ inputs exist; CUDA: torch.cuda.max_memory_allocated minus the allocation once th
 process's whole peak RSS ("RSS MB": torch, inputs and all). The loss is
 `mean_i s_i · CE_i` with random s_i in [0, 1).
 
+The workers run with THP_MEM_ALLOC_ENABLE=1 (unless the environment sets it): PyTorch then backs large
+CPU allocations with transparent huge pages. Without it, every fresh gradient (dW: 51 MB at the default
+shape, handed to autograd, so new each step) costs a page fault per 4 KB, ~3% of a step here, which
+the floor, writing into preallocated outputs, never pays. Training jobs should set it too.
+
 `--tp P` runs the op's variants on P gloo ranks (NCCL on CUDA), classes split unevenly as in
 ShardedLinearCrossEntropy, each rank with threads/P threads, and also the op on one rank holding all
 classes: the losses must agree. Time = slowest rank's median; memory = largest rank's peak.
@@ -21,7 +26,6 @@ import json
 import os
 import platform
 import resource
-import socket
 import statistics
 import subprocess
 import sys
@@ -29,6 +33,9 @@ import tempfile
 import time
 
 import torch
+
+from megaclass.io import atomic_write_text
+from megaclass.parallel.comm import free_port
 
 VARIANTS = {
     "megaclass": "megaclass.ops.linear_cross_entropy, kernels from megaclass._C",
@@ -228,21 +235,16 @@ def _worker(spec) -> dict:
 # the parent: one process (or P ranks) per variant, then the table
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def _launch(spec, world) -> dict:
     """Run the variant in `world` fresh processes; slowest median, largest peak, rank 0's loss."""
-    port = _free_port()
+    port = free_port()
     procs = []
     with tempfile.TemporaryDirectory() as tmp:
         for rank in range(world):
             out = os.path.join(tmp, f"rank{rank}.json")
             rank_spec = dict(spec, rank=rank, world=world, port=port)
-            env = dict(os.environ, OMP_NUM_THREADS=str(max(1, spec["threads"] // world)))
+            env = dict(os.environ, OMP_NUM_THREADS=str(max(1, spec["threads"] // world)),
+                       THP_MEM_ALLOC_ENABLE=spec["thp"])
             procs.append((out, subprocess.Popen([sys.executable, "-m", "megaclass.bench.ce", json.dumps(rank_spec), out],
                                                 env=env, stderr=subprocess.PIPE, text=True)))
         results, errors = [], []
@@ -269,7 +271,8 @@ def run(args) -> int:
     if unknown:
         raise SystemExit(f"megaclass bench ce: unknown variant(s) {unknown}; choose from {list(VARIANTS)}")
     spec = {"n": args.n, "d": args.d, "c": args.c, "dtype": args.dtype, "device": args.device,
-            "threads": args.threads, "repeats": args.repeats, "chunk_size": args.chunk_size, "clock": args.clock}
+            "threads": args.threads, "repeats": args.repeats, "chunk_size": args.chunk_size, "clock": args.clock,
+            "thp": os.environ.get("THP_MEM_ALLOC_ENABLE", "1")}
     runs = []  # (label, variant, world)
     for name in names:
         if args.tp > 1 and name not in TP_VARIANTS:
@@ -290,10 +293,7 @@ def run(args) -> int:
     report = {"config": dict(spec, tp=args.tp), "machine": _machine(args.device), "results": results}
     print(format_table(report))
     if args.json:
-        tmp = f"{args.json}.tmp{os.getpid()}"
-        with open(tmp, "w") as f:
-            json.dump(report, f, indent=2)
-        os.replace(tmp, args.json)
+        atomic_write_text(args.json, json.dumps(report, indent=2))
     return 0
 
 
@@ -315,7 +315,7 @@ def format_table(report) -> str:
     floor = by_name.get("floor", {}).get("median_s")
     naive = by_name.get("naive", {}).get("peak_bytes")
     lines = [f"N={cfg['n']} D={cfg['d']} C={cfg['c']} {cfg['dtype']} {cfg['device']} tp={cfg['tp']} "
-             f"threads={cfg['threads']} clock={cfg['clock']}  ({report['machine']['cpu']}; "
+             f"threads={cfg['threads']} clock={cfg['clock']} THP={cfg.get('thp', '?')}  ({report['machine']['cpu']}; "
              f"torch {report['machine']['torch']})",
              f"{'variant':<28} {'median ms':>10} {'× floor':>8} {'peak MB':>9} {'× naive':>8} {'RSS MB':>8} "
              f"{'loss':>12}"]
@@ -333,6 +333,4 @@ def format_table(report) -> str:
 
 
 if __name__ == "__main__":  # a worker: python -m megaclass.bench.ce SPEC_JSON OUT_JSON
-    result = _worker(json.loads(sys.argv[1]))
-    with open(sys.argv[2], "w") as f:
-        json.dump(result, f)
+    atomic_write_text(sys.argv[2], json.dumps(_worker(json.loads(sys.argv[1]))))

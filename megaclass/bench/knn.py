@@ -184,7 +184,7 @@ def run(args) -> int:
         for row in results["alpha_sweep"]:
             print(json.dumps(row))
     if args.out is not None:
-        from megaclass.semantics.cache import atomic_write_text
+        from megaclass.io import atomic_write_text
 
         atomic_write_text(args.out, json.dumps(results, indent=1) + "\n")
     return 0

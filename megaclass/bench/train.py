@@ -11,9 +11,10 @@ from __future__ import annotations
 
 import argparse
 import os
-import socket
 import statistics
 import time
+
+from megaclass.io import atomic_write_text
 
 
 def register(subparsers) -> None:
@@ -28,12 +29,6 @@ def register(subparsers) -> None:
     p.add_argument("--warmup", type=int, default=2, help="untimed steps first")
     p.add_argument("--out", default=None, help="also write the table as JSON here")
     p.set_defaults(func=run)
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _batches(args, classes, rank, seed=0):
@@ -130,8 +125,10 @@ def measure(variant: str, classes: int, args) -> dict:
     """Run one variant on `args.ranks` fresh processes; the slowest rank's time, the largest memory."""
     import torch.multiprocessing as mp
 
+    from megaclass.parallel.comm import free_port
+
     ctx = mp.get_context("spawn")
-    queue, port = ctx.SimpleQueue(), _free_port()
+    queue, port = ctx.SimpleQueue(), free_port()
     procs = [ctx.Process(target=_worker, args=(r, args.ranks, port, variant, classes, args, queue))
              for r in range(args.ranks)]
     for p in procs:
@@ -168,7 +165,5 @@ def run(args) -> int:
               f"training memory {mc['train_mb'] / max(ddp['train_mb'], 1e-9):.2f}x DDP", flush=True)
     print("\n".join(lines))
     if args.out:
-        with open(args.out + ".tmp", "w") as f:
-            json.dump(rows, f, indent=1)
-        os.replace(args.out + ".tmp", args.out)
+        atomic_write_text(args.out, json.dumps(rows, indent=1))
     return 0

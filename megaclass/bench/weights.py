@@ -20,6 +20,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from megaclass.io import atomic_write_text
+
 TARGET_IMAGES = 1_000_000
 TARGET_SECONDS = 600
 
@@ -145,5 +147,5 @@ def run(args) -> int:
     }
     print(json.dumps(result, indent=1))
     if args.out:
-        args.out.write_text(json.dumps(result, indent=1) + "\n")
+        atomic_write_text(args.out, json.dumps(result, indent=1) + "\n")
     return 0

@@ -2,12 +2,11 @@
 
 An image that exists but does not decode must not end a week-long run: `ImageDataset` counts it, logs
 its path once, and serves the next readable item in its place (with that item's own label and index,
-so per-sample weights stay aligned). `verify()` finds such files up front where a data set is small.
+so per-sample weights stay aligned). With `preload`, such files are found up front.
 """
 from __future__ import annotations
 
 import logging
-import math
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -102,12 +101,6 @@ class ImageDataset(Dataset):
             return None
         return torch.from_numpy(array.copy()).permute(2, 0, 1)
 
-    def verify(self) -> list[str]:
-        """Decode every image once; returns the paths that failed (they are skipped from then on)."""
-        bad = [i for i in range(len(self.items)) if i not in self.unreadable and self._decode(i) is None]
-        self.unreadable.update(bad)
-        return [self.items[i][0] for i in bad]
-
     def __getitem__(self, index: int):
         for step in range(len(self.items)):
             i = (index + step) % len(self.items)
@@ -124,34 +117,29 @@ class ImageDataset(Dataset):
 class ClassBalancedSampler(Sampler[int]):
     """Each draw picks a class uniformly, then one of its images uniformly (with replacement).
 
-    labels: [N] class of each item. num_samples: draws per epoch over all ranks (default N).
-    rank / world_size: every rank draws the same global sequence (seed + epoch) and keeps its slice,
-    so ranks see disjoint draws without communicating. Call `set_epoch` each epoch.
+    labels: [N] class of each item. num_samples: draws per epoch (default N). The sequence is a
+    function of (seed, epoch) alone, so every rank draws the same global order without communicating
+    and takes its own rows of it (the engine's `RankBatches`). Call `set_epoch` each epoch.
     """
 
-    def __init__(self, labels: Sequence[int], num_samples: int | None = None, seed: int = 0,
-                 rank: int = 0, world_size: int = 1):
+    def __init__(self, labels: Sequence[int], num_samples: int | None = None, seed: int = 0):
         labels = np.asarray(labels, dtype=np.int64)
         if labels.ndim != 1 or labels.size == 0:
             raise ValueError("ClassBalancedSampler needs a non-empty 1-D list of labels")
-        if not 0 <= rank < world_size:
-            raise ValueError(f"rank {rank} outside world_size {world_size}")
         order = np.argsort(labels, kind="stable")
-        classes, starts, counts = np.unique(labels[order], return_index=True, return_counts=True)
+        _, starts, counts = np.unique(labels[order], return_index=True, return_counts=True)
         self._order, self._starts, self._counts = order, starts, counts
         self.num_samples = num_samples or labels.size
-        self.seed, self.rank, self.world_size, self.epoch = seed, rank, world_size, 0
+        self.seed, self.epoch = seed, 0
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
     def __len__(self) -> int:
-        return math.ceil(self.num_samples / self.world_size)
+        return self.num_samples
 
     def __iter__(self):
         rng = np.random.default_rng((self.seed, self.epoch))
-        total = len(self) * self.world_size
-        cls = rng.integers(len(self._counts), size=total)
-        within = (rng.random(total) * self._counts[cls]).astype(np.int64)
-        picks = self._order[self._starts[cls] + within]
-        return iter(picks[self.rank::self.world_size].tolist())
+        cls = rng.integers(len(self._counts), size=self.num_samples)
+        within = (rng.random(self.num_samples) * self._counts[cls]).astype(np.int64)
+        return iter(self._order[self._starts[cls] + within].tolist())

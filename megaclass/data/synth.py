@@ -22,7 +22,9 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import string
+import tempfile
 from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -260,18 +262,31 @@ def _save_jpeg(array: np.ndarray, path: Path) -> None:
     Image.fromarray(array).save(path, quality=95)
 
 
-def _write(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
-
-
 def generate(out: str | os.PathLike, cfg: SynthConfig | None = None, progress: bool = True) -> dict:
-    """Write the data set to `out` (created; must be empty or absent). Returns its statistics."""
+    """Write the data set to `out` (must be empty or absent). Returns its statistics.
+
+    Everything is written into a hidden sibling folder that is renamed to `out` at the very end, so
+    `out` either holds a complete data set or nothing: a killed run cannot leave a partial one that
+    a later run would take for complete (a killed run's `.<out>.*` sibling is safe to delete).
+    """
     cfg = cfg or SynthConfig()
     out = Path(out)
-    if out.exists() and any(out.iterdir()):
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise FileExistsError(f"{out}: not empty; synth writes a fresh data set")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".partial", dir=out.parent))
+    try:
+        summary = _generate(work, cfg, progress)
+        os.chmod(work, 0o755)  # mkdtemp makes 0700; a data set is meant to be shared
+        os.replace(work, out)  # atomic; replaces an empty `out`, fails on one filled meanwhile
+    except BaseException:
+        shutil.rmtree(work, ignore_errors=True)
+        raise
+    return summary
+
+
+def _generate(out: Path, cfg: SynthConfig, progress: bool) -> dict:
+    """The data set into the existing empty folder `out`."""
     rng = np.random.default_rng(cfg.seed)
     classes, outliers = choose_categories(cfg, rng)
     concepts = classes + outliers
@@ -282,7 +297,7 @@ def generate(out: str | os.PathLike, cfg: SynthConfig | None = None, progress: b
     noise = {"google": cfg.google_noise, "flickr": cfg.flickr_noise}
     informative = {"google": cfg.informative[0], "flickr": cfg.informative[1]}
 
-    (out / "info").mkdir(parents=True)
+    (out / "info").mkdir()
     (out / "val_images_256").mkdir()
     filelists = {"google": [], "flickr": []}
     truth = ["# path\tclean\ttrue_wnid\tkind"]
@@ -317,20 +332,25 @@ def generate(out: str | os.PathLike, cfg: SynthConfig | None = None, progress: b
                 truth.append(f"{path}\t{int(kind == 'clean')}\t{shown.wnid}\t{kind}")
                 stats[f"{source}_{kind}"] += 1
             order = rng.permutation(len(entries))  # published lists are not in rank order
-            _write(out / source / f"{query_dir}.json", json.dumps([entries[i] for i in order], ensure_ascii=False))
+            listing = json.dumps([entries[i] for i in order], ensure_ascii=False)
+            (out / source / f"{query_dir}.json").write_text(listing, encoding="utf-8")
         for v in range(cfg.val_per_class):
             name = f"val{c:04d}_{v:03d}.jpg"
             _save_jpeg(_render(protos[c], rng), out / "val_images_256" / name)
             filelists.setdefault("val", []).append(f"{name} {c}")
 
     info = out / "info"
-    _write(info / "synsets.txt", "".join(f"{k.wnid} {', '.join(k.names)}\n" for k in classes))
+
+    def write(path: Path, text: str) -> None:  # plain writes: the whole folder is renamed into place at once
+        path.write_text(text, encoding="utf-8")
+
+    write(info / "synsets.txt", "".join(f"{k.wnid} {', '.join(k.names)}\n" for k in classes))
     for source in ("google", "flickr"):
-        _write(info / f"train_filelist_{source}.txt", "\n".join(filelists[source]) + "\n")
-        _write(info / f"queries_{source}.txt", "".join(f"{c + 1} {q}\n" for c, q in enumerate(queries)))
-    _write(info / "queries_synsets_map.txt", "".join(f"{c + 1} {c + 1}\n" for c in range(len(classes))))
-    _write(info / "val_filelist.txt", "\n".join(filelists.get("val", [])) + "\n")
-    _write(out / TRUTH_FILE, "\n".join(truth) + "\n")
+        write(info / f"train_filelist_{source}.txt", "\n".join(filelists[source]) + "\n")
+        write(info / f"queries_{source}.txt", "".join(f"{c + 1} {q}\n" for c, q in enumerate(queries)))
+    write(info / "queries_synsets_map.txt", "".join(f"{c + 1} {c + 1}\n" for c in range(len(classes))))
+    write(info / "val_filelist.txt", "\n".join(filelists.get("val", [])) + "\n")
+    write(out / TRUTH_FILE, "\n".join(truth) + "\n")
     total = sum(stats.values())
     summary = {
         "config": asdict(cfg),
@@ -342,7 +362,7 @@ def generate(out: str | os.PathLike, cfg: SynthConfig | None = None, progress: b
         "sibling_classes": sum(k.group >= 0 for k in classes),
         "outlier_wnids": [k.wnid for k in outliers],
     }
-    _write(out / CONFIG_FILE, json.dumps(summary, indent=2) + "\n")
+    write(out / CONFIG_FILE, json.dumps(summary, indent=2) + "\n")
     return summary
 
 

@@ -40,6 +40,10 @@ class ModelConfig:
         _check(0.0 <= self.drop_rate < 1.0, "model.drop_rate", f"must be in [0, 1), got {self.drop_rate}")
 
 
+OPTIMIZERS = ("sgd", "adam", "adamw", "deepspeed_adam", "deepspeed_lamb", "apex_fused_lamb")
+HEAD_OPTIMIZERS = ("sgd", "adam", "adamw", "deepspeed_adam")  # element-wise updates: the same for any sharding
+
+
 @dataclass(kw_only=True, slots=True)
 class HeadConfig:
     label_smoothing: float = 0.0
@@ -50,8 +54,14 @@ class HeadConfig:
     """Rows per chunk of the fused op (None: its default)."""
     lr_scale: float = 1.0
     """The head's learning rate is optim.lr times this."""
+    optimizer: str | None = None
+    """The head's optimizer: one of sgd, adam, adamw, deepspeed_adam (None: optim.name). No LAMB: its
+    trust ratio is a per-tensor norm, and the head's tensors are per-rank shards, so the step would
+    change with the number of ranks. With a LAMB backbone, set this (e.g. adamw)."""
 
     def __post_init__(self):
+        _check(self.optimizer in (None, *HEAD_OPTIMIZERS), "head.optimizer",
+               f"must be one of {', '.join(HEAD_OPTIMIZERS)}, got {self.optimizer!r}")
         _check(0.0 <= self.label_smoothing < 1.0, "head.label_smoothing", f"must be in [0, 1), got {self.label_smoothing}")
         _check(self.chunk_size is None or self.chunk_size > 0, "head.chunk_size", "must be positive")
         _check(self.lr_scale > 0, "head.lr_scale", "must be positive")
@@ -81,7 +91,6 @@ class DataConfig:
         _check(self.limit_train >= 0, "data.limit_train", "must be >= 0")
 
 
-OPTIMIZERS = ("sgd", "adam", "adamw", "deepspeed_adam", "deepspeed_lamb", "apex_fused_lamb")
 
 
 @dataclass(kw_only=True, slots=True)
@@ -217,6 +226,10 @@ class Config:
 
     def __post_init__(self):
         _check(bool(self.run_dir), "run_dir", "must not be empty")
+        _check(self.head.optimizer is not None or self.optim.name in HEAD_OPTIMIZERS, "head.optimizer",
+               f"optim.name is {self.optim.name}, whose trust ratio is a norm per parameter tensor; the head's tensors "
+               f"are per-rank shards, so its training would depend on the number of ranks. Set head.optimizer to one "
+               f"of {', '.join(HEAD_OPTIMIZERS)} (the backbone keeps {self.optim.name})")
         for dotted in _GENERATED_DS_KEYS:
             node = self.deepspeed
             for part in dotted.split("."):

@@ -3,21 +3,15 @@ plain `python` run (a group of one)."""
 from __future__ import annotations
 
 import os
-import socket
 from datetime import timedelta
 
 import deepspeed
 import torch
 
 from megaclass.engine.config import Config
+from megaclass.parallel import comm
 
 _MPI_RANK_VARS = ("OMPI_COMM_WORLD_RANK", "PMI_RANK", "PMIX_RANK", "MV2_COMM_WORLD_RANK")
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def init(cfg: Config) -> None:
@@ -26,7 +20,7 @@ def init(cfg: Config) -> None:
     launched = "RANK" in os.environ or any(v in os.environ for v in _MPI_RANK_VARS)
     if not launched:  # plain `python launch/train.py`: one rank
         os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
-                          MASTER_PORT=str(_free_port()))
+                          MASTER_PORT=str(comm.free_port()))
     backend = cfg.parallel.backend or deepspeed.get_accelerator().communication_backend_name()
     deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=True, verbose=False,
                                timeout=timedelta(seconds=cfg.parallel.timeout_s))

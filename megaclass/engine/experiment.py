@@ -5,8 +5,9 @@
     -> class-balanced top-1/top-5 of each model on the clean validation set
 
 Every rank runs this module (under `deepspeed`, `torchrun` or `mpirun`); rank 0 alone runs the
-single-process steps (semantics, weights) while the others wait at a barrier. Outputs in `run_dir`:
-`results.json` ({"baseline": {"top1", "top5"}, "stage1": ..., "stage2": ...}, percent),
+single-process steps (semantics, weights) through the library APIs while the others wait, and all
+ranks then learn whether it worked, so that a failure stops every rank with the same error.
+Outputs in `run_dir`: `results.json` ({"baseline": {"top1", "top5"}, "stage1": ..., "stage2": ...}, percent),
 `weights_stage1.tsv`, `weights_stage2.tsv`, `curves.png`, and one folder per run (checkpoints,
 metrics CSV, TensorBoard, predictions).
 """
@@ -22,27 +23,51 @@ from megaclass.engine import distributed
 from megaclass.engine.config import Config, ConfigError, load_config
 from megaclass.engine.data import RunData, load_run_data, read_weight_table
 from megaclass.engine.pipeline import trainer_class
-from megaclass.engine.trainer import TrainData
+from megaclass.engine.trainer import TrainData, device_of_rank
+from megaclass.io import atomic_output, atomic_write_text
 from megaclass.parallel import comm
 from megaclass.weighting.tables import write_predictions
 
 RUNS = (("baseline", "Baseline"), ("stage1", "+Stage1"), ("stage2", "+Stage1+Stage2"))
 
 
-def _write_json(path: str, obj) -> None:
-    tmp = f"{path}.tmp"
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=2)
-    os.replace(tmp, path)
+class StepFailed(RuntimeError):
+    """A single-process step (semantics, weights) failed on rank 0; raised on every rank alike."""
 
 
-def _cli(argv: list[str]) -> None:
-    """Run a `megaclass` subcommand in this process; a failure names the command."""
-    from megaclass.cli import main
+def on_rank0(what: str, fn, device) -> None:
+    """Run `fn()` on rank 0 alone, then share whether it worked, so that a failure raises the same
+    `StepFailed` on every rank instead of leaving the others waiting at the next collective."""
+    error = None
+    if comm.rank() == 0:
+        try:
+            fn()
+        except Exception as exc:  # any failure: the other ranks must hear of it, whatever it is
+            error = exc
+    failed = comm.gather_ints([error is not None], device=device)[0][0]
+    if failed:
+        reason = f"{type(error).__name__}: {error}" if error is not None else "see rank 0's error"
+        raise StepFailed(f"{what} failed on rank 0 ({reason})") from error
 
-    code = main(argv)
-    if code:
-        raise RuntimeError(f"`megaclass {' '.join(argv)}` failed with exit code {code}")
+
+def _semantics(cfg: Config, data: RunData, knn: str) -> None:
+    """`RUN_DIR/semantics/knn.tsv`: the K nearest categories of every class (cached beside it)."""
+    from megaclass.semantics import nearest_categories, write_knn_tsv
+
+    wnids = data.webvision.wnids
+    neighbors, scores = nearest_categories(wnids, cfg.experiment.knn_k, encoder=cfg.experiment.encoder,
+                                           cache_dir=os.path.join(os.path.dirname(knn), "cache"),
+                                           names=[text for _, text in data.webvision.synsets],
+                                           progress=cfg.train.progress)
+    write_knn_tsv(knn, wnids, neighbors, scores)
+
+
+def _weights(cfg: Config, data: RunData, knn: str, predictions: str, stage: int, out: str) -> None:
+    """Stage-`stage` weights of every training image -> `out` (TSV) and a PNG of examples beside it."""
+    from megaclass.weighting.pipeline import compute_weights, save_weights
+
+    result = compute_weights(cfg.data.root, knn, predictions, stage, data=data.webvision, progress=cfg.train.progress)
+    print(save_weights(result, cfg.data.root, out), flush=True)
 
 
 def table(results: dict) -> str:
@@ -71,9 +96,9 @@ def plot_curves(path: str, curves: dict) -> None:
         ax.grid(alpha=0.3)
         ax.legend()
     fig.tight_layout()
-    fig.savefig(path + ".tmp.png", dpi=120)
+    with atomic_output(path) as tmp:
+        fig.savefig(tmp, dpi=120, format="png")
     plt.close(fig)
-    os.replace(path + ".tmp.png", path)
 
 
 def run(cfg: Config, data: RunData) -> dict:
@@ -85,12 +110,9 @@ def run(cfg: Config, data: RunData) -> dict:
     if rank0:
         print(data.webvision.summary(), flush=True)
 
+    device = device_of_rank()
     knn = os.path.join(run_dir, "semantics", "knn.tsv")
-    if rank0:
-        argv = ["semantics", "--synsets", os.path.join(cfg.data.root, "info", "synsets.txt"),
-                "--k", str(cfg.experiment.knn_k), "--out", os.path.dirname(knn)]
-        _cli(argv + (["--encoder", cfg.experiment.encoder] if cfg.experiment.encoder else []))
-    comm.barrier()
+    on_rank0("semantics (K nearest categories)", lambda: _semantics(cfg, data, knn), device)
 
     results, curves, weights = {}, {}, None
     for index, (key, label) in enumerate(RUNS):
@@ -105,21 +127,23 @@ def run(cfg: Config, data: RunData) -> dict:
             probs, classes = trainer.predict(data.train_eval, cfg.eval.topk, desc=f"predict {key}")
             stage = index + 1
             weights_path = os.path.join(run_dir, f"weights_stage{stage}.tsv")
-            if rank0:
-                predictions = os.path.join(stage_cfg.run_dir, "predictions_train.tsv")
+            predictions = os.path.join(stage_cfg.run_dir, "predictions_train.tsv")
+
+            def weigh():
                 write_predictions(predictions, paths, data.webvision.wnids, classes.numpy(), probs.numpy())
-                _cli(["weights", "--data", cfg.data.root, "--knn", knn, "--predictions", predictions,
-                      "--stage", str(stage), "--out", weights_path])
-            comm.barrier()
+                _weights(cfg, data, knn, predictions, stage, weights_path)
+
+            on_rank0(f"stage-{stage} weights", weigh, device)
             weights = read_weight_table(weights_path, paths, allow_extra=bool(cfg.data.limit_train))
         trainer.close()
 
-    if rank0:
-        _write_json(os.path.join(run_dir, "results.json"), results)
-        _write_json(os.path.join(run_dir, "curves.json"), curves)
+    def report():
+        atomic_write_text(os.path.join(run_dir, "results.json"), json.dumps(results, indent=2))
+        atomic_write_text(os.path.join(run_dir, "curves.json"), json.dumps(curves, indent=2))
         plot_curves(os.path.join(run_dir, "curves.png"), curves)
         print(table(results), flush=True)
-    comm.barrier()
+
+    on_rank0("writing the results", report, device)
     return results
 
 
@@ -148,7 +172,11 @@ def main(argv: list[str] | None = None) -> int:
     except (OSError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    run(cfg, data)
+    try:
+        run(cfg, data)
+    except StepFailed as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
     return 0
 
 

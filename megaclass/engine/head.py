@@ -14,28 +14,8 @@ import os
 import torch
 from torch import nn
 
+from megaclass.io import atomic_output
 from megaclass.parallel import comm
-
-
-class _ScaleGrad(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, factor):
-        ctx.factor = factor
-        return x.view_as(x)
-
-    @staticmethod
-    def backward(ctx, grad):
-        return grad * ctx.factor, None
-
-
-def scale_grad(x: torch.Tensor, factor: float) -> torch.Tensor:
-    """Identity forward; backward multiplies the gradient by `factor`.
-
-    The head's loss is the mean over the all-gathered global batch, so each rank's features get the
-    exact gradient of the global loss. DeepSpeed then *averages* the backbone gradients over the
-    data-parallel group, which would leave them 1/P of the true gradient: scaling the features'
-    gradient by P undoes that average."""
-    return x if factor == 1 else _ScaleGrad.apply(x, factor)
 
 
 def clip_head_grad_(head: nn.Module, max_norm: float, group=None) -> float:
@@ -72,9 +52,10 @@ def head_shard_state(head: nn.Module, optimizer: torch.optim.Optimizer, class_ra
 
 
 def save_head_shard(path: str, state: dict) -> None:
-    tmp = f"{path}.tmp{os.getpid()}"
-    torch.save(state, tmp)
-    os.replace(tmp, path)
+    """Atomically; creates the folder, so every rank can write without waiting for another to make it."""
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    with atomic_output(path) as tmp:
+        torch.save(state, tmp)
 
 
 def _rows(tensor: torch.Tensor, num_rows: int) -> bool:

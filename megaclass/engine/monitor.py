@@ -10,6 +10,8 @@ import sys
 import torch
 from tqdm import tqdm
 
+from megaclass.io import atomic_output
+
 
 def peak_memory_mb(device: torch.device) -> float:
     if device.type == "cuda":
@@ -48,10 +50,8 @@ class Monitor:
         with open(path, newline="") as f:
             rows = list(csv.reader(f))
         kept = [rows[0]] + [r for r in rows[1:] if int(r[0]) <= step] if rows else []
-        tmp = path + ".tmp"
-        with open(tmp, "w", newline="") as f:
+        with atomic_output(path) as tmp, open(tmp, "w", newline="") as f:
             csv.writer(f).writerows(kept)
-        os.replace(tmp, path)
 
     def log(self, step: int, **values: float) -> None:
         if not self.enabled:

@@ -15,7 +15,7 @@ from deepspeed.pipe import PipelineModule
 
 from megaclass.engine.config import ConfigError
 from megaclass.engine.data import RankBatches
-from megaclass.engine.head import clip_head_grad_, scale_grad, sharded_topk
+from megaclass.engine.head import clip_head_grad_, sharded_topk
 from megaclass.engine.optim import build_optimizer, build_schedule
 from megaclass.engine.trainer import Trainer
 from megaclass.models.backbones import create
@@ -32,7 +32,7 @@ class HeadLoss:
 
     def __call__(self, features: torch.Tensor, labels) -> torch.Tensor:
         target, weights = labels
-        features = scale_grad(features.float(), self.data_world)  # undo DeepSpeed's data-parallel average
+        features = comm.scale_grad(features.float(), self.data_world)  # undo DeepSpeed's data-parallel average
         return self.head(features, target, weights, gather_input=True)
 
 
@@ -95,7 +95,7 @@ class PipelineTrainer(Trainer):
         micro = self.cfg.train.micro_batch_size  # the pipeline's activation shapes stay those of training
         sampler = RankBatches(len(dataset), self.data_rank, self.data_world, micro)
         probs = torch.zeros(len(dataset), k)
-        classes = torch.zeros(len(dataset), k, dtype=torch.long)
+        classes = torch.full((len(dataset), k), -1, dtype=torch.long)  # -1: no prediction (unreadable image)
         self.engine.eval()
         group = self.head.process_group if self.is_last_stage else None
         for images, labels, index in self._loader(dataset, sampler, seed=0):

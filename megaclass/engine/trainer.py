@@ -27,7 +27,7 @@ from torch.utils.data import DataLoader, Dataset
 from megaclass.engine import checkpoint
 from megaclass.engine.config import Config, ConfigError
 from megaclass.engine.data import RankBatches, SeededItems, epoch_order
-from megaclass.engine.head import clip_head_grad_, scale_grad, sharded_topk
+from megaclass.engine.head import clip_head_grad_, sharded_topk
 from megaclass.engine.monitor import Monitor, peak_memory_mb
 from megaclass.engine.optim import build_optimizer, build_schedule
 from megaclass.models import build_backbone
@@ -70,6 +70,7 @@ class Trainer:
         self.device = device_of_rank()
         self.input_dtype = torch.bfloat16 if cfg.parallel.precision == "bf16" else torch.float32
         self.step = 0
+        self.checkpoint_step = None  # the step of the checkpoint this run last loaded or saved
         self.ckpt_root = os.path.join(cfg.run_dir, "checkpoints")
         self._build(backbone)
 
@@ -93,7 +94,8 @@ class Trainer:
                                                   label_smoothing=cfg.head.label_smoothing,
                                                   chunk_size=cfg.head.chunk_size).to(self.device)
         self.class_range = (self.head.class_start, self.head.class_end)
-        self.head_optimizer = build_optimizer(self.head.parameters(), cfg.optim, cfg.optim.lr * cfg.head.lr_scale)
+        head_optim = dataclasses.replace(cfg.optim, name=cfg.head.optimizer or cfg.optim.name)  # never LAMB (config)
+        self.head_optimizer = build_optimizer(self.head.parameters(), head_optim, cfg.optim.lr * cfg.head.lr_scale)
         self.head_schedule = build_schedule(self.head_optimizer, cfg.optim, self.total_steps)
 
     def _build(self, backbone: torch.nn.Module | None) -> None:
@@ -127,14 +129,20 @@ class Trainer:
         if folder is not None:
             self.step = checkpoint.load(folder, self.engine, self.head, self.head_optimizer, self.class_range,
                                         self.data.num_classes)
+            self.checkpoint_step = self.step
             for _ in range(self.step if self.head is not None else 0):
                 self.head_schedule.step()
         return self.step
 
     def save(self) -> str:
-        return checkpoint.save(self.ckpt_root, self.step, self.engine, self.head, self.head_optimizer, self.class_range,
-                               self.data.num_classes, writer=self.rank == 0,
-                               extra_meta={"model": self.cfg.model.name, "epoch": self.step / self.steps_per_epoch})
+        """Checkpoint this step (collective); a step this run already loaded or saved is not written again."""
+        if self.step == self.checkpoint_step:
+            return checkpoint.latest_checkpoint(self.ckpt_root)
+        folder = checkpoint.save(self.ckpt_root, self.step, self.engine, self.head, self.head_optimizer,
+                                 self.class_range, self.data.num_classes, writer=self.rank == 0,
+                                 extra_meta={"model": self.cfg.model.name, "epoch": self.step / self.steps_per_epoch})
+        self.checkpoint_step = self.step
+        return folder
 
     def train_step(self, batches) -> float:
         """One optimizer step over `grad_accum` micro-batches; returns the global mean loss."""
@@ -144,7 +152,9 @@ class Trainer:
             images, labels = images.to(self.device, self.input_dtype, non_blocking=True), labels.to(self.device)
             weights = None if self.data.sample_weights is None else self.data.sample_weights[index].to(self.device)
             torch.manual_seed(self.cfg.train.seed * 7_919 + self.step * accum + micro)  # dropout: repeatable on resume
-            features = scale_grad(self.engine(images).float(), self.data_world)
+            # the head's loss is the mean over the gathered global batch, so these features get the exact
+            # gradient of the global loss; DeepSpeed then averages the backbone's over the P ranks: scale by P
+            features = comm.scale_grad(self.engine(images).float(), self.data_world)
             loss = self.head(features, labels, weights, gather_input=True)
             self.engine.backward(loss)
             self.engine.step()
@@ -202,14 +212,15 @@ class Trainer:
     # -- inference -----------------------------------------------------------------------------
     @torch.no_grad()
     def predict(self, dataset: Dataset, k: int, desc: str = "predict") -> tuple[torch.Tensor, torch.Tensor]:
-        """Top-k (probs [N, k], classes [N, k]) of every item of `dataset`, on every rank.
+        """Top-k (probs [N, k], classes [N, k]) of every item of `dataset`, on every rank; an item the
+        dataset could not read (it served another in its place) keeps class -1, probability 0.
 
         Each rank embeds its slice of every global batch; the features are gathered and each rank
         scores them against its classes (`sharded_topk`)."""
         micro = self.cfg.eval.batch_size
         sampler = RankBatches(len(dataset), self.rank, self.world, micro)
         probs = torch.zeros(len(dataset), k)
-        classes = torch.zeros(len(dataset), k, dtype=torch.long)
+        classes = torch.full((len(dataset), k), -1, dtype=torch.long)  # -1: no prediction (unreadable image)
         self.engine.eval()
         bar = None
         if self.rank == 0 and self.cfg.train.progress:
@@ -243,7 +254,12 @@ class Trainer:
 
 def balanced_topk(classes: torch.Tensor, labels: torch.Tensor, ks=(1, 5)) -> dict:
     """classes: [N, k] predictions best first; labels: [N]. Per-class top-k accuracy averaged over
-    the classes that occur in `labels`, in percent (WebVision's ranking metric)."""
+    the classes that occur in `labels`, in percent (WebVision's ranking metric). Rows without a
+    prediction (class -1: the image could not be read) are left out, not counted as misses."""
+    predicted = classes[:, 0] >= 0
+    if not bool(predicted.any()):
+        raise ValueError("no image of the evaluation set could be read: nothing to score")
+    classes, labels = classes[predicted], labels[predicted]
     out = {}
     present = labels.unique()
     for k in ks:

@@ -11,7 +11,7 @@ import math
 import torch
 from torch import nn
 
-from megaclass.ops import linear_cross_entropy
+from megaclass.ops import linear_cross_entropy, linear_cross_entropy_gathered
 from megaclass.parallel import comm
 
 _INIT_BLOCK = 4096
@@ -79,27 +79,17 @@ class ShardedLinearCrossEntropy(nn.Module):
 
         gather_input=False: features/target/weights are the same on every rank (tensor parallel).
         gather_input=True: each rank brings its own n rows (data parallel); they are all-gathered into
-        the global batch [P·n] and the loss is over that batch, identical on every rank. The features'
-        backward is a reduce-scatter that sums the gradient over ranks, so the op returns only this
-        shard's part (hidden_grad="partial"): the sum happens once.
+        the global batch [P·n] and the loss is over that batch, identical on every rank
+        (`linear_cross_entropy_gathered`: the features' gradient is summed over ranks exactly once, in
+        the gather's reduce-scatter). sample_weight must not require grad in this mode.
         """
-        hidden_grad = "full"
+        kwargs = dict(bias=self.bias, class_start=self.class_start, ignore_index=self.ignore_index,
+                      label_smoothing=self.label_smoothing, reduction=self.reduction, chunk_size=self.chunk_size)
         if gather_input and self.world > 1:
-            device = features.device if comm.backend(self.process_group) == "nccl" else "cpu"
-            rows = comm.gather_ints([features.shape[0] if features.dim() else -1], device, self.process_group)
-            if len({r[0] for r in rows}) > 1:
-                raise ValueError(f"gather_input=True needs the same number of rows on every rank, got "
-                                 f"{[r[0] for r in rows]} (rank order)")
-            features = comm.gather_rows(features, self.process_group)
-            target = comm.all_gather_stacked(target, self.process_group).reshape(-1)
-            if sample_weight is not None:
-                sample_weight = comm.all_gather_stacked(sample_weight.detach(), self.process_group).reshape(-1)
-            hidden_grad = "partial"
-        return linear_cross_entropy(
-            features, self.weight, target, sample_weight, bias=self.bias, class_start=self.class_start,
-            process_group=self.process_group if self.world > 1 else None, ignore_index=self.ignore_index,
-            label_smoothing=self.label_smoothing, reduction=self.reduction, chunk_size=self.chunk_size,
-            hidden_grad=hidden_grad)
+            return linear_cross_entropy_gathered(features, self.weight, target, sample_weight,
+                                                 process_group=self.process_group, **kwargs)
+        return linear_cross_entropy(features, self.weight, target, sample_weight,
+                                    process_group=self.process_group if self.world > 1 else None, **kwargs)
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, num_classes={self.num_classes}, "

@@ -78,7 +78,31 @@ def linear_cross_entropy(hidden, weight, target, sample_weight=None, *, bias=Non
     """
     opts = _validate(hidden, weight, target, sample_weight, bias, class_start, process_group, ignore_index,
                      label_smoothing, reduction, chunk_size, hidden_grad, implementation)
-    return _LinearCrossEntropy.apply(hidden, weight, bias, target, sample_weight, opts)
+    # inside the Function grad mode is always off, and needs_input_grad still says True under no_grad:
+    # an eval-time loss must not make (and all-reduce) gradients nobody will read
+    return _LinearCrossEntropy.apply(hidden, weight, bias, target, sample_weight, opts, torch.is_grad_enabled())
+
+
+def linear_cross_entropy_gathered(hidden, weight, target, sample_weight=None, *, bias=None, class_start=0,
+                                  process_group=None, ignore_index=-100, label_smoothing=0.0, reduction="mean",
+                                  chunk_size=None, implementation="auto"):
+    """`linear_cross_entropy` in the data-parallel layout: each rank of `process_group` brings its OWN rows.
+
+    hidden [n, D], target [n], sample_weight [n] or None: this rank's rows, the same n on every rank. They
+    are all-gathered into the global batch [P·n] (hidden through `comm.gather_rows`, whose backward
+    sums the gradient over ranks and returns each rank its rows; the op adds only its shard's part,
+    hidden_grad="partial") and the loss is over that batch, identical on every rank. The local
+    arguments are validated before the gather, in the op's one small collective (equal n included).
+    sample_weight must not require grad here (its gradient would need a reduce-scatter of its own).
+    """
+    opts = _validate(hidden, weight, target, sample_weight, bias, class_start, process_group, ignore_index,
+                     label_smoothing, reduction, chunk_size, "partial", implementation, gathered=True)
+    if opts.world > 1:
+        hidden = comm.gather_rows(hidden, process_group)
+        target = comm.all_gather_stacked(target, process_group).reshape(-1)
+        if sample_weight is not None:
+            sample_weight = comm.all_gather_stacked(sample_weight, process_group).reshape(-1)
+    return _LinearCrossEntropy.apply(hidden, weight, bias, target, sample_weight, opts, torch.is_grad_enabled())
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -86,7 +110,7 @@ def linear_cross_entropy(hidden, weight, target, sample_weight=None, *, bias=Non
 
 
 def _local_problem(hidden, weight, target, sample_weight, bias, class_start, ignore_index, label_smoothing,
-                   reduction, chunk_size, hidden_grad):
+                   reduction, chunk_size, hidden_grad, gathered):
     """The first problem with this rank's arguments, as a message, or None."""
     if not isinstance(hidden, torch.Tensor) or hidden.dim() != 2:
         return f"hidden must be a 2-D tensor [N, D], got {_describe(hidden)}"
@@ -131,6 +155,9 @@ def _local_problem(hidden, weight, target, sample_weight, bias, class_start, ign
         return f"chunk_size must be a positive int or None, got {chunk_size!r}"
     if hidden_grad not in HIDDEN_GRADS:
         return f"hidden_grad must be one of {HIDDEN_GRADS}, got {hidden_grad!r}"
+    if gathered and sample_weight is not None and sample_weight.requires_grad:
+        return ("sample_weight requires grad, but with each rank's own rows gathered (gather_input=True) its "
+                "gradient is not supported: pass sample_weight.detach()")
     if sample_weight is not None and n:
         bad = ~torch.isfinite(sample_weight) | (sample_weight < 0)
         if bool(bad.any()):
@@ -146,10 +173,13 @@ def _describe(x):
 
 
 def _validate(hidden, weight, target, sample_weight, bias, class_start, group, ignore_index, label_smoothing,
-              reduction, chunk_size, hidden_grad, implementation):
-    problem = _local_problem(hidden, weight, target, sample_weight, bias, class_start, ignore_index,
-                             label_smoothing, reduction, chunk_size, hidden_grad)
+              reduction, chunk_size, hidden_grad, implementation, gathered=False):
+    """Options of one call, the same on every rank, or ValueError on every rank. gathered: the arguments are
+    this rank's own rows, to be all-gathered after (then N must agree and the batch is P·N rows)."""
     world = 1 if group is None else comm.world_size(group)
+    gathered = gathered and world > 1
+    problem = _local_problem(hidden, weight, target, sample_weight, bias, class_start, ignore_index,
+                             label_smoothing, reduction, chunk_size, hidden_grad, gathered)
     if problem is None:
         n, d = hidden.shape
         c_local = weight.shape[0]
@@ -176,7 +206,8 @@ def _validate(hidden, weight, target, sample_weight, bias, class_start, group, i
     for name, col in (("N (rows of hidden)", 1), ("D (features)", 2), ("dtype", 5), ("bias presence", 6)):
         values = [t[col] for t in table]
         if len(set(values)) > 1:
-            raise ValueError(f"linear_cross_entropy: ranks disagree on {name}: {values} (rank order)")
+            why = " (gather_input=True needs the same number of rows on every rank)" if gathered and col == 1 else ""
+            raise ValueError(f"linear_cross_entropy: ranks disagree on {name}: {values} (rank order){why}")
     shards = sorted((t[4], t[3], r) for r, t in enumerate(table))
     expected = 0
     for start, size, r in shards:
@@ -200,7 +231,7 @@ def _validate(hidden, weight, target, sample_weight, bias, class_start, group, i
     if chunk_size is None:
         budget = CHUNK_BYTES.get(hidden.device.type, 1 << 30)
         chunk_size = max(MIN_CHUNK_ROWS, budget // max(1, weight.shape[0] * hidden.element_size()))
-    chunk_rows = max(1, min(chunk_size, hidden.shape[0]))
+    chunk_rows = max(1, min(chunk_size, hidden.shape[0] * (world if gathered else 1)))
     return _Options(class_start=class_start, num_classes=num_classes, group=group, world=world, rank=me,
                     ignore_index=ignore_index, label_smoothing=float(label_smoothing), reduction=reduction,
                     chunk_rows=chunk_rows, hidden_grad=hidden_grad, use_extension=use_ext)
@@ -336,15 +367,16 @@ def _sweep(hidden, weight, bias, target, row_coef, opts, need, lse=None):
 
 class _LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, hidden, weight, bias, target, sample_weight, opts):
+    def forward(ctx, hidden, weight, bias, target, sample_weight, opts, grad_enabled):
         acc = kernels.stats_dtype(hidden.dtype)
         target = target.to(torch.int64).contiguous()
         valid = target != opts.ignore_index
         s = (torch.ones(target.shape, dtype=acc, device=hidden.device) if sample_weight is None
              else sample_weight.detach().to(acc))
         s_valid = torch.where(valid, s, 0)
-        need = (ctx.needs_input_grad[0], ctx.needs_input_grad[1], bias is not None and ctx.needs_input_grad[2])
-        ctx.opts, ctx.need, ctx.need_s = opts, need, ctx.needs_input_grad[4]
+        wants = [grad_enabled and w for w in ctx.needs_input_grad]
+        need = (wants[0], wants[1], bias is not None and wants[2])
+        ctx.opts, ctx.need, ctx.need_s = opts, need, wants[4]
         denom = valid.sum().clamp(min=1).to(acc) if opts.reduction == "mean" else None
         if opts.reduction == "none":
             row_coef = None
@@ -378,8 +410,8 @@ class _LinearCrossEntropy(torch.autograd.Function):
             if grad.device.type == "cpu" and float(grad) == 1.0:
                 # the usual loss.backward(): hand the gradients over (autograd adopts them without a copy)
                 (dx, dw, db), ctx.grads = ctx.grads, None
-                return dx, dw, db, None, ds, None
-            return (*(None if t is None else t * grad.to(t.dtype) for t in ctx.grads), None, ds, None)
+                return dx, dw, db, None, ds, None, None
+            return (*(None if t is None else t * grad.to(t.dtype) for t in ctx.grads), None, ds, None, None)
         hidden, weight, bias, target, s_valid, lse, ce = ctx.saved_tensors
         up = grad.to(lse.dtype)
         dx = dw = db = None
@@ -387,4 +419,4 @@ class _LinearCrossEntropy(torch.autograd.Function):
             _, _, grads = _sweep(hidden, weight, bias, target, s_valid * up, opts, ctx.need, lse=lse)
             dx, dw, db = grads.finish(weight, bias, opts)
         ds = ce * up if ctx.need_s else None
-        return dx, dw, db, None, ds, None
+        return dx, dw, db, None, ds, None, None

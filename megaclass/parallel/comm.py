@@ -8,11 +8,13 @@ Autograd pairs mirror each other (Megatron's mappings.py):
   reduce_rows     forward: reduce-scatter rows    backward: all-gather rows
   split_rows      forward: keep this rank's rows  backward: all-gather rows
   all_reduce_grad forward: identity               backward: all-reduce (sum)
+  scale_grad      forward: identity               backward: multiply by a constant (local)
 Each is a no-op for a group of one. Gloo has no reduce-scatter, so there it is an all-reduce
 followed by taking this rank's slice (same result, twice the traffic).
 """
 from __future__ import annotations
 
+import socket
 from typing import Sequence
 
 import torch
@@ -176,3 +178,26 @@ def split_rows(x: torch.Tensor, group=None) -> torch.Tensor:
 def all_reduce_grad(x: torch.Tensor, group=None) -> torch.Tensor:
     """Identity forward; the backward sums the gradient over the group."""
     return x if world_size(group) == 1 else _AllReduceGrad.apply(x, group)
+
+
+class _ScaleGrad(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, factor):
+        ctx.factor = factor
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad * ctx.factor, None
+
+
+def scale_grad(x: torch.Tensor, factor: float) -> torch.Tensor:
+    """Identity forward; backward multiplies the gradient by `factor` (e.g. P, undoing a data-parallel mean)."""
+    return x if factor == 1 else _ScaleGrad.apply(x, factor)
+
+
+def free_port() -> int:
+    """A free TCP port on 127.0.0.1, for tools that form their own group (`init_group`)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

@@ -1,4 +1,4 @@
-"""Atomic file writes and a content-addressed cache of embeddings and neighbours.
+"""A content-addressed cache of embeddings and neighbours.
 
 Keys are SHA-256 digests of everything the cached value depends on (texts and encoder for
 embeddings; embeddings key, wnids, k, alpha and the similarity version for neighbours), so a run
@@ -9,30 +9,11 @@ from __future__ import annotations
 import hashlib
 import io
 import json
-import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
 
-
-def atomic_write_bytes(path: str | Path, data: bytes) -> None:
-    """Write to a temp file in the same folder, then rename over `path` (readers never see half)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        os.fchmod(fd, 0o644)  # mkstemp makes 0600; outputs are meant to be shared
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def atomic_write_text(path: str | Path, text: str) -> None:
-    atomic_write_bytes(path, text.encode("utf-8"))
+from megaclass.io import atomic_write_bytes
 
 
 def digest(*parts) -> str:

@@ -19,7 +19,8 @@ from typing import Callable, Sequence
 import numpy as np
 import torch
 
-from megaclass.semantics.cache import ArrayCache, atomic_write_text, digest
+from megaclass.io import atomic_write_text
+from megaclass.semantics.cache import ArrayCache, digest
 from megaclass.semantics.encoder import TextEncoder
 from megaclass.semantics.hierarchy import WuPalmer
 from megaclass.semantics.synsets import WNID, check_noun_synsets, class_texts
@@ -49,30 +50,35 @@ def topk_blockwise(score_block: ScoreBlock, n: int, k: int, block_size: int = DE
     """
     if not 1 <= k < n:
         raise ValueError(f"k must be in [1, {n - 1}] for {n} classes, got {k}")
-    best_val = torch.full((n, k), -math.inf)
-    best_idx = torch.full((n, k), -1, dtype=torch.int64)
+    # The running best lists and their small merges live in numpy: single-threaded, so thousands of tiny
+    # merges do not each wait on a thread pool (which costs milliseconds apiece on a busy machine).
+    best_val = np.full((n, k), -np.inf, dtype=np.float32)
+    best_idx = np.full((n, k), -1, dtype=np.int64)
 
-    def merge(rows: slice, values: torch.Tensor, indices: torch.Tensor) -> None:
-        values = torch.cat([best_val[rows], values], 1)
-        indices = torch.cat([best_idx[rows], indices], 1)
-        top, pos = values.topk(k, dim=1)
-        best_val[rows], best_idx[rows] = top, indices.gather(1, pos)
+    def merge(target: slice, values: np.ndarray, indices: np.ndarray) -> None:
+        values = np.concatenate([best_val[target], values], 1)
+        indices = np.concatenate([best_idx[target], indices], 1)
+        keep = np.argpartition(-values, k - 1, axis=1)[:, :k]
+        best_val[target] = np.take_along_axis(values, keep, 1)
+        best_idx[target] = np.take_along_axis(indices, keep, 1)
 
-    def merge_sparse(cols: slice, col: torch.Tensor, index: torch.Tensor, value: torch.Tensor) -> None:
-        """Merge candidates (column-local `col`, global `index`, `value`) into the columns' best lists."""
-        col, perm = col.sort(stable=True)
-        counts = torch.bincount(col, minlength=cols.stop - cols.start)
-        slot = torch.arange(len(col)) - (counts.cumsum(0) - counts)[col]  # rank of arrival within its column
-        width = int(counts.max())
-        values = torch.full((len(counts), width), -math.inf)
-        indices = torch.full((len(counts), width), -1, dtype=torch.int64)
-        values[col, slot], indices[col, slot] = value[perm], index[perm]
-        merge(cols, values, indices)
+    def merge_sparse(target: slice, local: np.ndarray, index: np.ndarray, value: np.ndarray) -> None:
+        """Merge candidates: class `target.start + local` meets class `index` with score `value`."""
+        order = np.argsort(local, kind="stable")
+        local = local[order]
+        counts = np.bincount(local, minlength=target.stop - target.start)
+        slot = np.arange(len(local)) - (np.cumsum(counts) - counts)[local]  # arrival rank within its class
+        values = np.full((len(counts), counts.max()), -np.inf, dtype=np.float32)
+        indices = np.full((len(counts), counts.max()), -1, dtype=np.int64)
+        values[local, slot], indices[local, slot] = value[order], index[order]
+        merge(target, values, indices)
 
-    # Row blocks last to first: when tile (r, c > r) arrives, the classes of block c have already met
-    # every class from c on, so their k-th best is a tight threshold and only the few tile entries above
-    # it need handling for the columns (~k per column at most, on random data), instead of a transpose
-    # and a second top-k over the whole tile.
+    # Row blocks last to first. A diagonal tile (r, r) comes first in its row block and gives each of its
+    # classes a full top-k; when tile (r, c > r) arrives, the classes of block c have already met every
+    # class from c on. So every class has a tight k-th best score to beat, and of an off-diagonal tile
+    # only the few entries above its row's or its column's threshold need merging (on random data about
+    # k per row and column at first, far fewer later): one compare and one flatnonzero per tile instead
+    # of a top-k along the rows plus a transpose and a top-k along the columns.
     starts = range(0, n, block_size)
     pairs = [(r, c) for r in reversed(starts) for c in starts if c >= r]
     if progress:
@@ -84,17 +90,21 @@ def topk_blockwise(score_block: ScoreBlock, n: int, k: int, block_size: int = DE
         scores = score_block(rows, cols)
         if r0 == c0:
             scores.fill_diagonal_(-math.inf)
-        top, pos = scores.topk(min(k, scores.shape[1]), dim=1)
-        merge(rows, top, pos + c0)
-        if r0 != c0:  # numpy's flatnonzero is ~2x faster than torch's nonzero here
-            flat = np.flatnonzero(scores.numpy() > best_val[cols, k - 1].numpy())
-            if len(flat):
-                row, col = np.divmod(flat, scores.shape[1])
-                row, col = torch.from_numpy(row), torch.from_numpy(col)
-                merge_sparse(cols, col, row + r0, scores[row, col])
-    order = np.lexsort((best_idx.numpy(), -best_val.numpy()), axis=1)
-    order = torch.from_numpy(order)
-    return best_idx.gather(1, order), best_val.gather(1, order)
+            top, pos = scores.topk(min(k, scores.shape[1]), dim=1)
+            merge(rows, top.numpy(), pos.numpy() + c0)
+            continue
+        row_bar, col_bar = best_val[rows, k - 1], best_val[cols, k - 1]
+        tile = scores.numpy()
+        flat = np.flatnonzero((tile > row_bar[:, None]) | (tile > col_bar))  # ~2x faster than torch.nonzero
+        row, col = np.divmod(flat, tile.shape[1])
+        value = tile[row, col]
+        for target, keep, local, index in ((rows, value > row_bar[row], row, col + c0),
+                                           (cols, value > col_bar[col], col, row + r0)):
+            if keep.any():
+                merge_sparse(target, local[keep], index[keep], value[keep])
+    order = np.lexsort((best_idx, -best_val), axis=1)
+    best_idx, best_val = np.take_along_axis(best_idx, order, 1), np.take_along_axis(best_val, order, 1)
+    return torch.from_numpy(best_idx), torch.from_numpy(best_val)
 
 
 def embedding_knn(embeddings: torch.Tensor, k: int, block_size: int = DEFAULT_BLOCK,

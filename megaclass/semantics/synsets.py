@@ -12,7 +12,7 @@ import re
 from pathlib import Path
 from typing import Iterable, Sequence
 
-from megaclass.semantics.cache import atomic_write_text
+from megaclass.io import atomic_write_text
 from megaclass.semantics.wordnet import synset_of, wnid_of, wordnet
 
 WNID = re.compile(r"^[nvasr]\d{8}$")

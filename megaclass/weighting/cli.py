@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import logging
 import sys
-from pathlib import Path
 
 
 def register(subparsers) -> None:
@@ -29,14 +28,9 @@ def register(subparsers) -> None:
 
 
 def _run(args) -> int:
-    import numpy as np
-
-    from megaclass.data.synth import read_truth
     from megaclass.semantics import KnnFileError
-    from megaclass.weighting.metrics import roc_auc
-    from megaclass.weighting.pipeline import WeightingInputError, compute_weights
-    from megaclass.weighting.plot import plot_weights
-    from megaclass.weighting.tables import TableError, write_weights
+    from megaclass.weighting.pipeline import WeightingInputError, compute_weights, save_weights
+    from megaclass.weighting.tables import TableError
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
@@ -45,16 +39,6 @@ def _run(args) -> int:
         print(f"megaclass weights: {exc}", file=sys.stderr)
         return 2
     print(result.data.summary())
-    write_weights(args.out, result.paths, result.weights)
-    truth = read_truth(args.data)
-    clean = None if truth is None else np.array([truth[p].clean if p in truth else True for p in result.paths])
-    line = f"stage {args.stage}: {len(result.weights)} weights, mean {result.weights.mean():.3f} -> {args.out}"
-    if clean is not None:
-        line += f"; AUC clean vs noisy {roc_auc(result.weights, clean):.4f}"
+    line = save_weights(result, args.data, args.out, plot=not args.no_plot)
     print(line, *(f"{k}={v}" for k, v in result.notes.items()))
-    if not args.no_plot:
-        png = Path(args.out).with_suffix(".png")
-        plot_weights(png, args.data, result.data.train, result.weights, [t for _, t in result.data.synsets],
-                     args.stage, clean)
-        print(f"plot -> {png}")
     return 0

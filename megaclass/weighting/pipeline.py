@@ -38,7 +38,8 @@ def compute_weights(root: str | os.PathLike, knn_tsv: str | os.PathLike, predict
                     stage: int, data: WebVision | None = None, embeddings=None,
                     stage1: Stage1Config = Stage1Config(), stage2: Stage2Config = Stage2Config(),
                     progress: bool = False) -> WeightsResult:
-    """Stage-1 or stage-2 weights for every training image of the data set at `root`."""
+    """Stage-1 or stage-2 weights for every training image of the data set at `root`. `stage1`
+    configures stage 1 and the stage-1 posterior inside stage 2; `stage2` the text evidence."""
     if stage not in (1, 2):
         raise ValueError(f"stage must be 1 or 2, got {stage}")
     from megaclass.semantics import read_knn_tsv
@@ -81,5 +82,32 @@ def compute_weights(root: str | os.PathLike, knn_tsv: str | os.PathLike, predict
                                                     stage2.max_vocabulary, progress=progress)
         notes["without_keywords"] = sum(not ks for ks in image_kw)
         weights = stage2_weights(labels, sources, ranks, pred_classes, pred_probs, neighbors, scores,
-                                 image_vectors, class_vectors, stage2)
+                                 image_vectors, class_vectors, stage2, stage1)
     return WeightsResult(data, weights, stage, notes)
+
+
+def save_weights(result: WeightsResult, root: str | os.PathLike, out: str | os.PathLike, plot: bool = True) -> str:
+    """Write OUT_TSV and (with `plot`) the PNG beside it; returns a one-line summary. When `root` has a
+    `truth_train.tsv` (synthetic data) the line gives the AUC of the weights for clean vs noisy images,
+    over the images that file lists: an image it lacks is unknown, not clean, and is left out (counted)."""
+    from megaclass.data.synth import read_truth
+    from megaclass.weighting.metrics import roc_auc
+    from megaclass.weighting.plot import plot_weights
+    from megaclass.weighting.tables import write_weights
+
+    write_weights(out, result.paths, result.weights)
+    truth = read_truth(root)
+    clean = known = None
+    line = f"stage {result.stage}: {len(result.weights)} weights, mean {result.weights.mean():.3f} -> {out}"
+    if truth is not None:
+        known = np.array([p in truth for p in result.paths])
+        clean = np.array([p in truth and truth[p].clean for p in result.paths])
+        line += f"; AUC clean vs noisy {roc_auc(result.weights[known], clean[known]):.4f}"
+        if not known.all():
+            line += f" ({int((~known).sum())} images not in truth_train.tsv excluded)"
+    if plot:
+        png = os.path.splitext(out)[0] + ".png"
+        plot_weights(png, root, result.data.train, result.weights, [t for _, t in result.data.synsets],
+                     result.stage, clean, known)
+        line += f"; plot -> {png}"
+    return line

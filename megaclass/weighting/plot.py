@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 
+from megaclass.io import atomic_output
 from megaclass.weighting.metrics import roc_auc
 
 
@@ -23,9 +24,10 @@ def pick_classes(labels: np.ndarray, weights: np.ndarray, count: int) -> list[in
 
 def plot_weights(out_png: str | Path, root: str | Path, records: Sequence, weights: np.ndarray,
                  class_names: Sequence[str], stage: int, clean: np.ndarray | None = None,
-                 classes: int = 4, per_side: int = 3) -> None:
+                 known: np.ndarray | None = None, classes: int = 4, per_side: int = 3) -> None:
     """Write the PNG atomically. records: the training records (`.path`, `.label`, `.title`) in the
-    order of `weights` [N]; clean: bool [N] or None when the truth is unknown."""
+    order of `weights` [N]; clean: bool [N] or None when the truth is unknown; known: bool [N], the
+    images whose `clean` flag is known (default all), the others are left out of histograms and AUC."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -39,10 +41,12 @@ def plot_weights(out_png: str | Path, root: str | Path, records: Sequence, weigh
 
     ax = fig.add_subplot(grid[:, 0])
     bins = np.linspace(0, max(1.0, float(weights.max())), 41)
-    if clean is not None and clean.any() and (~clean).any():
-        ax.hist(weights[clean], bins=bins, alpha=0.6, color="tab:green", label=f"clean ({clean.sum()})")
-        ax.hist(weights[~clean], bins=bins, alpha=0.6, color="tab:red", label=f"noisy ({(~clean).sum()})")
-        ax.set_title(f"stage {stage} weights: AUC clean vs noisy {roc_auc(weights, clean):.3f}")
+    if clean is not None and known is None:
+        known = np.ones(len(weights), dtype=bool)
+    if clean is not None and (clean & known).any() and (~clean & known).any():
+        for flag, colour, name in ((clean & known, "tab:green", "clean"), (~clean & known, "tab:red", "noisy")):
+            ax.hist(weights[flag], bins=bins, alpha=0.6, color=colour, label=f"{name} ({flag.sum()})")
+        ax.set_title(f"stage {stage} weights: AUC clean vs noisy {roc_auc(weights[known], clean[known]):.3f}")
         ax.legend()
     else:
         ax.hist(weights, bins=bins, color="tab:blue", label=f"all ({len(weights)})")
@@ -60,7 +64,7 @@ def plot_weights(out_png: str | Path, root: str | Path, records: Sequence, weigh
                     axi.imshow(np.asarray(img.convert("RGB")))
             except OSError:
                 axi.text(0.5, 0.5, "unreadable", ha="center", va="center")
-            colour = "black" if clean is None else ("tab:green" if clean[i] else "tab:red")
+            colour = "black" if clean is None or not known[i] else ("tab:green" if clean[i] else "tab:red")
             for spine in axi.spines.values():
                 spine.set(edgecolor=colour, linewidth=3)
             axi.set_xticks([]), axi.set_yticks([])
@@ -72,8 +76,8 @@ def plot_weights(out_png: str | Path, root: str | Path, records: Sequence, weigh
         fig.text(0.64, 0.995, "highest weights  |  lowest weights" +
                  ("   (frame: green clean, red noisy)" if clean is not None else ""), ha="center", va="top")
     fig.tight_layout(rect=(0, 0, 1, 0.97))
-    out_png = Path(out_png)
-    tmp = out_png.with_name(f".{out_png.stem}.tmp.png")
-    fig.savefig(tmp, dpi=90)
-    plt.close(fig)
-    tmp.replace(out_png)
+    try:
+        with atomic_output(out_png) as tmp:
+            fig.savefig(tmp, dpi=90, format="png")
+    finally:
+        plt.close(fig)

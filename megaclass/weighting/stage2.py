@@ -18,7 +18,7 @@ a matching page (+0.1) into +3.3 logits; M = 4 caps the text's say at a factor e
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -38,7 +38,6 @@ class Stage2Config:
     max_vocabulary: int = 100_000
     """at most this many image keywords are encoded, the most frequent; a vocabulary that large covers
     the words of a language in use, what lies beyond is names, ids, typos and foreign words"""
-    stage1: Stage1Config = field(default_factory=Stage1Config)
 
     def __post_init__(self):
         if self.tau <= 0 or self.max_evidence <= 0 or self.min_df < 1 or self.max_vocabulary < 1:
@@ -109,13 +108,14 @@ def text_vectors(image_kw: Sequence[Sequence[str]], class_kw: Sequence[Sequence[
 def stage2_weights(labels: np.ndarray, sources: Sequence[str], ranks: Sequence[int | None],
                    pred_classes: np.ndarray, pred_probs: np.ndarray, neighbors: np.ndarray, scores: np.ndarray,
                    image_vectors: np.ndarray, class_vectors: np.ndarray,
-                   cfg: Stage2Config = Stage2Config()) -> np.ndarray:
+                   cfg: Stage2Config = Stage2Config(), stage1: Stage1Config = Stage1Config()) -> np.ndarray:
     """Stage-2 scores s [N] in (0, 1) (formula in the module docstring).
 
-    Inputs as `stage1_weights`, plus image_vectors [N, D] and class_vectors [C, D] from `text_vectors`.
+    Inputs as `stage1_weights`, plus image_vectors [N, D] and class_vectors [C, D] from `text_vectors`;
+    `stage1` configures the w1 inside (the same config a stage-1 run uses).
     """
     labels = np.asarray(labels, dtype=np.int64)
-    w1 = stage1_weights(labels, sources, ranks, pred_classes, pred_probs, neighbors, scores, cfg.stage1)
+    w1 = stage1_weights(labels, sources, ranks, pred_classes, pred_probs, neighbors, scores, stage1)
     margin = text_margin(image_vectors, labels, np.asarray(pred_classes), class_vectors)
     evidence = np.clip(margin / cfg.tau, -cfg.max_evidence, cfg.max_evidence)
-    return 1.0 / (1.0 + np.exp(-(logit(w1, cfg.stage1.eps) + evidence)))
+    return 1.0 / (1.0 + np.exp(-(logit(w1, stage1.eps) + evidence)))

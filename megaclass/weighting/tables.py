@@ -13,6 +13,8 @@ from pathlib import Path
 
 import numpy as np
 
+from megaclass.io import atomic_write_text
+
 
 class TableError(ValueError):
     """A predictions or weights file is malformed; the message names the file and line."""
@@ -97,7 +99,7 @@ def write_predictions(path: str | os.PathLike, paths: Sequence[str], wnids: Sequ
     lines = []
     for image, cs, ps in zip(paths, np.asarray(classes).tolist(), np.asarray(probs).tolist()):
         lines.append(image + "\t" + " ".join(f"{wnids[c]}:{p:.6f}" for c, p in zip(cs, ps) if c >= 0) + "\n")
-    _atomic_write(Path(path), "".join(lines))
+    atomic_write_text(path, "".join(lines))
 
 
 def write_weights(path: str | os.PathLike, paths: Sequence[str], weights: Sequence[float]) -> None:
@@ -107,7 +109,7 @@ def write_weights(path: str | os.PathLike, paths: Sequence[str], weights: Sequen
         raise ValueError(f"{len(paths)} paths but {len(weights)} weights")
     if not np.all(np.isfinite(weights)) or np.any(weights < 0):
         raise ValueError("weights must be finite and non-negative")
-    _atomic_write(Path(path), "".join(f"{p}\t{w:.6f}\n" for p, w in zip(paths, weights.tolist())))
+    atomic_write_text(path, "".join(f"{p}\t{w:.6f}\n" for p, w in zip(paths, weights.tolist())))
 
 
 def read_weights(path: str | os.PathLike) -> dict[str, float]:
@@ -136,12 +138,3 @@ def read_weights(path: str | os.PathLike) -> dict[str, float]:
         weights[parts[0]] = w
     return weights
 
-
-def _atomic_write(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        tmp.write_text(text, encoding="utf-8")
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
