@@ -14,9 +14,7 @@ import json
 import os
 import sys
 
-from megaclass.engine import distributed
-from megaclass.engine.config import ConfigError, load_config
-from megaclass.engine.data import load_run_data
+from megaclass.engine.data import start_run
 from megaclass.engine.pipeline import trainer_class
 from megaclass.engine.trainer import TrainData
 from megaclass.io import atomic_write_text
@@ -36,15 +34,7 @@ def parse(argv):
 def main(argv=None) -> int:
     args = parse(argv)
     try:
-        cfg = load_config(args.config, args.overrides)
-        if not cfg.data.root:
-            raise ConfigError("data.root: not set; pass --set data.root=<WebVision-layout directory>")
-    except ConfigError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    distributed.init(cfg)
-    try:
-        data = load_run_data(cfg)  # every rank reads the same files, so every rank stops here alike
+        cfg, data = start_run(args.config, args.overrides)
     except (OSError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

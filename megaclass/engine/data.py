@@ -12,12 +12,16 @@ from __future__ import annotations
 import math
 import random
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 from torch.utils.data import Dataset, Sampler
 
 from megaclass.data import ClassBalancedSampler, ImageDataset, WebVision, load_webvision
 from megaclass.weighting.tables import read_weights
+
+if TYPE_CHECKING:
+    from megaclass.engine.config import Config
 
 
 def epoch_order(num_items: int, seed: int, epoch: int, labels: torch.Tensor | None = None) -> torch.Tensor:
@@ -146,3 +150,17 @@ def load_run_data(cfg, weights: str | None = None) -> RunData:
     sample_weights = read_weight_table(weights, paths, allow_extra=bool(cfg.data.limit_train)) if weights else None
     return RunData(data, *sets, torch.tensor([label for _, label in items]),
                    torch.tensor([label for _, label in data.val], dtype=torch.long), sample_weights)
+
+
+def start_run(config: str, overrides: list[str]) -> tuple[Config, RunData]:
+    """What both entry points do first: load and check the config, join the process group, read the
+    data. Bad input raises ValueError/OSError naming the key or file, on every rank alike (each rank
+    reads the same files), so callers print it and exit instead of hanging a peer."""
+    from megaclass.engine import distributed
+    from megaclass.engine.config import ConfigError, load_config
+
+    cfg = load_config(config, overrides)
+    if not cfg.data.root:
+        raise ConfigError("data.root: not set; pass --set data.root=<WebVision-layout directory>")
+    distributed.init(cfg)
+    return cfg, load_run_data(cfg)

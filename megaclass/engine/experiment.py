@@ -19,9 +19,8 @@ import json
 import os
 import sys
 
-from megaclass.engine import distributed
-from megaclass.engine.config import Config, ConfigError, load_config
-from megaclass.engine.data import RunData, load_run_data, read_weight_table
+from megaclass.engine.config import Config
+from megaclass.engine.data import RunData, read_weight_table, start_run
 from megaclass.engine.pipeline import trainer_class
 from megaclass.engine.trainer import TrainData, device_of_rank
 from megaclass.io import atomic_output, atomic_write_text
@@ -158,15 +157,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)  # passed by the deepspeed launcher
     args = parser.parse_args(argv)
     try:
-        cfg = load_config(args.config, args.overrides)
-        if not cfg.data.root:
-            raise ConfigError("data.root: not set; pass --set data.root=<WebVision-layout directory>")
-    except ConfigError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    distributed.init(cfg)
-    try:
-        data = load_run_data(cfg)  # every rank reads the same files, so every rank stops here alike
+        cfg, data = start_run(args.config, args.overrides)
         if len(data.val_labels) == 0:
             raise ValueError(f"{cfg.data.root}/info/val_filelist.txt: no validation images to evaluate on")
     except (OSError, ValueError) as exc:

@@ -15,7 +15,7 @@ from deepspeed.pipe import PipelineModule
 
 from megaclass.engine.config import ConfigError
 from megaclass.engine.data import RankBatches
-from megaclass.engine.head import clip_head_grad_, sharded_topk
+from megaclass.engine.head import sharded_topk
 from megaclass.engine.optim import build_optimizer, build_schedule
 from megaclass.engine.trainer import Trainer
 from megaclass.models.backbones import create
@@ -79,11 +79,7 @@ class PipelineTrainer(Trainer):
         torch.manual_seed(self.cfg.train.seed * 7_919 + self.step)
         loss = self.engine.train_batch(data_iter=micro_batches())
         if self.is_last_stage:
-            if self.cfg.optim.grad_clip:
-                clip_head_grad_(self.head, self.cfg.optim.grad_clip, self.head.process_group)
-            self.head_optimizer.step()
-            self.head_optimizer.zero_grad(set_to_none=True)
-            self.head_schedule.step()
+            self._step_head()
         self.step += 1
         return float(loss)
 

@@ -159,13 +159,17 @@ class Trainer:
             self.engine.backward(loss)
             self.engine.step()
             total += float(loss.detach())
+        self._step_head()
+        self.step += 1
+        return total / accum
+
+    def _step_head(self) -> None:
+        """The head's own optimizer step (outside DeepSpeed, so its rows are never averaged)."""
         if self.cfg.optim.grad_clip:
             clip_head_grad_(self.head, self.cfg.optim.grad_clip, self.head.process_group)
         self.head_optimizer.step()
         self.head_optimizer.zero_grad(set_to_none=True)
         self.head_schedule.step()
-        self.step += 1
-        return total / accum
 
     def fit(self, val: tuple[Dataset, torch.Tensor] | None = None) -> list[dict]:
         """Train from the latest checkpoint (if any) to the last step; returns the logged rows.
