@@ -14,6 +14,7 @@ import json
 import os
 import sys
 
+from megaclass.engine import distributed
 from megaclass.engine.data import start_run
 from megaclass.engine.pipeline import trainer_class
 from megaclass.engine.trainer import TrainData
@@ -49,6 +50,7 @@ def main(argv=None) -> int:
         if comm.rank() == 0:
             atomic_write_text(os.path.join(cfg.run_dir, "eval.json"), json.dumps(result))
             print(f"validation: top-1 {result['top1']:.2f}%  top-5 {result['top5']:.2f}%")
+    distributed.finish()
     return 0
 
 

@@ -27,3 +27,10 @@ def init(cfg: Config) -> None:
     if "OMP_NUM_THREADS" not in os.environ:  # ranks of one node share its cores instead of oversubscribing
         local = int(os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("LOCAL_SIZE", "1")))
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // local))
+
+
+def finish() -> None:
+    """Leave the process group together: a rank that exits with its group alive can abort in the
+    backend's threads at interpreter exit ("terminate called without an active exception")."""
+    comm.barrier()
+    comm.destroy_group()

@@ -19,6 +19,7 @@ import json
 import os
 import sys
 
+from megaclass.engine import distributed
 from megaclass.engine.config import Config
 from megaclass.engine.data import RunData, read_weight_table, start_run
 from megaclass.engine.pipeline import trainer_class
@@ -168,6 +169,7 @@ def main(argv: list[str] | None = None) -> int:
     except StepFailed as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
+    distributed.finish()
     return 0
 
 
