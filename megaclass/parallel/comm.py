@@ -3,13 +3,10 @@
 Naming: a *group* is a torch.distributed process group (None = the default group when one is
 initialized, else a group of one). Row collectives work on dim 0.
 
-Autograd pairs mirror each other (Megatron's mappings.py):
+Autograd functions, each forward mirrored by its backward (Megatron's mappings.py):
   gather_rows     forward: all-gather rows        backward: reduce-scatter (sum) rows
-  reduce_rows     forward: reduce-scatter rows    backward: all-gather rows
-  split_rows      forward: keep this rank's rows  backward: all-gather rows
-  all_reduce_grad forward: identity               backward: all-reduce (sum)
   scale_grad      forward: identity               backward: multiply by a constant (local)
-Each is a no-op for a group of one. Gloo has no reduce-scatter, so there it is an all-reduce
+gather_rows is a no-op for a group of one. Gloo has no reduce-scatter, so there it is an all-reduce
 followed by taking this rank's slice (same result, twice the traffic).
 """
 from __future__ import annotations
@@ -122,62 +119,10 @@ class _GatherRows(torch.autograd.Function):
         return _reduce_scatter_rows(grad, ctx.group), None
 
 
-class _ReduceRows(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, group):
-        ctx.group = group
-        return _reduce_scatter_rows(x, group)
-
-    @staticmethod
-    def backward(ctx, grad):
-        return _all_gather_rows(grad, ctx.group), None
-
-
-class _SplitRows(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, group):
-        ctx.group = group
-        p = world_size(group)
-        if x.shape[0] % p:
-            raise ValueError(f"split needs rows divisible by the group size: {x.shape[0]} rows, {p} ranks")
-        rows = x.shape[0] // p
-        return x.narrow(0, rank(group) * rows, rows).contiguous()
-
-    @staticmethod
-    def backward(ctx, grad):
-        return _all_gather_rows(grad, ctx.group), None
-
-
-class _AllReduceGrad(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, group):
-        ctx.group = group
-        return x.view_as(x)
-
-    @staticmethod
-    def backward(ctx, grad):
-        return all_reduce_(grad.contiguous().clone(), ctx.group), None
-
-
 def gather_rows(x: torch.Tensor, group=None) -> torch.Tensor:
     """[n, ...] per rank -> [P·n, ...] on every rank; the backward sums the gradient over ranks
     and returns each rank its own rows (reduce-scatter). Every rank must pass the same n."""
     return x if world_size(group) == 1 else _GatherRows.apply(x, group)
-
-
-def reduce_rows(x: torch.Tensor, group=None) -> torch.Tensor:
-    """[P·n, ...] partial sums per rank -> [n, ...]: this rank's rows of the sum; backward all-gathers."""
-    return x if world_size(group) == 1 else _ReduceRows.apply(x, group)
-
-
-def split_rows(x: torch.Tensor, group=None) -> torch.Tensor:
-    """[P·n, ...], identical on every rank -> this rank's [n, ...]; backward all-gathers."""
-    return x if world_size(group) == 1 else _SplitRows.apply(x, group)
-
-
-def all_reduce_grad(x: torch.Tensor, group=None) -> torch.Tensor:
-    """Identity forward; the backward sums the gradient over the group."""
-    return x if world_size(group) == 1 else _AllReduceGrad.apply(x, group)
 
 
 class _ScaleGrad(torch.autograd.Function):
