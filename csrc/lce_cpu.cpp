@@ -115,6 +115,50 @@ void row_stats(T* z, int64_t cols, bool store_exp, float& max_out, float& sumexp
   sum_out = sum;
 }
 
+// A row of a group of one rank holds every class, so its lse is known as soon as its statistics are:
+// the gradient g = k·(e / Σe − uniform) is made in the same visit, while the row is still in cache
+// (the separate gradient pass would bring it back from memory). zt: the row's target logit, or 0.
+template <typename T>
+void row_stats_grad(T* z, int64_t cols, int64_t t, float zt, float k, float target_coef, float uniform_coef,
+                    float& max_out, float& sumexp_out, float& sum_out) {
+  row_stats(z, cols, /*store_exp=*/true, max_out, sumexp_out, sum_out);
+  if (k == 0.f) {
+    std::fill(z, z + cols, static_cast<T>(0.f));
+    return;
+  }
+  const float scale = 1.f / sumexp_out;
+  const Vec vk(k * scale), voff(-k * uniform_coef);
+  int64_t c = 0;
+  for (; c + kStep <= cols; c += kStep) {
+    Vec a, b;
+    load2(z + c, a, b);
+    store2(z + c, at::vec::fmadd(a, vk, voff), at::vec::fmadd(b, vk, voff));
+  }
+  for (; c < cols; ++c) z[c] = static_cast<T>(k * (static_cast<float>(z[c]) * scale - uniform_coef));
+  if (t >= 0 && t < cols) {  // from the fp32 target logit, so that bf16/fp16 round once
+    z[t] = static_cast<T>(k * (std::exp(zt - max_out) * scale - target_coef - uniform_coef));
+  }
+}
+
+template <typename T>
+void stats_grad_kernel(at::Tensor& logits, const at::Tensor& target, const at::Tensor& row_coef, float target_coef,
+                       float uniform_coef, at::Tensor& out) {
+  const int64_t rows = logits.size(0), cols = logits.size(1);
+  T* base = logits.data_ptr<T>();
+  const int64_t* tgt = target.data_ptr<int64_t>();
+  const float* kc = row_coef.data_ptr<float>();
+  float* o = out.data_ptr<float>();
+  at::parallel_for(0, rows, grain(cols), [&](int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; ++r) {
+      T* z = base + r * cols;
+      const int64_t t = tgt[r];
+      const float zt = (t >= 0 && t < cols) ? static_cast<float>(z[t]) : 0.f;
+      o[2 * rows + r] = zt;
+      row_stats_grad(z, cols, t, zt, kc[r], target_coef, uniform_coef, o[r], o[rows + r], o[3 * rows + r]);
+    }
+  });
+}
+
 template <typename T>
 void stats_kernel(at::Tensor& logits, const at::Tensor& target, int64_t class_start, bool store_exp, at::Tensor& out) {
   const int64_t rows = logits.size(0), cols = logits.size(1);
@@ -196,6 +240,19 @@ at::Tensor lce_chunk_stats_cpu(at::Tensor& logits, const at::Tensor& target, int
   return out;
 }
 
+at::Tensor lce_chunk_stats_grad_cpu(at::Tensor& logits, const at::Tensor& target, const at::Tensor& row_coef,
+                                    double target_coef, double uniform_coef) {
+  constexpr const char* op = "lce_chunk_stats_grad_";
+  check_logits_target(op, logits, target, c10::DeviceType::CPU);
+  check_row_vector(op, "row_coef", row_coef, logits);
+  at::Tensor out = at::empty({4, logits.size(0)}, logits.options().dtype(at::kFloat));
+  dispatch_dtype(logits.scalar_type(), [&](auto tag) {
+    stats_grad_kernel<decltype(tag)>(logits, target, row_coef, static_cast<float>(target_coef),
+                                     static_cast<float>(uniform_coef), out);
+  });
+  return out;
+}
+
 void lce_chunk_grad_cpu(at::Tensor& logits, const at::Tensor& target, int64_t class_start, const at::Tensor& shift,
                         const at::Tensor& row_coef, double target_coef, double uniform_coef, bool stored_exp) {
   constexpr const char* op = "lce_chunk_grad_";
@@ -214,4 +271,5 @@ void lce_chunk_grad_cpu(at::Tensor& logits, const at::Tensor& target, int64_t cl
 TORCH_LIBRARY_IMPL(megaclass, CPU, m) {
   m.impl("lce_chunk_stats", &megaclass::lce_chunk_stats_cpu);
   m.impl("lce_chunk_grad_", &megaclass::lce_chunk_grad_cpu);
+  m.impl("lce_chunk_stats_grad_", &megaclass::lce_chunk_stats_grad_cpu);
 }

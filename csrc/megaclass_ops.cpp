@@ -1,4 +1,4 @@
-// megaclass._C: the two per-chunk kernels of the fused linear + cross-entropy op. This file is the
+// megaclass._C: the per-chunk kernels of the fused linear + cross-entropy op. This file is the
 // only definition of their schema (the authority for the CPU kernel in lce_cpu.cpp, the CUDA kernel in
 // lce_cuda.cu and the PyTorch twin in megaclass/ops/kernels.py), and it checks their arguments.
 //
@@ -19,6 +19,12 @@
 //        p[i,c] = e[i,c] · exp(−shift[i])       if stored_exp     (e = exp(z − max), shift = lse − max)
 //   shift, row_coef: fp32 [R]; target_coef = 1 − ε, uniform_coef = ε / C_total (label smoothing ε).
 //   A row with row_coef 0 (an ignored row) becomes exactly 0.
+//
+// lce_chunk_stats_grad_(Tensor(a!) logits, Tensor target, Tensor row_coef, float target_coef,
+//                       float uniform_coef) -> Tensor
+//   Both of the above for a group of ONE rank (logits hold every class, class_start = 0): returns
+//   lce_chunk_stats' [4, R], and turns logits in place into lce_chunk_grad_'s gradient with
+//   shift = lse = max + log Σ exp(z − max), each row in one visit. CPU only (the CUDA path runs the two).
 #include <Python.h>
 
 #include <torch/library.h>
@@ -67,4 +73,7 @@ TORCH_LIBRARY(megaclass, m) {
   m.def(
       "lce_chunk_grad_(Tensor(a!) logits, Tensor target, int class_start, Tensor shift, Tensor row_coef, "
       "float target_coef, float uniform_coef, bool stored_exp) -> ()");
+  m.def(
+      "lce_chunk_stats_grad_(Tensor(a!) logits, Tensor target, Tensor row_coef, float target_coef, "
+      "float uniform_coef) -> Tensor");
 }

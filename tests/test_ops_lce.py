@@ -6,6 +6,7 @@ import sys
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import megaclass
 from lce_reference import assert_close_rel, make_inputs, plain
@@ -80,6 +81,38 @@ def test_chunk_size_does_not_change_the_result(implementation, chunk_size):
 def test_half_precision_inputs(implementation, dtype, reduction):
     hidden, weight, target, s, b = make_inputs(70, 32, 333, dtype, bias=True, seed=5)
     _check(hidden, weight, target, s, b, implementation, reduction=reduction, eps=0.1, chunk_size=16)
+
+
+class _LargestFloat32(TorchDispatchMode):
+    """Records the largest float32 tensor any op creates (views of existing storage excluded)."""
+
+    def __init__(self):
+        super().__init__()
+        self.largest = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        inputs = {a.untyped_storage().data_ptr() for a in args if isinstance(a, torch.Tensor)}
+        for o in out if isinstance(out, (tuple, list)) else [out]:
+            if (isinstance(o, torch.Tensor) and o.dtype == torch.float32
+                    and o.untyped_storage().data_ptr() not in inputs):
+                self.largest = max(self.largest, o.numel())
+        return out
+
+
+@pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
+@pytest.mark.parametrize("chunk_size", [16, 64])  # several row chunks (by class), one chunk (by rows)
+def test_half_precision_weight_gradient_has_no_float32_copy(implementation, chunk_size):
+    # an fp32 accumulator of dW would double the gradient's memory (2.4 GB at 256,000 × 2,304)
+    hidden, weight, target, s, _ = make_inputs(64, 96, 4000, torch.bfloat16, seed=12)
+    spy = _LargestFloat32()
+    with spy:
+        ours = _ours(hidden, weight, target, s, None, implementation=implementation, chunk_size=chunk_size)
+    assert ours[2].dtype == torch.bfloat16
+    assert 0 < spy.largest < 4000 * 96, f"an fp32 tensor of {spy.largest} elements (dW has {4000 * 96})"
+    ref = plain(hidden, weight, target, s, None, dtype=torch.float64)
+    assert_close_rel("d weight", ours[2], ref[2], plain(hidden, weight, target, s, None, dtype=torch.bfloat16)[2],
+                     torch.bfloat16)
 
 
 @pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
@@ -197,6 +230,42 @@ def test_kernels_against_float64(implementation, dtype, cols):
         assert torch.allclose(g.double(), expected, rtol=2.0 ** -7 if half else 1e-5,
                               atol=2.0 ** -8 * float(expected.abs().max()) if half else 1e-6)
         assert torch.equal(g[3], torch.zeros_like(g[3]))  # row_coef 0: exactly 0
+
+
+@pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("cols", [1, 31, 100])
+def test_fused_stats_grad_kernel_against_float64(implementation, dtype, cols):
+    """One rank holding every class: statistics and gradient (shift = the row's own lse) in one kernel."""
+    gen = torch.Generator().manual_seed(100 + cols)
+    rows = 5
+    z = (torch.randn(rows, cols, generator=gen) * 4).to(dtype)
+    target = torch.tensor([0, cols - 1, -100, cols // 2, 0])  # first, last, ignored, middle, zero weight
+    row_coef = torch.tensor([1.0, 0.5, 0.0, 2.0, 0.0])
+    ref, _ = _stats64(z, target, 0)
+    logits = z.clone()
+    stats = kernels.chunk_stats_grad_(logits, target, row_coef, 0.9, 0.01, implementation == "extension")
+    assert stats.dtype == torch.float32
+    assert torch.allclose(stats.double(), ref, rtol=1e-5, atol=8 * (2.0 ** -23) * cols * 4)
+    expected = torch.softmax(z.double(), 1) - 0.01
+    for i in range(rows):
+        if target[i] >= 0:
+            expected[i, target[i]] -= 0.9
+    expected *= row_coef.double()[:, None]
+    half = dtype == torch.bfloat16
+    assert torch.allclose(logits.double(), expected, rtol=2.0 ** -7 if half else 1e-5,
+                          atol=2.0 ** -8 * float(expected.abs().max()) if half else 1e-6)
+    assert torch.equal(logits[2], torch.zeros_like(logits[2])) and torch.equal(logits[4], torch.zeros_like(logits[4]))
+
+
+def test_fused_kernel_rejects_bad_arguments():
+    if not kernels.has_fused_kernel("cpu"):
+        pytest.skip("megaclass._C is not built")
+    logits = torch.zeros(4, 7)
+    with pytest.raises(ValueError, match="row_coef must be a contiguous float32"):
+        torch.ops.megaclass.lce_chunk_stats_grad_(logits, torch.zeros(4, dtype=torch.int64), torch.zeros(3), 1.0, 0.0)
+    with pytest.raises(ValueError, match="target must be a contiguous int64"):
+        torch.ops.megaclass.lce_chunk_stats_grad_(logits, torch.zeros(4), torch.zeros(4), 1.0, 0.0)
 
 
 def test_missing_extension_warns_once_and_falls_back(monkeypatch):

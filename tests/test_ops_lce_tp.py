@@ -15,9 +15,11 @@ from megaclass.parallel import comm
 
 N, D, C = 23, 7, 31  # 31 classes: shards 16+15 on 2 ranks, 11+10+10 on 3
 
-# (reduction, label smoothing, bias, hidden_grad, chunk_size)
-CASES = [("mean", 0.0, False, "full", 5), ("sum", 0.1, True, "full", None), ("none", 0.2, True, "full", 4),
-         ("mean", 0.1, True, "partial", 6)]
+# (reduction, label smoothing, bias, hidden_grad, chunk_size, dtype); bf16 over several chunks takes the
+# by-class gradient path (class blocks inside each rank's shard)
+F32, BF16 = torch.float32, torch.bfloat16
+CASES = [("mean", 0.0, False, "full", 5, F32), ("sum", 0.1, True, "full", None, F32), ("none", 0.2, True, "full", 4, F32),
+         ("mean", 0.1, True, "partial", 6, F32), ("sum", 0.1, True, "full", 5, BF16), ("none", 0.0, False, "full", 4, BF16)]
 
 
 def _implementations():
@@ -35,8 +37,8 @@ def _tp_rank(rank, world):
     group = comm.default_group()
     out = []
     for implementation in _implementations():
-        for seed, (reduction, eps, bias, hidden_grad, chunk) in enumerate(CASES):
-            hidden, weight, target, s, b = make_inputs(N, D, C, bias=bias, seed=seed)
+        for seed, (reduction, eps, bias, hidden_grad, chunk, dtype) in enumerate(CASES):
+            hidden, weight, target, s, b = make_inputs(N, D, C, dtype, bias=bias, seed=seed)
             h = hidden.clone().requires_grad_()
             w = weight[start:end].clone().requires_grad_()
             bb = None if b is None else b[start:end].clone().requires_grad_()
@@ -45,8 +47,9 @@ def _tp_rank(rank, world):
                                         reduction=reduction, label_smoothing=eps, chunk_size=chunk,
                                         hidden_grad=hidden_grad, implementation=implementation)
             inputs = [t for t in (h, w, bb, sw) if t is not None]
-            grads = torch.autograd.grad(loss, inputs, _upstream(reduction))
-            out.append([loss.detach().numpy()] + [g.numpy() for g in grads])
+            upstream = _upstream(reduction)
+            grads = torch.autograd.grad(loss, inputs, None if upstream is None else upstream.to(dtype))
+            out.append([loss.detach().float().numpy()] + [g.float().numpy() for g in grads])
     return out, _bad_input_cases(rank, world)  # in the same processes: spawning ranks is the slow part
 
 
@@ -54,29 +57,29 @@ def _check_tp(world):
     results, messages = zip(*run_ranks(_tp_rank, world))
     _check_errors(messages)
     cases = [(impl, c) for impl in _implementations() for c in CASES]
-    for k, (impl, (reduction, eps, bias, hidden_grad, _)) in enumerate(cases):
-        hidden, weight, target, s, b = make_inputs(N, D, C, bias=bias, seed=k % len(CASES))
+    for k, (impl, (reduction, eps, bias, hidden_grad, _, dtype)) in enumerate(cases):
+        hidden, weight, target, s, b = make_inputs(N, D, C, dtype, bias=bias, seed=k % len(CASES))
         kw = dict(eps=eps, reduction=reduction, upstream=_upstream(reduction))
         ref = plain(hidden, weight, target, s, b, dtype=torch.float64, **kw)
-        fp32 = plain(hidden, weight, target, s, b, dtype=torch.float32, **kw)
+        same = plain(hidden, weight, target, s, b, dtype=dtype, **kw)  # plain PyTorch in the input dtype
         ref = [t for t in ref if t is not None]
-        fp32 = [t for t in fp32 if t is not None]
+        same = [t for t in same if t is not None]
         per_rank = [[torch.from_numpy(a) for a in r[k]] for r in results]
-        label = f"{impl} {reduction} ε={eps} bias={bias} hidden_grad={hidden_grad} P={world}"
+        label = f"{impl} {reduction} ε={eps} bias={bias} hidden_grad={hidden_grad} {dtype} P={world}"
         for rank in range(world):  # the loss is the same on every rank
-            assert_close_rel(f"{label}: loss on rank {rank}", per_rank[rank][0], ref[0], fp32[0], torch.float32)
+            assert_close_rel(f"{label}: loss on rank {rank}", per_rank[rank][0], ref[0], same[0], dtype)
         if hidden_grad == "full":
             for rank in range(world):
-                assert_close_rel(f"{label}: d hidden on rank {rank}", per_rank[rank][1], ref[1], fp32[1], torch.float32)
+                assert_close_rel(f"{label}: d hidden on rank {rank}", per_rank[rank][1], ref[1], same[1], dtype)
         else:  # each rank returns its shard's part: they add up to the full gradient
             total = sum(r[1].double() for r in per_rank)
-            assert_close_rel(f"{label}: Σ partial d hidden", total, ref[1], fp32[1], torch.float32)
+            assert_close_rel(f"{label}: Σ partial d hidden", total, ref[1], same[1], dtype)
         shards = range(2, len(ref) - 1)  # d weight (and d bias): concatenated over ranks in rank order
         for j in shards:
             full = torch.cat([r[j] for r in per_rank])
-            assert_close_rel(f"{label}: grad {j}", full, ref[j], fp32[j], torch.float32)
+            assert_close_rel(f"{label}: grad {j}", full, ref[j], same[j], dtype)
         for rank in range(world):
-            assert_close_rel(f"{label}: d sample_weight", per_rank[rank][-1], ref[-1], fp32[-1], torch.float32)
+            assert_close_rel(f"{label}: d sample_weight", per_rank[rank][-1], ref[-1], same[-1], dtype)
 
 
 def test_two_ranks_uneven_shards_and_bad_input_on_one_rank():

@@ -13,6 +13,10 @@ Contract (the header of `csrc/megaclass_ops.cpp` is the authority):
       in place: g[i, c] = row_coef[i] · (p[i, c] − target_coef·[c == target[i] − class_start] − uniform_coef)
       with p = exp(z − shift) (shift = lse), or p = e · exp(−shift) when stored_exp (shift = lse − max).
 
+  chunk_stats_grad_(logits, target, row_coef, target_coef, uniform_coef) -> stats
+      both, for a group of one rank (logits hold every class): the stats of chunk_stats, and logits
+      turned into chunk_grad_'s gradient with shift = lse, each row in one visit (CPU kernel only).
+
 The twins below are plain PyTorch with the same signatures and semantics; they run wherever the
 extension has no kernel for the tensor's device or dtype (fp64 is twin-only), and in tests.
 """
@@ -83,6 +87,15 @@ def chunk_grad_torch_(logits: torch.Tensor, target: torch.Tensor, class_start: i
         logits.copy_(p)
 
 
+def chunk_stats_grad_torch_(logits: torch.Tensor, target: torch.Tensor, row_coef: torch.Tensor, target_coef: float,
+                            uniform_coef: float) -> torch.Tensor:
+    """PyTorch twin of `megaclass::lce_chunk_stats_grad_` (one rank holds every class)."""
+    stats = chunk_stats_torch(logits, target, 0, True)
+    shift = torch.log(stats[1])  # lse − max: the stored exponentials are relative to the max
+    chunk_grad_torch_(logits, target, 0, shift, row_coef, target_coef, uniform_coef, True)
+    return stats
+
+
 @functools.cache
 def extension():
     """`megaclass._C` if it was built and loads, else None (with one warning)."""
@@ -123,6 +136,18 @@ def chunk_stats(logits, target, class_start: int, store_exp: bool, use_extension
     if use_extension:
         return torch.ops.megaclass.lce_chunk_stats(logits, target, class_start, store_exp)
     return chunk_stats_torch(logits, target, class_start, store_exp)
+
+
+def has_fused_kernel(device_type: str) -> bool:
+    """Whether `megaclass._C` has `lce_chunk_stats_grad_` for the device (the CPU build has)."""
+    return extension() is not None and _has_kernel("lce_chunk_stats_grad_", device_type)
+
+
+def chunk_stats_grad_(logits, target, row_coef, target_coef: float, uniform_coef: float,
+                      use_extension: bool) -> torch.Tensor:
+    if use_extension:
+        return torch.ops.megaclass.lce_chunk_stats_grad_(logits, target, row_coef, target_coef, uniform_coef)
+    return chunk_stats_grad_torch_(logits, target, row_coef, target_coef, uniform_coef)
 
 
 def chunk_grad_(logits, target, class_start: int, shift, row_coef, target_coef: float, uniform_coef: float,

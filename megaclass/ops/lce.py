@@ -15,6 +15,11 @@ time, so the gradients are made during the forward pass (three GEMMs in all: log
 backward only scales them by the upstream scalar. "none" needs the per-row upstream gradient, known
 only in backward: the forward keeps lse and the backward recomputes the logits (four GEMMs).
 dX is summed over ranks by ONE all-reduce at the end (none with hidden_grad="partial").
+
+dW of bf16/fp16 weights is never accumulated over row chunks (that would need an fp32 copy of it:
+2.4 GB at 256,000 × 2,304): when the rows span several chunks, the gradients are made a block of
+classes at a time over all rows (`_class_sweep`: each block's dW is one GEMM, fp32 inside, rounded
+once), which recomputes the logits: four GEMMs, and no memory beyond one working set and an fp32 dX.
 """
 from __future__ import annotations
 
@@ -32,9 +37,10 @@ _DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2, torch.flo
 
 CHUNK_BYTES = {"cpu": 128 << 20}
 """Default bound on the logits buffer (chunk rows × C_local elements), the op's working set, per device
-type (others: 1 GiB). On CPU, 128 MB (about 650 rows at 50k fp32 classes): smaller
+type (others: 512 MiB). On CPU, 128 MB (about 650 rows at 50k fp32 classes): smaller
 chunks make the GEMMs re-stream W more often (+4% at 330 rows), bigger ones gain little (1,000
-rows: −1%) for their memory."""
+rows: −1%) for their memory. On a GPU, 512 MiB keeps the op within 0.7 GB beyond its inputs and
+gradients at 8,192 × 256,000 bf16 (working set + fp32 dX) while every GEMM stays large."""
 MIN_CHUNK_ROWS = 64
 """Fewer rows per chunk would starve the GEMMs (dW = gᵀX has only chunk rows as its inner dimension)."""
 
@@ -228,10 +234,12 @@ def _validate(hidden, weight, target, sample_weight, bias, class_start, group, i
             raise ValueError(f"linear_cross_entropy: rank {r} has a target outside [0, {num_classes}) that is not "
                              f"ignore_index={ignore_index} (its own error names the row)")
     use_ext = kernels.uses_extension(hidden, implementation)
+    rows = hidden.shape[0] * (world if gathered else 1)
     if chunk_size is None:
-        budget = CHUNK_BYTES.get(hidden.device.type, 1 << 30)
+        budget = CHUNK_BYTES.get(hidden.device.type, 512 << 20)
         chunk_size = max(MIN_CHUNK_ROWS, budget // max(1, weight.shape[0] * hidden.element_size()))
-    chunk_rows = max(1, min(chunk_size, hidden.shape[0] * (world if gathered else 1)))
+        chunk_size = -(-rows // -(-rows // chunk_size)) if rows else chunk_size  # equal chunks: no small last one
+    chunk_rows = max(1, min(chunk_size, rows))
     return _Options(class_start=class_start, num_classes=num_classes, group=group, world=world, rank=me,
                     ignore_index=ignore_index, label_smoothing=float(label_smoothing), reduction=reduction,
                     chunk_rows=chunk_rows, hidden_grad=hidden_grad, use_extension=use_ext)
@@ -286,48 +294,73 @@ def _logits_(out, x, weight, bias):
 
 
 class _Grads:
-    """dX [N, D] (hidden's dtype; summed over ranks in fp32), dW [C_local, D] and db [C_local]
-    (accumulated in fp32, cast at the end). need = (dX?, dW?, db?)."""
+    """dX [N, D] (hidden's dtype; summed over ranks in fp32), dW [C_local, D] (weight's dtype) and db [C_local]
+    (accumulated in fp32, cast at the end). need = (dX?, dW?, db?).
 
-    def __init__(self, hidden, weight, bias, need):
+    Every GEMM accumulates in fp32 inside (also for bf16/fp16 inputs). dW is never held in fp32 beyond
+    the weight's own dtype: it is made either by row chunks added into an fp32/fp64 dW, or for bf16/fp16
+    weights by `add_classes` over all rows at once (one GEMM per block, rounded once), so no fp32 copy
+    of a large classifier's gradient ever exists."""
+
+    def __init__(self, hidden, weight, bias, need, by_class=False):
         acc = kernels.stats_dtype(hidden.dtype)
-        self.dx = torch.empty_like(hidden, memory_format=torch.contiguous_format) if need[0] else None
-        self.dw = torch.empty(weight.shape, dtype=acc, device=weight.device) if need[1] else None
+        if need[0]:
+            # by class, dX is a sum over class blocks: accumulated in fp32
+            self.dx = (torch.zeros(hidden.shape, dtype=acc, device=hidden.device) if by_class
+                       else torch.empty_like(hidden, memory_format=torch.contiguous_format))
+        else:
+            self.dx = None
+        self.dw = torch.empty_like(weight, memory_format=torch.contiguous_format) if need[1] else None
         self.db = torch.empty(weight.shape[0], dtype=acc, device=weight.device) if need[2] else None
-        self._first = True  # the first chunk writes dW and db, later ones add (no zero-fill pass)
+        self._first = True  # the first row chunk writes dW and db, later ones add (no zero-fill pass)
         self._cuda = hidden.device.type == "cuda"
 
-    def add_chunk(self, g, a, b, hidden, weight):
+    def add_rows(self, g, a, b, hidden, weight):
         """g: [b − a, C_local] gradient of the logits of rows [a, b)."""
         if self.dx is not None:
             torch.mm(g, weight, out=self.dx[a:b])
-        x = hidden[a:b]
         if self.dw is not None:
-            if g.dtype == self.dw.dtype:
-                torch.mm(g.t(), x, out=self.dw) if self._first else self.dw.addmm_(g.t(), x)
-            else:
-                part = torch.mm(g.t(), x, out_dtype=self.dw.dtype) if self._cuda else torch.mm(g.t(), x)
-                self.dw.copy_(part) if self._first else self.dw.add_(part)
+            x = hidden[a:b]
+            torch.mm(g.t(), x, out=self.dw) if self._first else self.dw.addmm_(g.t(), x)
         if self.db is not None:
             part = g.sum(0, dtype=self.db.dtype)
             self.db.copy_(part) if self._first else self.db.add_(part)
         self._first = False
 
-    def finish(self, weight, bias, opts):
-        if self._first:  # no rows
-            for t in (self.dw, self.db):
+    def add_classes(self, g, c0, c1, hidden, weight):
+        """g: [N, c1 − c0] gradient of the logits of classes [c0, c1) of the shard, every row."""
+        if self.dx is not None:
+            w = weight[c0:c1]
+            if g.dtype == self.dx.dtype:
+                self.dx.addmm_(g, w)
+            else:  # CUDA: fp32 out of the GEMM; CPU has no such GEMM and adds the rounded block
+                self.dx.add_(torch.mm(g, w, out_dtype=self.dx.dtype) if self._cuda else torch.mm(g, w))
+        if self.dw is not None:
+            torch.mm(g.t(), hidden, out=self.dw[c0:c1])
+        if self.db is not None:
+            self.db[c0:c1] = g.sum(0, dtype=self.db.dtype)
+        self._first = False
+
+    def finish(self, hidden, bias, opts):
+        if self._first:  # no rows or no classes
+            for t in (self.dx, self.dw, self.db):
                 if t is not None:
                     t.zero_()
         dx = self.dx
         if dx is not None and opts.world > 1 and opts.hidden_grad == "full":
-            acc = kernels.stats_dtype(dx.dtype)
-            dx = comm.all_reduce_(dx.to(acc), opts.group).to(dx.dtype)
-        dw = None if self.dw is None else self.dw.to(weight.dtype)
+            dx = comm.all_reduce_(dx.to(kernels.stats_dtype(dx.dtype)), opts.group)
+        dx = None if dx is None else dx.to(hidden.dtype)
         db = None if self.db is None else self.db.to(bias.dtype)
-        return dx, dw, db
+        return dx, self.dw, db
 
 
-def _sweep(hidden, weight, bias, target, row_coef, opts, need, lse=None):
+def _by_class(hidden, n, opts):
+    """Gradients of bf16/fp16 weights over more than one row chunk are made class block by class block:
+    accumulating dW over row chunks would need an fp32 copy of it (2.4 GB at 256k × 2304)."""
+    return hidden.dtype in (torch.bfloat16, torch.float16) and n > opts.chunk_rows
+
+
+def _row_sweep(hidden, weight, bias, target, row_coef, opts, need, lse=None):
     """One pass over the rows, a chunk at a time, in one reused logits buffer [chunk rows, C_local].
 
     lse None (forward): returns (CE_i [N], lse [N], grads): statistics, combined over ranks with one
@@ -348,10 +381,19 @@ def _sweep(hidden, weight, bias, target, row_coef, opts, need, lse=None):
     # Storing exp(z - max) saves the gradient pass an exp: a gain on CPUs, where the chunk is still in
     # cache; on GPUs exp is nearly free and storing needs the row max first, an extra read.
     store_exp = forward and grads is not None and hidden.device.type == "cpu"
+    # One rank holding every class knows each row's lse from its own statistics: then statistics and
+    # gradient come from one visit of each row (no all-gather to wait for between them).
+    fused = store_exp and opts.world == 1 and (not ext or kernels.has_fused_kernel(hidden.device.type))
     for a in range(0, n, opts.chunk_rows):
         b = min(n, a + opts.chunk_rows)
         logits = buf[:b - a]
         _logits_(logits, hidden[a:b], weight, bias)
+        if fused:
+            local = kernels.chunk_stats_grad_(logits, target[a:b], row_coef[a:b], 1.0 - eps, uniform, ext)
+            lse[a:b], zt, zsum = _combine(local.unsqueeze(0))
+            ce[a:b] = lse[a:b] - (1.0 - eps) * zt - uniform * zsum
+            grads.add_rows(logits, a, b, hidden, weight)
+            continue
         if forward:
             local = kernels.chunk_stats(logits, target[a:b], start, store_exp, ext)  # [4, R]
             stats = comm.all_gather_stacked(local, opts.group) if opts.world > 1 else local.unsqueeze(0)
@@ -363,8 +405,38 @@ def _sweep(hidden, weight, bias, target, row_coef, opts, need, lse=None):
             shift = lse[a:b]
         if grads is not None:
             kernels.chunk_grad_(logits, target[a:b], start, shift, row_coef[a:b], 1.0 - eps, uniform, store_exp, ext)
-            grads.add_chunk(logits, a, b, hidden, weight)
+            grads.add_rows(logits, a, b, hidden, weight)
     return (ce, lse, grads) if forward else (None, None, grads)
+
+
+def _class_sweep(hidden, weight, bias, target, lse, row_coef, opts, need):
+    """The gradients a block of classes at a time, every row at once: the logits [N, block] are recomputed
+    and turned into g (shift = lse), then dX += g W_block and dW_block = gᵀ X, one GEMM over all N rows.
+    The block holds as many elements as a row chunk: the same working set, one more GEMM (the logits)."""
+    n, c_local = hidden.shape[0], weight.shape[0]
+    grads = _Grads(hidden, weight, bias, need, by_class=True)
+    per_block = max(1, opts.chunk_rows * c_local // max(n, 1))
+    per_block = -(-c_local // -(-c_local // per_block)) if c_local else per_block  # equal blocks
+    uniform = opts.label_smoothing / opts.num_classes
+    for c0 in range(0, c_local, per_block):
+        c1 = min(c_local, c0 + per_block)
+        logits = _logits_buffer(n, c1 - c0, hidden.dtype, hidden.device)
+        _logits_(logits, hidden, weight[c0:c1], None if bias is None else bias[c0:c1])
+        kernels.chunk_grad_(logits, target, opts.class_start + c0, lse, row_coef, 1.0 - opts.label_smoothing,
+                            uniform, False, opts.use_extension)
+        grads.add_classes(logits, c0, c1, hidden, weight)
+    return grads
+
+
+def _sweep(hidden, weight, bias, target, row_coef, opts, need, lse=None):
+    """`_row_sweep`, with the gradients from `_class_sweep` where `_by_class` says so."""
+    n = hidden.shape[0]
+    if row_coef is None or not _by_class(hidden, n, opts):
+        return _row_sweep(hidden, weight, bias, target, row_coef, opts, need, lse)
+    ce = None
+    if lse is None:
+        ce, lse, _ = _row_sweep(hidden, weight, bias, target, None, opts, need)
+    return ce, lse, _class_sweep(hidden, weight, bias, target, lse, row_coef, opts, need)
 
 
 class _LinearCrossEntropy(torch.autograd.Function):
@@ -395,7 +467,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
             ce = ce / denom
             loss = loss / denom
         # kept as attributes, not saved tensors, so that backward can hand them over without a copy
-        ctx.grads = grads.finish(weight, bias, opts) if grads is not None else (None, None, None)
+        ctx.grads = grads.finish(hidden, bias, opts) if grads is not None else (None, None, None)
         ctx.save_for_backward(ce if ctx.need_s else None)
         return loss.to(hidden.dtype)
 
@@ -419,6 +491,6 @@ class _LinearCrossEntropy(torch.autograd.Function):
         dx = dw = db = None
         if any(ctx.need):
             _, _, grads = _sweep(hidden, weight, bias, target, s_valid * up, opts, ctx.need, lse=lse)
-            dx, dw, db = grads.finish(weight, bias, opts)
+            dx, dw, db = grads.finish(hidden, bias, opts)
         ds = ce * up if ctx.need_s else None
         return dx, dw, db, None, ds, None, None
