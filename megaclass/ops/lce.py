@@ -35,12 +35,17 @@ REDUCTIONS = ("mean", "sum", "none")
 HIDDEN_GRADS = ("full", "partial")
 _DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2, torch.float64: 3}
 
+WHOLE_BATCH_BYTES = 512 << 20
+"""A batch whose logits (rows × C_local elements) fit in this many bytes runs as ONE chunk. Chunking
+costs time: each chunk streams W through two GEMMs again, about 3.5 % per halving of the chunk rows at
+this machine's GEMM rate and memory bandwidth (fp32, N=2048, C=50k, 2 threads: one chunk 1.03× the
+three-GEMM floor, chunks of 1,024 rows 1.08×, of 512 rows 1.12×), so it pays only when it saves memory
+that matters."""
 CHUNK_BYTES = {"cpu": 128 << 20}
-"""Default bound on the logits buffer (chunk rows × C_local elements), the op's working set, per device
-type (others: 512 MiB). On CPU, 128 MB (about 650 rows at 50k fp32 classes): smaller
-chunks make the GEMMs re-stream W more often (+4% at 330 rows), bigger ones gain little (1,000
-rows: −1%) for their memory. On a GPU, 512 MiB keeps the op within 0.7 GB beyond its inputs and
-gradients at 8,192 × 256,000 bf16 (working set + fp32 dX) while every GEMM stays large."""
+"""The logits buffer (chunk rows × C_local elements), the op's working set, of a batch bigger than
+WHOLE_BATCH_BYTES, per device type (others: 512 MiB). On CPU 128 MB, so that e.g. 2^20 classes over
+2 ranks stay within 1 GB per rank. On a GPU, 512 MiB keeps the op within 0.7 GB beyond its inputs
+and gradients at 8,192 × 256,000 bf16 (working set + fp32 dX) while every GEMM stays large."""
 MIN_CHUNK_ROWS = 64
 """Fewer rows per chunk would starve the GEMMs (dW = gᵀX has only chunk rows as its inner dimension)."""
 
@@ -236,9 +241,13 @@ def _validate(hidden, weight, target, sample_weight, bias, class_start, group, i
     use_ext = kernels.uses_extension(hidden, implementation)
     rows = hidden.shape[0] * (world if gathered else 1)
     if chunk_size is None:
-        budget = CHUNK_BYTES.get(hidden.device.type, 512 << 20)
-        chunk_size = max(MIN_CHUNK_ROWS, budget // max(1, weight.shape[0] * hidden.element_size()))
-        chunk_size = -(-rows // -(-rows // chunk_size)) if rows else chunk_size  # equal chunks: no small last one
+        row_bytes = max(1, weight.shape[0] * hidden.element_size())
+        if rows * row_bytes <= WHOLE_BATCH_BYTES:
+            chunk_size = max(rows, 1)
+        else:
+            budget = CHUNK_BYTES.get(hidden.device.type, 512 << 20)
+            chunk_size = max(MIN_CHUNK_ROWS, budget // row_bytes)
+            chunk_size = -(-rows // -(-rows // chunk_size))  # equal chunks: no small last one
     chunk_rows = max(1, min(chunk_size, rows))
     return _Options(class_start=class_start, num_classes=num_classes, group=group, world=world, rank=me,
                     ignore_index=ignore_index, label_smoothing=float(label_smoothing), reduction=reduction,
