@@ -87,6 +87,26 @@ def test_every_row_ignored(reduction):
     assert (h.grad == 0).all() and (w.grad == 0).all()
 
 
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_bf16_memory_beyond_inputs_and_gradients_is_one_working_set(reduction):
+    """Several row chunks of a bf16 weight: the gradients come by class blocks, so beyond the inputs and
+    the gradients the op holds one working set (chunk rows × C_local) and fp32 dX buffers, never an
+    fp32 copy of dW (here 2× the working set)."""
+    n, d, c, chunk = 1024, 256, 64_000, 128
+    hidden, weight, target, s, _ = _inputs(n, d, c, torch.bfloat16)
+    h, w = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    loss = linear_cross_entropy(h, w, target, s, reduction=reduction, chunk_size=chunk)
+    loss.backward(torch.ones_like(loss))
+    torch.cuda.synchronize()
+    beyond = torch.cuda.max_memory_allocated() - base - (h.grad.nbytes + w.grad.nbytes)
+    working_set, dx32 = chunk * c * 2, n * d * 4
+    assert w.grad.dtype == torch.bfloat16
+    assert beyond <= working_set + 2 * dx32 + (2 << 20), (beyond, working_set, dx32)
+
+
 @pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
 def test_no_host_synchronisation_in_the_chunk_loop(implementation):
     """Per-call validation may synchronise a fixed number of times; the chunk loop never does: one
