@@ -138,6 +138,25 @@ def test_a_head_shard_creates_its_folder(tmp_path):
     assert torch.equal(torch.load(path, weights_only=True)["params"]["weight"], torch.ones(3, 2))
 
 
+def test_a_head_shard_saves_without_copying_whole_tensors_and_only_the_rows_of_a_view(tmp_path):
+    """A CPU head shard is hundreds of MB: its state holds the live tensors; a view (torch.save would
+    write its whole storage) is copied to its own rows."""
+    shard = _Shard(torch.randn(4, 3), torch.randn(4))
+    opt = torch.optim.SGD(shard.parameters(), lr=0.1, momentum=0.9)
+    big = torch.randn(1000, 3)
+    opt.state[shard.weight] = {"momentum_buffer": big[10:14]}
+    state = head_shard_state(shard, opt, (0, 4), 4)
+    assert state["params"]["weight"].data_ptr() == shard.weight.data_ptr()
+    path = tmp_path / "shard-000000000.pt"
+    save_head_shard(str(path), state)
+    assert os.path.getsize(path) < big.numel() * 4 / 2  # not the 12 KB storage behind the view
+    target = _Shard(torch.zeros(4, 3), torch.zeros(4))
+    opt2 = torch.optim.SGD(target.parameters(), lr=0.1, momentum=0.9)
+    load_head_shard(str(tmp_path), target, opt2, (0, 4), 4)
+    assert torch.equal(target.weight.detach(), shard.weight.detach())
+    assert torch.equal(opt2.state[target.weight]["momentum_buffer"], big[10:14])
+
+
 def test_latest_naming_a_missing_checkpoint_is_an_error(tmp_path):
     (tmp_path / "latest").write_text("step-00000009")
     with pytest.raises(FileNotFoundError, match="step-00000009"):

@@ -5,7 +5,7 @@ Both variants train the same backbone on the same in-memory batches over P gloo/
   ddp        DistributedDataParallel(backbone + nn.Linear(D, C)) + F.cross_entropy (weighted mean)
 Each variant runs in fresh processes. Memory is the peak per rank (CUDA: max allocated; CPU: peak
 resident set) and, on CPU, the growth of that peak over the process before the model was built,
-which is what training adds (the libraries' fixed footprint differs between the two).
+with the same libraries (DeepSpeed, timm, torchvision) imported in both: what training adds.
 """
 from __future__ import annotations
 
@@ -48,6 +48,10 @@ def _worker(rank, world, port, variant, classes, args, queue):
     try:
         import torch
 
+        import importlib
+
+        for module in ("megaclass.engine.trainer", "megaclass.models"):  # DeepSpeed, timm, torchvision:
+            importlib.import_module(module)  # the same libraries in both variants before `before`
         from megaclass.engine import distributed
         from megaclass.engine.config import config_from_dict
         from megaclass.engine.monitor import peak_memory_mb
@@ -162,7 +166,8 @@ def run(args) -> int:
             print(lines[-1], flush=True)
         ddp, mc = rows[-2], rows[-1]
         print(f"  {classes:,} classes: megaclass speed {mc['images_per_s'] / ddp['images_per_s']:.2f}x DDP, "
-              f"training memory {mc['train_mb'] / max(ddp['train_mb'], 1e-9):.2f}x DDP", flush=True)
+              f"training memory {mc['train_mb'] / max(ddp['train_mb'], 1e-9):.2f}x DDP, "
+              f"peak memory {mc['peak_mb'] / max(ddp['peak_mb'], 1e-9):.2f}x DDP", flush=True)
     print("\n".join(lines))
     if args.out:
         atomic_write_text(args.out, json.dumps(rows, indent=1))

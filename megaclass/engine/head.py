@@ -23,8 +23,8 @@ def clip_head_grad_(head: nn.Module, max_norm: float, group=None) -> float:
     `max_norm`; returns that norm (the same on every rank)."""
     grads = [p.grad for p in head.parameters() if p.grad is not None]
     square = torch.zeros((), dtype=torch.float32, device=grads[0].device if grads else "cpu")
-    for g in grads:
-        square += g.float().pow(2).sum()
+    for g in grads:  # a norm reduction, not g.pow(2): no temporary the size of the head
+        square += torch.linalg.vector_norm(g, dtype=torch.float32).square()
     norm = float(comm.all_reduce_(square, group).sqrt())
     if norm > max_norm:
         for g in grads:
@@ -39,16 +39,24 @@ def _head_params(head: nn.Module) -> dict[str, torch.Tensor]:
     return params
 
 
+def _on_cpu(tensor: torch.Tensor) -> torch.Tensor:
+    """`tensor` on the CPU without a copy where it already is one whole tensor there (torch.save writes
+    a view's entire storage, so a view is copied). A CPU head shard is hundreds of MB: no clone."""
+    tensor = tensor.detach().cpu()
+    whole = tensor.is_contiguous() and tensor.untyped_storage().nbytes() == tensor.numel() * tensor.element_size()
+    return tensor if whole else tensor.clone()
+
+
 def head_shard_state(head: nn.Module, optimizer: torch.optim.Optimizer, class_range: tuple[int, int],
                      num_classes: int) -> dict:
-    """This rank's head rows and their optimizer state, keyed by parameter name (not position)."""
+    """This rank's head rows and their optimizer state, keyed by parameter name (not position). CPU
+    tensors are the live ones, not copies: save the state before the next step changes them."""
     params = _head_params(head)
     index = {id(p): name for name, p in params.items()}
-    optim_state = {index[id(p)]: {k: (v.detach().cpu().clone() if torch.is_tensor(v) else v)
-                                  for k, v in optimizer.state[p].items()}
+    optim_state = {index[id(p)]: {k: (_on_cpu(v) if torch.is_tensor(v) else v) for k, v in optimizer.state[p].items()}
                    for group in optimizer.param_groups for p in group["params"] if id(p) in index and p in optimizer.state}
     return {"class_start": class_range[0], "class_end": class_range[1], "num_classes": num_classes,
-            "params": {k: v.detach().cpu().clone() for k, v in params.items()}, "optim": optim_state}
+            "params": {k: _on_cpu(v) for k, v in params.items()}, "optim": optim_state}
 
 
 def save_head_shard(path: str, state: dict) -> None:
@@ -75,7 +83,8 @@ def load_head_shard(folder: str, head: nn.Module, optimizer: torch.optim.Optimiz
     optim_rows: dict[str, dict[str, torch.Tensor]] = {}
     optim_scalars: dict[str, dict] = {}
     for path in files:
-        shard = torch.load(path, map_location="cpu", weights_only=True)
+        # memory-mapped: only the overlapping rows are read, and no whole shard is copied into memory
+        shard = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
         if shard["num_classes"] != num_classes:
             raise ValueError(f"{path}: head has {shard['num_classes']} classes, this run {num_classes}")
         lo, hi = max(start, shard["class_start"]), min(end, shard["class_end"])
@@ -94,8 +103,8 @@ def load_head_shard(folder: str, head: nn.Module, optimizer: torch.optim.Optimiz
                     buf = optim_rows.setdefault(name, {}).setdefault(
                         key, torch.zeros((end - start, *value.shape[1:]), dtype=value.dtype))
                     buf[dst] = value[src]
-                else:
-                    optim_scalars.setdefault(name, {})[key] = value
+                else:  # e.g. Adam's step: a copy, so the state outlives the mapped file
+                    optim_scalars.setdefault(name, {})[key] = value.clone() if torch.is_tensor(value) else value
         filled[dst] = True
     if not bool(filled.all()):
         missing = int((~filled).nonzero()[0]) + start

@@ -95,7 +95,9 @@ class Trainer:
                                                   chunk_size=cfg.head.chunk_size).to(self.device)
         self.class_range = (self.head.class_start, self.head.class_end)
         head_optim = dataclasses.replace(cfg.optim, name=cfg.head.optimizer or cfg.optim.name)  # never LAMB (config)
-        self.head_optimizer = build_optimizer(self.head.parameters(), head_optim, cfg.optim.lr * cfg.head.lr_scale)
+        # in place: torch's SGD step holds two head-sized transients (weight decay, first momentum buffer)
+        self.head_optimizer = build_optimizer(self.head.parameters(), head_optim, cfg.optim.lr * cfg.head.lr_scale,
+                                              in_place=True)
         self.head_schedule = build_schedule(self.head_optimizer, cfg.optim, self.total_steps)
 
     def _build(self, backbone: torch.nn.Module | None) -> None:
