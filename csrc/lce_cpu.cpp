@@ -72,9 +72,12 @@ inline int64_t grain(int64_t cols) {
 }
 
 // Statistics of one row z[0, cols): out[0] = max, out[1] = Σ exp(z − max), out[3] = Σ z (out[2] is set
-// by the caller). With store_exp, z becomes exp(z − max).
+// by the caller). With store_exp, z becomes exp(z − max). `next`: the row to be visited next (or
+// nullptr), fetched into cache during the exponentials, so that its first read overlaps this row's
+// arithmetic instead of waiting on memory.
 template <typename T>
-void row_stats(T* z, int64_t cols, bool store_exp, float& max_out, float& sumexp_out, float& sum_out) {
+void row_stats(T* z, int64_t cols, bool store_exp, float& max_out, float& sumexp_out, float& sum_out,
+               const T* next) {
   Vec m0(-kInf), m1(-kInf), s0(0.f), s1(0.f);
   int64_t c = 0;
   for (; c + kStep <= cols; c += kStep) {
@@ -96,6 +99,11 @@ void row_stats(T* z, int64_t cols, bool store_exp, float& max_out, float& sumexp
   const Vec vref(ref);
   Vec e0(0.f), e1(0.f);
   for (c = 0; c + kStep <= cols; c += kStep) {
+    if (next != nullptr) {
+      for (int64_t byte = 0; byte < kStep * static_cast<int64_t>(sizeof(T)); byte += 64) {
+        __builtin_prefetch(reinterpret_cast<const char*>(next + c) + byte);
+      }
+    }
     Vec a, b;
     load2(z + c, a, b);
     a = (a - vref).exp_u20();
@@ -120,8 +128,8 @@ void row_stats(T* z, int64_t cols, bool store_exp, float& max_out, float& sumexp
 // (the separate gradient pass would bring it back from memory). zt: the row's target logit, or 0.
 template <typename T>
 void row_stats_grad(T* z, int64_t cols, int64_t t, float zt, float k, float target_coef, float uniform_coef,
-                    float& max_out, float& sumexp_out, float& sum_out) {
-  row_stats(z, cols, /*store_exp=*/true, max_out, sumexp_out, sum_out);
+                    float& max_out, float& sumexp_out, float& sum_out, const T* next) {
+  row_stats(z, cols, /*store_exp=*/true, max_out, sumexp_out, sum_out, next);
   if (k == 0.f) {
     std::fill(z, z + cols, static_cast<T>(0.f));
     return;
@@ -154,7 +162,8 @@ void stats_grad_kernel(at::Tensor& logits, const at::Tensor& target, const at::T
       const int64_t t = tgt[r];
       const float zt = (t >= 0 && t < cols) ? static_cast<float>(z[t]) : 0.f;
       o[2 * rows + r] = zt;
-      row_stats_grad(z, cols, t, zt, kc[r], target_coef, uniform_coef, o[r], o[rows + r], o[3 * rows + r]);
+      row_stats_grad(z, cols, t, zt, kc[r], target_coef, uniform_coef, o[r], o[rows + r], o[3 * rows + r],
+                     r + 1 < r1 ? z + cols : nullptr);
     }
   });
 }
@@ -170,7 +179,7 @@ void stats_kernel(at::Tensor& logits, const at::Tensor& target, int64_t class_st
       T* z = base + r * cols;
       const int64_t t = tgt[r] - class_start;
       o[2 * rows + r] = (t >= 0 && t < cols) ? static_cast<float>(z[t]) : 0.f;  // before z is overwritten
-      row_stats(z, cols, store_exp, o[r], o[rows + r], o[3 * rows + r]);
+      row_stats(z, cols, store_exp, o[r], o[rows + r], o[3 * rows + r], r + 1 < r1 ? z + cols : nullptr);
     }
   });
 }
