@@ -8,6 +8,9 @@ WORDNET := /usr/share/wordnet/data.noun
 DATA_ROOT ?=
 RUN_DIR ?= runs/demo
 PYTEST_ARGS ?=
+# DeepSpeed's JIT-compiled ops (shared-memory collectives on CPU) are cached per .venv, not in the
+# shared ~/.cache: two checkouts on one machine would otherwise rebuild them in turn.
+export TORCH_EXTENSIONS_DIR ?= $(CURDIR)/$(VENV)/torch_extensions
 
 .PHONY: setup build test demo bench gpu-check clean
 
