@@ -96,3 +96,82 @@ def test_a_step_allocates_nothing_the_size_of_the_parameter():
     assert first >= 2 * size and later >= size
     for allocated in _allocated_bytes(InPlaceSGD([p], lr=0.1, momentum=0.9, weight_decay=1e-4), p):
         assert allocated < size // 100
+
+
+# ---- gradients folded into the momentum buffer (`fold_target`, as the head's fused op writes them)
+
+
+def _folded_run(dtype, steps=4, accum=2, switch_at=2):
+    """A weight whose micro-batch gradients are folded into its buffer (buf ← beta·buf + g, what
+    `linear_cross_entropy(..., weight_grad_into=...)` does) and a bias on the usual p.grad path, one
+    optimizer; before `switch_at` the weight too takes the usual path (torch's SGD state). Against
+    float64 torch.optim.SGD fed the summed gradients."""
+    g = torch.Generator().manual_seed(4)
+    w0, b0 = torch.randn(6, 5, generator=g, dtype=torch.float64), torch.randn(6, generator=g, dtype=torch.float64)
+    micro = [[(torch.randn(6, 5, generator=g, dtype=torch.float64), torch.randn(6, generator=g, dtype=torch.float64))
+              for _ in range(accum)] for _ in range(steps)]
+    settings = dict(lr=0.2, momentum=0.9, weight_decay=0.05)
+
+    ref = [torch.nn.Parameter(w0.clone()), torch.nn.Parameter(b0.clone())]
+    ref_opt = torch.optim.SGD(ref, **settings)
+    ours = [torch.nn.Parameter(w0.to(dtype)), torch.nn.Parameter(b0.to(dtype))]
+    opt = InPlaceSGD(ours, **settings)
+    betas = []
+    for step in range(steps):
+        for p, grads in zip(ref, zip(*micro[step])):
+            p.grad = sum(grads)
+        ref_opt.step()
+        for gw, gb in micro[step]:
+            target = opt.fold_target(ours[0]) if step >= switch_at else None
+            if target is None:
+                ours[0].grad = gw.to(dtype) if ours[0].grad is None else ours[0].grad + gw.to(dtype)
+            else:
+                buf, beta = target
+                betas.append(beta)
+                buf.mul_(beta).add_(gw.to(dtype))
+            ours[1].grad = gb.to(dtype) if ours[1].grad is None else ours[1].grad + gb.to(dtype)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    return ours, ref, opt, ref_opt, betas
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("switch_at", [0, 2])  # folded from the first step; after steps on torch's path
+def test_folded_gradients_train_like_torch_sgd(dtype, switch_at):
+    ours, ref, opt, ref_opt, betas = _folded_run(dtype, switch_at=switch_at)
+    # the first fold of a step scales the buffer by μ (0 when it is created: torch's first buf = d), the next adds
+    assert betas == ([0.0, 1.0] + [0.9, 1.0] * 3 if switch_at == 0 else [0.9, 1.0] * 2)
+    tol = dict(rtol=1e-12, atol=1e-12) if dtype == torch.float64 else dict(rtol=1e-5, atol=1e-6)
+    for p, r in zip(ours, ref):  # the same math associated differently: equal up to rounding
+        torch.testing.assert_close(p.detach().double(), r.detach(), **tol)
+        torch.testing.assert_close(opt.state[p]["momentum_buffer"].double(), ref_opt.state[r]["momentum_buffer"], **tol)
+    assert all(p.grad is None for p in ours)
+
+
+def test_fold_target_only_for_plain_momentum():
+    for kw in (dict(momentum=0.0), dict(momentum=0.9, dampening=0.1), dict(momentum=0.9, nesterov=True),
+               dict(momentum=0.9, maximize=True)):
+        p = torch.nn.Parameter(torch.randn(3))
+        assert InPlaceSGD([p], lr=0.1, **kw).fold_target(p) is None, kw
+    p = torch.nn.Parameter(torch.randn(3))
+    buf, beta = InPlaceSGD([p], lr=0.1, momentum=0.9).fold_target(p)
+    assert beta == 0.0 and torch.equal(buf, torch.zeros(3)) and buf.is_contiguous()
+
+
+def test_a_folded_parameter_also_takes_a_gradient_that_came_by_autograd():
+    w0, g1, g2 = (torch.randn(4, 3, generator=torch.Generator().manual_seed(k), dtype=torch.float64) for k in range(3))
+    ref = torch.nn.Parameter(w0.clone())
+    ref_opt = torch.optim.SGD([ref], lr=0.1, momentum=0.9, weight_decay=0.01)
+    ours = torch.nn.Parameter(w0.clone())
+    opt = InPlaceSGD([ours], lr=0.1, momentum=0.9, weight_decay=0.01)
+    for _ in range(2):  # g1 folded, g2 in p.grad (the weight used elsewhere too): the step sums them
+        ref.grad = g1 + g2
+        ref_opt.step()
+        buf, beta = opt.fold_target(ours)
+        buf.mul_(beta).add_(g1)
+        ours.grad = g2.clone()
+        opt.step()
+        assert ours.grad is None
+    torch.testing.assert_close(ours.detach(), ref.detach(), rtol=1e-12, atol=1e-12)
+    with pytest.raises(ValueError, match="does not update"):
+        opt.fold_target(torch.nn.Parameter(torch.zeros(2)))

@@ -1,5 +1,6 @@
-"""`ShardedLinearCrossEntropy`: uneven shards, shard initialization equal to the one-rank weight, and the
-data-parallel layout (gather_input=True) where the features' gradient must be summed exactly once."""
+"""`ShardedLinearCrossEntropy`: uneven shards, shard initialization equal to the one-rank weight, the
+data-parallel layout (gather_input=True) where the features' gradient must be summed exactly once, and the
+weight's gradient folded into a buffer (weight_grad_into) in that layout."""
 from __future__ import annotations
 
 import pytest
@@ -88,7 +89,14 @@ def _module_rank(rank, world):
     loss_tp = head(x, torch.cat([e[1] for e in everything]), torch.cat([e[2] for e in everything]))
     loss_tp.backward()
     tp = (loss_tp.detach().numpy(), x.grad.numpy(), head.weight.grad.numpy())
-    return shard, dp, tp, errors
+
+    # data parallel with the weight's gradient folded into a buffer: buffer ← 0.5·buffer + dW
+    head.zero_grad(set_to_none=True)
+    buffer0 = torch.randn(head.weight.shape, generator=torch.Generator().manual_seed(7 + rank))
+    buffer = buffer0.clone()
+    head(features.detach(), target, s, gather_input=True, weight_grad_into=(buffer, 0.5)).backward()
+    folded = (buffer0.numpy(), buffer.numpy(), head.weight.grad is None, head.bias.grad.numpy())
+    return shard, dp, tp, folded, errors
 
 
 def test_three_ranks_init_gather_input_and_tensor_parallel():
@@ -101,7 +109,7 @@ def test_three_ranks_init_gather_input_and_tensor_parallel():
         assert f"[{ROWS}, {ROWS - 1}, {ROWS}] (rank order) (gather_input=True needs the same number of rows" in errors[0]
         assert ("sample_weight requires grad" in errors[1]) == (rank == 0), errors[1]
         assert rank == 0 or "rank 0 of the process group rejected" in errors[1], errors[1]
-    for rank, (shard, _, _, _) in enumerate(results):
+    for rank, (shard, *_) in enumerate(results):
         start, end, w, b = shard
         assert (start, end) == shard_range(C, rank, world)
         assert torch.equal(torch.from_numpy(w), single.weight.detach()[start:end])  # bit-exact
@@ -116,7 +124,7 @@ def test_three_ranks_init_gather_input_and_tensor_parallel():
     b = single.bias.detach().double().requires_grad_()
     ref = (F.cross_entropy(x @ w.T + b, target, reduction="none", label_smoothing=0.1) * s).mean()
     ref.backward()
-    for rank, (shard, dp, tp, _) in enumerate(results):
+    for rank, (shard, dp, tp, folded, _) in enumerate(results):
         start, end = shard[:2]
         loss, dfeat, dw, db = (torch.from_numpy(a).double() for a in dp)
         assert torch.allclose(loss, ref, rtol=1e-6)
@@ -128,6 +136,11 @@ def test_three_ranks_init_gather_input_and_tensor_parallel():
         assert torch.allclose(loss_tp, ref, rtol=1e-6)
         assert torch.allclose(dx_tp, x.grad, rtol=1e-5, atol=1e-8)
         assert torch.allclose(dw_tp, w.grad[start:end], rtol=1e-5, atol=1e-8)
+        buffer0, buffer, no_weight_grad, db_folded = folded
+        assert no_weight_grad
+        expected = 0.5 * torch.from_numpy(buffer0).double() + w.grad[start:end]
+        assert torch.allclose(torch.from_numpy(buffer).double(), expected, rtol=1e-5, atol=1e-7)
+        assert torch.allclose(torch.from_numpy(db_folded).double(), b.grad[start:end], rtol=1e-5, atol=1e-8)
 
 
 def test_default_group_is_none_without_distributed():

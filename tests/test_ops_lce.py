@@ -164,7 +164,7 @@ def test_no_gradient_work_when_grad_is_disabled(implementation, reduction, monke
     inputs = [t.requires_grad_() for t in (hidden, weight, s, b)]
     made = []
     real = lce._Grads
-    monkeypatch.setattr(lce, "_Grads", lambda *args: made.append(args[3]) or real(*args))
+    monkeypatch.setattr(lce, "_Grads", lambda *args, **kw: made.append(args[3]) or real(*args, **kw))
     ref = plain(hidden, weight, target, s, b, dtype=torch.float64, reduction=reduction)[0]
     for context in (torch.no_grad, torch.inference_mode):
         with context():
@@ -301,3 +301,106 @@ def test_never_allocates_all_logits(implementation, reduction):
     largest = max(e.cpu_memory_usage for e in prof.events() if e.name.startswith("aten::"))
     # one chunk of logits is 512 KB (the twin also makes a temporary of that size); all of them 8 MB
     assert largest <= chunk * c * 4, largest
+
+
+# ---- weight_grad_into: dW folded into a caller's buffer (an SGD momentum buffer) instead of weight.grad
+
+
+def _folded(hidden, weight, target, s, bias, into_scalars, *, implementation, reduction, upstream, **kw):
+    """The op with weight's gradient folded into a copy of buffer0: (buffer, weight.grad, dX, db, ds)."""
+    h, w = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
+    b = None if bias is None else bias.clone().requires_grad_()
+    sw = s.clone().requires_grad_()
+    buffer = torch.randn(weight.shape, generator=torch.Generator().manual_seed(5)).to(weight.dtype)
+    buffer0 = buffer.clone()
+    loss = linear_cross_entropy(h, w, target, sw, bias=b, reduction=reduction, implementation=implementation,
+                                weight_grad_into=(buffer, *into_scalars), **kw)
+    loss.backward(upstream)
+    return buffer0, buffer, w.grad, h.grad, None if b is None else b.grad, sw.grad
+
+
+@pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_weight_grad_into_folds_beta_buffer_plus_dw(implementation, reduction, dtype):
+    # 64 rows in chunks of 16: fp32 adds 4 row chunks into the buffer, bf16 writes it by class blocks
+    hidden, weight, target, s, b = make_inputs(64, 12, 90, dtype, bias=True, seed=21)
+    beta = 0.9
+    if reduction == "none":
+        upstream, scalars = torch.rand(64, generator=torch.Generator().manual_seed(3)), (beta,)
+    else:  # a loss scaled by 1/2 before backward (DeepSpeed's 1/grad_accum): alpha says so in advance
+        upstream, scalars = torch.tensor(0.5), (beta, 0.5)
+    buffer0, buffer, w_grad, dh, db, ds = _folded(hidden, weight, target, s, b, scalars, chunk_size=16,
+                                                  implementation=implementation, reduction=reduction,
+                                                  upstream=upstream.to(dtype))
+    assert w_grad is None  # autograd got no weight gradient: it is in the buffer
+    kw = dict(reduction=reduction, upstream=upstream if reduction == "none" else None)
+    ref = plain(hidden, weight, target, s, b, dtype=torch.float64, **kw)
+    mine = plain(hidden, weight, target, s, b, dtype=dtype, **kw)
+    scale = 1.0 if reduction == "none" else 0.5
+    expected = beta * buffer0.double() + scale * ref[2]
+    plain_buffer = (beta * buffer0 + scale * mine[2]).to(dtype)
+    assert buffer.dtype == dtype
+    assert_close_rel("buffer", buffer, expected, plain_buffer, dtype)
+    for name, o, r, p in (("d hidden", dh, ref[1], mine[1]), ("d bias", db, ref[3], mine[3]),
+                          ("d sample_weight", ds, ref[4], mine[4])):
+        assert_close_rel(name, o, r * scale, p * scale, dtype)
+
+
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_weight_grad_into_beta_zero_ignores_the_buffer_and_empty_batches_scale_it(reduction):
+    hidden, weight, target, s, _ = make_inputs(10, 4, 7, seed=22)
+    ref = plain(hidden, weight, target, s, None, dtype=torch.float64, reduction=reduction,
+                upstream=torch.ones(10) if reduction == "none" else None)[2]
+    buffer = torch.full(weight.shape, float("nan"))
+    loss = linear_cross_entropy(hidden, weight.clone().requires_grad_(), target, s, reduction=reduction,
+                                weight_grad_into=(buffer, 0.0))
+    loss.sum().backward()
+    torch.testing.assert_close(buffer.double(), ref, rtol=1e-5, atol=1e-7)  # beta 0: NaN never read
+    # no rows: dW = 0, so the buffer becomes beta·buffer
+    buffer0 = torch.randn(weight.shape)
+    buffer = buffer0.clone()
+    empty = torch.zeros(0, 4, requires_grad=True)
+    linear_cross_entropy(empty, weight.clone().requires_grad_(), target[:0], reduction=reduction,
+                         weight_grad_into=(buffer, 0.25)).sum().backward()
+    assert torch.equal(buffer, buffer0 * 0.25)
+
+
+def test_weight_grad_into_writes_nothing_without_gradients_and_checks_the_upstream_gradient():
+    hidden, weight, target, s, _ = make_inputs(10, 4, 7, seed=23)
+    w = weight.clone().requires_grad_()
+    buffer0 = torch.randn(weight.shape)
+    buffer = buffer0.clone()
+    for context in (torch.no_grad, torch.inference_mode):
+        with context():
+            linear_cross_entropy(hidden, w, target, s, weight_grad_into=(buffer, 0.9))
+        assert torch.equal(buffer, buffer0), context.__name__
+    linear_cross_entropy(hidden, weight, target, s, weight_grad_into=(buffer, 0.9))  # weight needs no grad
+    assert torch.equal(buffer, buffer0)
+    # dW of "mean" is folded in forward for the upstream gradient alpha (1 here): a loss scaled by 1/2
+    # afterwards would leave a gradient twice too large in the buffer, so backward refuses it
+    loss = linear_cross_entropy(hidden, w, target, s, weight_grad_into=(buffer, 0.9))
+    with pytest.raises(RuntimeError, match=r"upstream gradient 0.5, but weight_grad_into folded .* for 1.0"):
+        (loss / 2).backward()
+
+
+def test_weight_grad_into_bad_arguments_name_it():
+    hidden, weight, target, s, _ = make_inputs(10, 4, 7, seed=24)
+    w = weight.clone().requires_grad_()
+    good = torch.zeros(7, 4)
+    cases = [((torch.zeros(7, 5), 0.9), r"buffer must be a tensor of weight's shape \[7, 4\]"),
+             ((good.double(), 0.9), r"buffer must match weight's dtype and device"),
+             ((torch.zeros(4, 7).t(), 0.9), r"buffer must be contiguous"),
+             ((torch.zeros(7, 4, requires_grad=True), 0.9), r"must not require grad"),
+             ((good, float("nan")), r"beta must be a finite number, got nan"),
+             ((good, 0.9, "1"), r"alpha must be a finite number"),
+             ((good,), r"must be None or \(buffer, beta\) or \(buffer, beta, alpha\)"),
+             (good, r"must be None or \(buffer, beta\)")]
+    for into, message in cases:
+        with pytest.raises(ValueError, match="weight_grad_into"):
+            linear_cross_entropy(hidden, w, target, s, weight_grad_into=into)
+        with pytest.raises(ValueError, match=message):
+            linear_cross_entropy(hidden, w, target, s, weight_grad_into=into)
+    with pytest.raises(ValueError, match=r"weight_grad_into: alpha must be 1 for reduction='none'"):
+        linear_cross_entropy(hidden, w, target, s, reduction="none", weight_grad_into=(good, 0.9, 0.5))
+    assert torch.equal(good, torch.zeros(7, 4))

@@ -9,6 +9,9 @@ One optimizer step (data-parallel mode, P ranks, each with its own micro-batch):
     engine.backward(loss); engine.step()           backbone gradients averaged by DeepSpeed
     head_optimizer.step()                          head rows never averaged: each rank owns its own
 
+With SGD + momentum and no clipping, the op writes the head weight's gradient straight into the
+momentum buffer (`weight_grad_into`, `InPlaceSGD.fold_target`): no [C_local, D] gradient per step.
+
 Pipeline mode (`parallel.pipeline_stages > 1`) runs the backbone as a `PipelineModule` whose loss
 function is the same head on the last stage, sharded over that stage's data-parallel group.
 """
@@ -29,7 +32,7 @@ from megaclass.engine.config import Config, ConfigError
 from megaclass.engine.data import RankBatches, SeededItems, epoch_order
 from megaclass.engine.head import clip_head_grad_, sharded_topk
 from megaclass.engine.monitor import Monitor, peak_memory_mb
-from megaclass.engine.optim import build_optimizer, build_schedule
+from megaclass.engine.optim import InPlaceSGD, build_optimizer, build_schedule
 from megaclass.models import build_backbone
 from megaclass.nn import ShardedLinearCrossEntropy
 from megaclass.parallel import comm
@@ -157,13 +160,23 @@ class Trainer:
             # the head's loss is the mean over the gathered global batch, so these features get the exact
             # gradient of the global loss; DeepSpeed then averages the backbone's over the P ranks: scale by P
             features = comm.scale_grad(self.engine(images).float(), self.data_world)
-            loss = self.head(features, labels, weights, gather_input=True)
+            loss = self.head(features, labels, weights, gather_input=True, weight_grad_into=self._head_grad_into())
             self.engine.backward(loss)
             self.engine.step()
             total += float(loss.detach())
         self._step_head()
         self.step += 1
         return total / accum
+
+    def _head_grad_into(self) -> tuple | None:
+        """Where the head's weight gradient of this micro-batch goes instead of a fresh weight.grad (a
+        [C_local, D] tensor each step): into the SGD momentum buffer, scaled by 1/grad_accum as
+        DeepSpeed's engine.backward scales the loss. None (weight.grad as usual) when clipping needs the
+        bare gradient or the head's optimizer cannot fold (not SGD with momentum)."""
+        if self.cfg.optim.grad_clip or not isinstance(self.head_optimizer, InPlaceSGD):
+            return None
+        target = self.head_optimizer.fold_target(self.head.weight)
+        return None if target is None else (*target, 1.0 / self.cfg.train.grad_accum)
 
     def _step_head(self) -> None:
         """The head's own optimizer step (outside DeepSpeed, so its rows are never averaged)."""

@@ -74,7 +74,7 @@ class ShardedLinearCrossEntropy(nn.Module):
                     param.view(-1, width)[a - self.class_start:b - self.class_start].copy_(values[a - lo:b - lo])
 
     def forward(self, features: torch.Tensor, target: torch.Tensor, sample_weight: torch.Tensor | None = None,
-                gather_input: bool = False) -> torch.Tensor:
+                gather_input: bool = False, weight_grad_into: tuple | None = None) -> torch.Tensor:
         """features: [n, in_features]; target: [n] global class ids; sample_weight: [n] or None.
 
         gather_input=False: features/target/weights are the same on every rank (tensor parallel).
@@ -82,9 +82,13 @@ class ShardedLinearCrossEntropy(nn.Module):
         the global batch [P·n] and the loss is over that batch, identical on every rank
         (`linear_cross_entropy_gathered`: the features' gradient is summed over ranks exactly once, in
         the gather's reduce-scatter). sample_weight must not require grad in this mode.
+        weight_grad_into: None, or (buffer [C_local, in_features], beta[, alpha]): weight's gradient is folded
+        into buffer (beta·buffer + alpha·dW, e.g. an SGD momentum buffer) and weight.grad stays None
+        (`megaclass.ops.linear_cross_entropy`).
         """
         kwargs = dict(bias=self.bias, class_start=self.class_start, ignore_index=self.ignore_index,
-                      label_smoothing=self.label_smoothing, reduction=self.reduction, chunk_size=self.chunk_size)
+                      label_smoothing=self.label_smoothing, reduction=self.reduction, chunk_size=self.chunk_size,
+                      weight_grad_into=weight_grad_into)
         if gather_input and self.world > 1:
             return linear_cross_entropy_gathered(features, self.weight, target, sample_weight,
                                                  process_group=self.process_group, **kwargs)

@@ -20,10 +20,17 @@ dW of bf16/fp16 weights is never accumulated over row chunks (that would need an
 2.4 GB at 256,000 × 2,304): when the rows span several chunks, the gradients are made a block of
 classes at a time over all rows (`_class_sweep`: each block's dW is one GEMM, fp32 inside, rounded
 once), which recomputes the logits: four GEMMs, and no memory beyond one working set and an fp32 dX.
+
+`weight_grad_into=(buffer, beta[, alpha])` folds dW into a caller's buffer instead of a fresh weight.grad
+(as Megatron's gradient-accumulation fusion writes into main_grad): buffer ← beta·buffer + alpha·dW, the
+first GEMM into it with beta, later ones adding; e.g. an SGD momentum buffer, which spares the
+optimizer step a [C_local, D] gradient. dW of "mean"/"sum" is made in forward, before the upstream
+gradient is known, so the caller states it (alpha) and backward checks it.
 """
 from __future__ import annotations
 
 import dataclasses
+import math
 import threading
 
 import torch
@@ -67,7 +74,7 @@ class _Options:
 
 def linear_cross_entropy(hidden, weight, target, sample_weight=None, *, bias=None, class_start=0,
                          process_group=None, ignore_index=-100, label_smoothing=0.0, reduction="mean",
-                         chunk_size=None, hidden_grad="full", implementation="auto"):
+                         chunk_size=None, hidden_grad="full", implementation="auto", weight_grad_into=None):
     """Sample-weighted softmax cross-entropy of `hidden @ weight.T (+ bias)` without materializing the logits.
 
     hidden:        [N, D], identical on every rank of `process_group`
@@ -83,20 +90,30 @@ def linear_cross_entropy(hidden, weight, target, sample_weight=None, *, bias=Non
                    "partial": only this shard's part, for callers whose hidden is an all-gather that
                    sums the gradient itself in backward (e.g. `comm.gather_rows`)
     implementation: (extension) "auto" | "extension" (megaclass._C) | "torch" (the PyTorch twin)
+    weight_grad_into: (extension) None, or (buffer, beta) or (buffer, beta, alpha): weight's gradient is
+                   folded into `buffer` (contiguous, weight's shape/dtype/device, not requiring grad) as
+                   buffer ← beta·buffer + alpha·dW (beta 0: buffer's content is ignored) and weight gets
+                   no gradient from autograd (weight.grad stays None). For "mean"/"sum" dW is made in
+                   forward, so alpha (default 1) must be the gradient backward will bring to the loss
+                   (1/grad_accum under DeepSpeed's engine.backward); backward raises if it differs. For
+                   "none" the fold happens in backward and alpha must be 1. Nothing is written when no
+                   gradient is made (no_grad, inference mode, weight not requiring grad).
 
     Returns the loss in hidden's dtype: a scalar, or [N] for "none". Gradients flow to hidden, weight,
     bias and sample_weight. Bad input raises ValueError on every rank of the group.
     """
     opts = _validate(hidden, weight, target, sample_weight, bias, class_start, process_group, ignore_index,
-                     label_smoothing, reduction, chunk_size, hidden_grad, implementation)
+                     label_smoothing, reduction, chunk_size, hidden_grad, implementation,
+                     weight_grad_into=weight_grad_into)
     # inside the Function grad mode is always off, and needs_input_grad still says True under no_grad:
     # an eval-time loss must not make (and all-reduce) gradients nobody will read
-    return _LinearCrossEntropy.apply(hidden, weight, bias, target, sample_weight, opts, torch.is_grad_enabled())
+    return _LinearCrossEntropy.apply(hidden, weight, bias, target, sample_weight, opts, torch.is_grad_enabled(),
+                                     _fold(weight_grad_into))
 
 
 def linear_cross_entropy_gathered(hidden, weight, target, sample_weight=None, *, bias=None, class_start=0,
                                   process_group=None, ignore_index=-100, label_smoothing=0.0, reduction="mean",
-                                  chunk_size=None, implementation="auto"):
+                                  chunk_size=None, implementation="auto", weight_grad_into=None):
     """`linear_cross_entropy` in the data-parallel layout: each rank of `process_group` brings its OWN rows.
 
     hidden [n, D], target [n], sample_weight [n] or None: this rank's rows, the same n on every rank. They
@@ -105,15 +122,18 @@ def linear_cross_entropy_gathered(hidden, weight, target, sample_weight=None, *,
     hidden_grad="partial") and the loss is over that batch, identical on every rank. The local
     arguments are validated before the gather, in the op's one small collective (equal n included).
     sample_weight must not require grad here (its gradient would need a reduce-scatter of its own).
+    weight_grad_into: as in `linear_cross_entropy`.
     """
     opts = _validate(hidden, weight, target, sample_weight, bias, class_start, process_group, ignore_index,
-                     label_smoothing, reduction, chunk_size, "partial", implementation, gathered=True)
+                     label_smoothing, reduction, chunk_size, "partial", implementation, gathered=True,
+                     weight_grad_into=weight_grad_into)
     if opts.world > 1:
         hidden = comm.gather_rows(hidden, process_group)
         target = comm.all_gather_stacked(target, process_group).reshape(-1)
         if sample_weight is not None:
             sample_weight = comm.all_gather_stacked(sample_weight, process_group).reshape(-1)
-    return _LinearCrossEntropy.apply(hidden, weight, bias, target, sample_weight, opts, torch.is_grad_enabled())
+    return _LinearCrossEntropy.apply(hidden, weight, bias, target, sample_weight, opts, torch.is_grad_enabled(),
+                                     _fold(weight_grad_into))
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -121,7 +141,7 @@ def linear_cross_entropy_gathered(hidden, weight, target, sample_weight=None, *,
 
 
 def _local_problem(hidden, weight, target, sample_weight, bias, class_start, ignore_index, label_smoothing,
-                   reduction, chunk_size, hidden_grad, gathered):
+                   reduction, chunk_size, hidden_grad, gathered, weight_grad_into=None):
     """The first problem with this rank's arguments, as a message, or None."""
     if not isinstance(hidden, torch.Tensor) or hidden.dim() != 2:
         return f"hidden must be a 2-D tensor [N, D], got {_describe(hidden)}"
@@ -174,7 +194,50 @@ def _local_problem(hidden, weight, target, sample_weight, bias, class_start, ign
         if bool(bad.any()):
             row = int(bad.nonzero()[0, 0])
             return f"sample_weight must be finite and non-negative: row {row} holds {sample_weight[row].item()}"
+    if weight_grad_into is not None:
+        return _fold_problem(weight_grad_into, weight, reduction)
     return None
+
+
+def _fold_problem(into, weight, reduction):
+    """The problem with `weight_grad_into`, as a message, or None."""
+    if not isinstance(into, (tuple, list)) or len(into) not in (2, 3):
+        return f"weight_grad_into must be None or (buffer, beta) or (buffer, beta, alpha), got {_describe(into)}"
+    buffer, *scalars = into
+    if not isinstance(buffer, torch.Tensor) or buffer.shape != weight.shape:
+        return (f"weight_grad_into: the buffer must be a tensor of weight's shape {list(weight.shape)}, "
+                f"got {_describe(buffer)}")
+    if buffer.dtype != weight.dtype or buffer.device != weight.device:
+        return (f"weight_grad_into: the buffer must match weight's dtype and device ({weight.dtype}, {weight.device}), "
+                f"got {buffer.dtype}, {buffer.device}")
+    if not buffer.is_contiguous():
+        return "weight_grad_into: the buffer must be contiguous"
+    if buffer.requires_grad:
+        return "weight_grad_into: the buffer must not require grad (it is written in place)"
+    if buffer.data_ptr() == weight.data_ptr() and weight.numel():
+        return "weight_grad_into: the buffer is weight itself"
+    for name, value in zip(("beta", "alpha"), scalars):
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            return f"weight_grad_into: {name} must be a finite number, got {value!r}"
+    if reduction == "none" and len(scalars) == 2 and scalars[1] != 1:
+        return (f"weight_grad_into: alpha must be 1 for reduction='none' (the upstream gradients reach the "
+                f"fold in backward), got {scalars[1]!r}")
+    return None
+
+
+@dataclasses.dataclass(frozen=True)
+class _Fold:
+    """buffer ← beta·buffer + alpha·dW (`weight_grad_into`, validated)."""
+    buffer: torch.Tensor
+    beta: float
+    alpha: float
+
+
+def _fold(into):
+    if into is None:
+        return None
+    buffer, beta, *alpha = into
+    return _Fold(buffer, float(beta), float(alpha[0]) if alpha else 1.0)
 
 
 def _describe(x):
@@ -184,13 +247,13 @@ def _describe(x):
 
 
 def _validate(hidden, weight, target, sample_weight, bias, class_start, group, ignore_index, label_smoothing,
-              reduction, chunk_size, hidden_grad, implementation, gathered=False):
+              reduction, chunk_size, hidden_grad, implementation, gathered=False, weight_grad_into=None):
     """Options of one call, the same on every rank, or ValueError on every rank. gathered: the arguments are
     this rank's own rows, to be all-gathered after (then N must agree and the batch is P·N rows)."""
     world = 1 if group is None else comm.world_size(group)
     gathered = gathered and world > 1
     problem = _local_problem(hidden, weight, target, sample_weight, bias, class_start, ignore_index,
-                             label_smoothing, reduction, chunk_size, hidden_grad, gathered)
+                             label_smoothing, reduction, chunk_size, hidden_grad, gathered, weight_grad_into)
     if problem is None:
         n, d = hidden.shape
         c_local = weight.shape[0]
@@ -304,14 +367,15 @@ def _logits_(out, x, weight, bias):
 
 class _Grads:
     """dX [N, D] (hidden's dtype; summed over ranks in fp32), dW [C_local, D] (weight's dtype) and db [C_local]
-    (accumulated in fp32, cast at the end). need = (dX?, dW?, db?).
+    (accumulated in fp32, cast at the end). need = (dX?, dW?, db?). fold (`_Fold` or None): dW goes
+    into fold.buffer (beta·buffer + alpha·dW) and `finish` hands over None for it.
 
     Every GEMM accumulates in fp32 inside (also for bf16/fp16 inputs). dW is never held in fp32 beyond
     the weight's own dtype: it is made either by row chunks added into an fp32/fp64 dW, or for bf16/fp16
     weights by `add_classes` over all rows at once (one GEMM per block, rounded once), so no fp32 copy
     of a large classifier's gradient ever exists."""
 
-    def __init__(self, hidden, weight, bias, need, by_class=False):
+    def __init__(self, hidden, weight, bias, need, by_class=False, fold=None):
         acc = kernels.stats_dtype(hidden.dtype)
         if need[0]:
             # by class, dX is a sum over class blocks: accumulated in fp32
@@ -319,7 +383,11 @@ class _Grads:
                        else torch.empty_like(hidden, memory_format=torch.contiguous_format))
         else:
             self.dx = None
-        self.dw = torch.empty_like(weight, memory_format=torch.contiguous_format) if need[1] else None
+        self.fold = fold if need[1] else None
+        if self.fold is not None:
+            self.dw = self.fold.buffer
+        else:
+            self.dw = torch.empty_like(weight, memory_format=torch.contiguous_format) if need[1] else None
         self.db = torch.empty(weight.shape[0], dtype=acc, device=weight.device) if need[2] else None
         self._first = True  # the first row chunk writes dW and db, later ones add (no zero-fill pass)
         self._cuda = hidden.device.type == "cuda"
@@ -328,7 +396,10 @@ class _Grads:
         """g: [b − a, C_local] gradient of the logits of rows [a, b)."""
         if self.dx is not None:
             torch.mm(g, weight, out=self.dx[a:b])
-        if self.dw is not None:
+        if self.fold is not None:
+            beta = self.fold.beta if self._first else 1.0
+            self.dw.addmm_(g.t(), hidden[a:b], beta=beta, alpha=self.fold.alpha)
+        elif self.dw is not None:
             x = hidden[a:b]
             torch.mm(g.t(), x, out=self.dw) if self._first else self.dw.addmm_(g.t(), x)
         if self.db is not None:
@@ -344,23 +415,27 @@ class _Grads:
                 self.dx.addmm_(g, w)
             else:  # CUDA: fp32 out of the GEMM; CPU has no such GEMM and adds the rounded block
                 self.dx.add_(torch.mm(g, w, out_dtype=self.dx.dtype) if self._cuda else torch.mm(g, w))
-        if self.dw is not None:
+        if self.fold is not None:
+            self.dw[c0:c1].addmm_(g.t(), hidden, beta=self.fold.beta, alpha=self.fold.alpha)
+        elif self.dw is not None:
             torch.mm(g.t(), hidden, out=self.dw[c0:c1])
         if self.db is not None:
             self.db[c0:c1] = g.sum(0, dtype=self.db.dtype)
         self._first = False
 
     def finish(self, hidden, bias, opts):
-        if self._first:  # no rows or no classes
-            for t in (self.dx, self.dw, self.db):
+        if self._first:  # no rows or no classes: the gradients are 0
+            for t in (self.dx, self.db, None if self.fold is not None else self.dw):
                 if t is not None:
                     t.zero_()
+            if self.fold is not None:
+                self.dw.zero_() if self.fold.beta == 0 else self.dw.mul_(self.fold.beta)
         dx = self.dx
         if dx is not None and opts.world > 1 and opts.hidden_grad == "full":
             dx = comm.all_reduce_(dx.to(kernels.stats_dtype(dx.dtype)), opts.group)
         dx = None if dx is None else dx.to(hidden.dtype)
         db = None if self.db is None else self.db.to(bias.dtype)
-        return dx, self.dw, db
+        return dx, None if self.fold is not None else self.dw, db
 
 
 def _by_class(hidden, n, opts):
@@ -369,7 +444,7 @@ def _by_class(hidden, n, opts):
     return hidden.dtype in (torch.bfloat16, torch.float16) and n > opts.chunk_rows
 
 
-def _row_sweep(hidden, weight, bias, target, row_coef, opts, need, lse=None):
+def _row_sweep(hidden, weight, bias, target, row_coef, opts, need, lse=None, fold=None):
     """One pass over the rows, a chunk at a time, in one reused logits buffer [chunk rows, C_local].
 
     lse None (forward): returns (CE_i [N], lse [N], grads): statistics, combined over ranks with one
@@ -380,7 +455,7 @@ def _row_sweep(hidden, weight, bias, target, row_coef, opts, need, lse=None):
     n, c_local = hidden.shape[0], weight.shape[0]
     acc = kernels.stats_dtype(hidden.dtype)
     forward = lse is None
-    grads = _Grads(hidden, weight, bias, need) if row_coef is not None else None
+    grads = _Grads(hidden, weight, bias, need, fold=fold) if row_coef is not None else None
     if forward:
         ce = torch.empty(n, dtype=acc, device=hidden.device)
         lse = torch.empty(n, dtype=acc, device=hidden.device)
@@ -418,12 +493,12 @@ def _row_sweep(hidden, weight, bias, target, row_coef, opts, need, lse=None):
     return (ce, lse, grads) if forward else (None, None, grads)
 
 
-def _class_sweep(hidden, weight, bias, target, lse, row_coef, opts, need):
+def _class_sweep(hidden, weight, bias, target, lse, row_coef, opts, need, fold=None):
     """The gradients a block of classes at a time, every row at once: the logits [N, block] are recomputed
     and turned into g (shift = lse), then dX += g W_block and dW_block = gᵀ X, one GEMM over all N rows.
     The block holds as many elements as a row chunk: the same working set, one more GEMM (the logits)."""
     n, c_local = hidden.shape[0], weight.shape[0]
-    grads = _Grads(hidden, weight, bias, need, by_class=True)
+    grads = _Grads(hidden, weight, bias, need, by_class=True, fold=fold)
     per_block = max(1, opts.chunk_rows * c_local // max(n, 1))
     per_block = -(-c_local // -(-c_local // per_block)) if c_local else per_block  # equal blocks
     uniform = opts.label_smoothing / opts.num_classes
@@ -437,20 +512,20 @@ def _class_sweep(hidden, weight, bias, target, lse, row_coef, opts, need):
     return grads
 
 
-def _sweep(hidden, weight, bias, target, row_coef, opts, need, lse=None):
+def _sweep(hidden, weight, bias, target, row_coef, opts, need, lse=None, fold=None):
     """`_row_sweep`, with the gradients from `_class_sweep` where `_by_class` says so."""
     n = hidden.shape[0]
     if row_coef is None or not _by_class(hidden, n, opts):
-        return _row_sweep(hidden, weight, bias, target, row_coef, opts, need, lse)
+        return _row_sweep(hidden, weight, bias, target, row_coef, opts, need, lse, fold)
     ce = None
     if lse is None:
         ce, lse, _ = _row_sweep(hidden, weight, bias, target, None, opts, need)
-    return ce, lse, _class_sweep(hidden, weight, bias, target, lse, row_coef, opts, need)
+    return ce, lse, _class_sweep(hidden, weight, bias, target, lse, row_coef, opts, need, fold)
 
 
 class _LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, hidden, weight, bias, target, sample_weight, opts, grad_enabled):
+    def forward(ctx, hidden, weight, bias, target, sample_weight, opts, grad_enabled, fold):
         acc = kernels.stats_dtype(hidden.dtype)
         target = target.to(torch.int64).contiguous()
         valid = target != opts.ignore_index
@@ -459,13 +534,13 @@ class _LinearCrossEntropy(torch.autograd.Function):
         s_valid = torch.where(valid, s, 0)
         wants = [grad_enabled and w for w in ctx.needs_input_grad]
         need = (wants[0], wants[1], bias is not None and wants[2])
-        ctx.opts, ctx.need, ctx.need_s = opts, need, wants[4]
+        ctx.opts, ctx.need, ctx.need_s, ctx.fold = opts, need, wants[4], fold
         denom = valid.sum().clamp(min=1).to(acc) if opts.reduction == "mean" else None
         if opts.reduction == "none":
             row_coef = None
         else:
             row_coef = (s_valid / denom if denom is not None else s_valid) if any(need) else None
-        ce, lse, grads = _sweep(hidden, weight, bias, target, row_coef, opts, need)
+        ce, lse, grads = _sweep(hidden, weight, bias, target, row_coef, opts, need, fold=fold)
         ce = torch.where(valid, ce, 0)
         rows = s_valid * ce
         if opts.reduction == "none":
@@ -490,16 +565,32 @@ class _LinearCrossEntropy(torch.autograd.Function):
             if ctx.grads is None:
                 raise RuntimeError("linear_cross_entropy: a second backward through the same loss; its gradients "
                                    "were made in forward and handed over by the first one")
+            if ctx.fold is not None and ctx.need[1]:
+                _check_fold_upstream(grad, ctx.fold.alpha)
             if grad.device.type == "cpu" and float(grad) == 1.0:
                 # the usual loss.backward(): hand the gradients over (autograd adopts them without a copy)
                 (dx, dw, db), ctx.grads = ctx.grads, None
-                return dx, dw, db, None, ds, None, None
-            return (*(None if t is None else t * grad.to(t.dtype) for t in ctx.grads), None, ds, None, None)
+                return dx, dw, db, None, ds, None, None, None
+            return (*(None if t is None else t * grad.to(t.dtype) for t in ctx.grads), None, ds, None, None, None)
         hidden, weight, bias, target, s_valid, lse, ce = ctx.saved_tensors
         up = grad.to(lse.dtype)
         dx = dw = db = None
         if any(ctx.need):
-            _, _, grads = _sweep(hidden, weight, bias, target, s_valid * up, opts, ctx.need, lse=lse)
+            _, _, grads = _sweep(hidden, weight, bias, target, s_valid * up, opts, ctx.need, lse=lse, fold=ctx.fold)
             dx, dw, db = grads.finish(hidden, bias, opts)
         ds = ce * up if ctx.need_s else None
-        return dx, dw, db, None, ds, None, None
+        return dx, dw, db, None, ds, None, None, None
+
+
+def _check_fold_upstream(grad, alpha):
+    """dW was folded in forward as alpha·dW: the upstream gradient must be alpha (in the loss's dtype).
+    On a GPU the check is a device-side assert: reading the value would stall the host every step."""
+    expected = float(torch.tensor(alpha, dtype=grad.dtype))
+    if grad.device.type != "cpu":
+        torch._assert_async(grad == expected, "linear_cross_entropy: upstream gradient != weight_grad_into's alpha")
+        return
+    got = float(grad)
+    if got != expected:
+        raise RuntimeError(f"linear_cross_entropy: the loss received the upstream gradient {got}, but weight_grad_into "
+                           f"folded weight's gradient in forward for {expected} (its alpha); the buffer now holds "
+                           "a wrongly scaled gradient. Pass alpha = the factor the loss is scaled by before backward")
