@@ -246,3 +246,21 @@ def test_resave_skips_the_loaded_step_a_killed_resave_stays_loadable_and_other_w
     assert (got["classes"][others] >= 0).all() and (got["probs"][others] > 0).all()
     assert got["world_error"] is not None and "2 ranks with ZeRO stage 2" in got["world_error"]
     assert "universal checkpoint" in got["world_error"]
+
+
+def _knee_weights(rank, world, root):
+    os.environ["LOCAL_RANK"] = str(rank)
+    cfg = config_from_dict({"run_dir": root, "data": {"num_workers": 0, "weight_knee": 0.5},
+                            "train": {"micro_batch_size": 2, "progress": False}})
+    items = random_items(5, CLASSES)
+    weights = torch.tensor([0.1, 0.25, 0.5, 0.75, 1.0])
+    t = Trainer(cfg, TrainData(items, CLASSES, items.labels, weights), backbone=FlatLinear(48, 8))
+    out = t.data.sample_weights.numpy().copy()
+    t.close()
+    return out
+
+
+def test_weight_knee_counts_weights_above_it_fully_and_scales_those_below(tmp_path):
+    (got,) = run_ranks(_knee_weights, 1, str(tmp_path))
+    kneed = torch.tensor([0.2, 0.5, 1.0, 1.0, 1.0], dtype=torch.float64)  # min(1, w / 0.5) by hand
+    torch.testing.assert_close(torch.from_numpy(got).double(), kneed / kneed.mean())  # then mean 1

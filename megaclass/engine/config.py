@@ -75,6 +75,12 @@ class DataConfig:
     """Training crop side; evaluation resizes to this too."""
     weights: str | None = None
     """Per-image loss weights TSV (`<image path>\\t<weight>`); None = every weight 1."""
+    weight_knee: float | None = None
+    """Loss weights at or above this value count fully (1), those below it in proportion (w / knee);
+    None: the weights as given. A stage's weight is a posterior P(the label is right): far below the
+    knee it marks a likely wrong label, while between the knee and 1 it mostly marks an image the
+    previous model found hard — grading those by the posterior halves the weight of the very images
+    the next model has to learn. The experiment configs use 0.1 (odds 1:9 against the label)."""
     normalize_weights: bool = True
     """Scale the loss weights to mean 1 over the training set: only their ratios matter then, and the
     learning rate keeps its meaning (with "mean" reduction, weights averaging 0.5 would halve it)."""
@@ -89,6 +95,8 @@ class DataConfig:
         _check(self.image_size >= 8, "data.image_size", f"must be at least 8, got {self.image_size}")
         _check(self.num_workers >= 0, "data.num_workers", "must be >= 0")
         _check(self.limit_train >= 0, "data.limit_train", "must be >= 0")
+        _check(self.weight_knee is None or 0 < self.weight_knee <= 1, "data.weight_knee",
+               f"must be in (0, 1] or null, got {self.weight_knee}")
 
 
 

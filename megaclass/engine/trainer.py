@@ -63,6 +63,8 @@ class Trainer:
     model (tests pass small plain modules); it must map images to [n, num_features] features."""
 
     def __init__(self, cfg: Config, data: TrainData, backbone: torch.nn.Module | None = None, name: str = "train"):
+        if data.sample_weights is not None and cfg.data.weight_knee is not None:
+            data = dataclasses.replace(data, sample_weights=(data.sample_weights / cfg.data.weight_knee).clamp(max=1.0))
         if data.sample_weights is not None and cfg.data.normalize_weights:
             mean = float(data.sample_weights.mean())
             if mean <= 0:
