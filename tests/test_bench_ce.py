@@ -14,7 +14,8 @@ from megaclass.cli import main
 
 def test_variants_agree_and_report(tmp_path, capsys):
     out = tmp_path / "results" / "ce.json"  # a folder not made yet: written atomically through megaclass.io
-    variants = ["megaclass-twin", "naive", "floor"] + (["megaclass"] if available("megaclass", "cpu") is None else [])
+    compiled = ["megaclass", "megaclass-fold"] if available("megaclass", "cpu") is None else []
+    variants = ["megaclass-twin", "naive", "floor"] + compiled
     code = main(["bench", "ce", "--n", "64", "--d", "16", "--c", "1000", "--repeats", "1",
                  "--variants", ",".join(variants), "--json", str(out)])
     assert code == 0

@@ -13,7 +13,10 @@ process's whole peak RSS ("RSS MB": torch, inputs and all). The loss is
 The workers run with THP_MEM_ALLOC_ENABLE=1 (unless the environment sets it): PyTorch then backs large
 CPU allocations with transparent huge pages. Without it, every fresh gradient (dW: 51 MB at the default
 shape, handed to autograd, so new each step) costs a page fault per 4 KB, ~3% of a step here, which
-the floor, writing into preallocated outputs, never pays. Training jobs should set it too.
+the floor, writing into preallocated outputs, never pays. Training jobs should set it too. Even with
+it, a fresh dW costs several % of a step here; `megaclass-fold` shows the op without that cost: dW goes
+into a buffer allocated once (`weight_grad_into`), as megaclass's trainer folds it into the SGD
+momentum buffer.
 
 `--tp P` runs the op's variants on P gloo ranks (NCCL on CUDA), classes split unevenly as in
 ShardedLinearCrossEntropy, each rank with threads/P threads, and also the op on one rank holding all
@@ -40,13 +43,15 @@ from megaclass.parallel.comm import free_port
 VARIANTS = {
     "megaclass": "megaclass.ops.linear_cross_entropy, kernels from megaclass._C",
     "megaclass-twin": "megaclass.ops.linear_cross_entropy, PyTorch twin kernels",
+    "megaclass-fold": "megaclass.ops.linear_cross_entropy, dW written into a buffer allocated once "
+                      "(weight_grad_into, as the trainer folds it into the SGD momentum)",
     "naive": "x @ W.T, F.cross_entropy(reduction='none') * s, mean",
     "torch": "torch.nn.functional.linear_cross_entropy(options=LinearCrossEntropyOptions())",
     "cce": "cut_cross_entropy.linear_cross_entropy (impl torch_compile on CPU, cce on CUDA)",
     "liger": "Liger-Kernel LigerFusedLinearCrossEntropyLoss (CUDA)",
     "floor": "three GEMMs into preallocated outputs",
 }
-TP_VARIANTS = ("megaclass", "megaclass-twin")
+TP_VARIANTS = ("megaclass", "megaclass-twin", "megaclass-fold")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
@@ -74,7 +79,7 @@ def register(subparsers) -> None:
 
 def available(name: str, device: str) -> str | None:
     """None if the variant can run here, else why not."""
-    if name == "megaclass":
+    if name in ("megaclass", "megaclass-fold"):
         import warnings
         from megaclass.ops import kernels
         with warnings.catch_warnings():
@@ -123,11 +128,14 @@ def _step_fn(name, spec, hidden, weight, target, s, class_start):
         from megaclass.ops import linear_cross_entropy
         from megaclass.parallel import comm
         group = comm.default_group()
-        implementation = "extension" if name == "megaclass" else "torch"
+        implementation = "torch" if name == "megaclass-twin" else "extension"
+        # beta 0: the buffer is overwritten each step, as the floor overwrites its preallocated dW
+        fold = (torch.empty_like(weight, requires_grad=False), 0.0) if name == "megaclass-fold" else None
 
         def step():
             loss = linear_cross_entropy(hidden, weight, target, s, class_start=class_start, process_group=group,
-                                        chunk_size=spec["chunk_size"], implementation=implementation)
+                                        chunk_size=spec["chunk_size"], implementation=implementation,
+                                        weight_grad_into=fold)
             loss.backward()
             return loss
         return step
