@@ -29,11 +29,13 @@ class HeadLoss:
 
     def __init__(self):
         self.head, self.data_world = None, 1
+        self.grad_into = lambda: None  # the trainer's `_head_grad_into`: where the head's dW goes
 
     def __call__(self, features: torch.Tensor, labels) -> torch.Tensor:
         target, weights = labels
         features = comm.scale_grad(features.float(), self.data_world)  # undo DeepSpeed's data-parallel average
-        return self.head(features, target, weights, gather_input=True)
+        into = self.grad_into() if torch.is_grad_enabled() else None  # evaluation makes no gradient
+        return self.head(features, target, weights, gather_input=True, weight_grad_into=into)
 
 
 class PipelineTrainer(Trainer):
@@ -62,6 +64,7 @@ class PipelineTrainer(Trainer):
                 num_features = create(cfg.model.name).num_features
             self._build_head(num_features, grid.get_data_parallel_group())
             self.loss_fn.head, self.loss_fn.data_world = self.head, self.data_world
+            self.loss_fn.grad_into = self._head_grad_into
         optimizer = build_optimizer(module.parameters(), cfg.optim, cfg.optim.lr)
         self.engine, _, _, _ = deepspeed.initialize(
             model=module, optimizer=optimizer, lr_scheduler=build_schedule(optimizer, cfg.optim, self.total_steps),
