@@ -367,8 +367,9 @@ def _logits_(out, x, weight, bias):
 
 class _Grads:
     """dX [N, D] (hidden's dtype; summed over ranks in fp32), dW [C_local, D] (weight's dtype) and db [C_local]
-    (accumulated in fp32, cast at the end). need = (dX?, dW?, db?). fold (`_Fold` or None): dW goes
-    into fold.buffer (beta·buffer + alpha·dW) and `finish` hands over None for it.
+    (accumulated in fp32, cast at the end). need = (dX?, dW?, db?). dW always goes into a `_Fold`
+    target, buffer ← beta·buffer + alpha·dW: the caller's (`weight_grad_into`; `finish` then hands over
+    None for it) or a fresh tensor written with beta 0 and handed over as weight's gradient.
 
     Every GEMM accumulates in fp32 inside (also for bf16/fp16 inputs). dW is never held in fp32 beyond
     the weight's own dtype: it is made either by row chunks added into an fp32/fp64 dW, or for bf16/fp16
@@ -383,11 +384,14 @@ class _Grads:
                        else torch.empty_like(hidden, memory_format=torch.contiguous_format))
         else:
             self.dx = None
-        self.fold = fold if need[1] else None
-        if self.fold is not None:
-            self.dw = self.fold.buffer
+        self._hand_over_dw = fold is None
+        if not need[1]:
+            self.fold = None
+        elif fold is None:
+            self.fold = _Fold(torch.empty_like(weight, memory_format=torch.contiguous_format), 0.0, 1.0)
         else:
-            self.dw = torch.empty_like(weight, memory_format=torch.contiguous_format) if need[1] else None
+            self.fold = fold
+        self.dw = None if self.fold is None else self.fold.buffer
         self.db = torch.empty(weight.shape[0], dtype=acc, device=weight.device) if need[2] else None
         self._first = True  # the first row chunk writes dW and db, later ones add (no zero-fill pass)
         self._cuda = hidden.device.type == "cuda"
@@ -396,12 +400,9 @@ class _Grads:
         """g: [b − a, C_local] gradient of the logits of rows [a, b)."""
         if self.dx is not None:
             torch.mm(g, weight, out=self.dx[a:b])
-        if self.fold is not None:
+        if self.dw is not None:
             beta = self.fold.beta if self._first else 1.0
             self.dw.addmm_(g.t(), hidden[a:b], beta=beta, alpha=self.fold.alpha)
-        elif self.dw is not None:
-            x = hidden[a:b]
-            torch.mm(g.t(), x, out=self.dw) if self._first else self.dw.addmm_(g.t(), x)
         if self.db is not None:
             part = g.sum(0, dtype=self.db.dtype)
             self.db.copy_(part) if self._first else self.db.add_(part)
@@ -415,27 +416,25 @@ class _Grads:
                 self.dx.addmm_(g, w)
             else:  # CUDA: fp32 out of the GEMM; CPU has no such GEMM and adds the rounded block
                 self.dx.add_(torch.mm(g, w, out_dtype=self.dx.dtype) if self._cuda else torch.mm(g, w))
-        if self.fold is not None:
+        if self.dw is not None:
             self.dw[c0:c1].addmm_(g.t(), hidden, beta=self.fold.beta, alpha=self.fold.alpha)
-        elif self.dw is not None:
-            torch.mm(g.t(), hidden, out=self.dw[c0:c1])
         if self.db is not None:
             self.db[c0:c1] = g.sum(0, dtype=self.db.dtype)
         self._first = False
 
     def finish(self, hidden, bias, opts):
         if self._first:  # no rows or no classes: the gradients are 0
-            for t in (self.dx, self.db, None if self.fold is not None else self.dw):
+            for t in (self.dx, self.db):
                 if t is not None:
                     t.zero_()
-            if self.fold is not None:
+            if self.dw is not None:
                 self.dw.zero_() if self.fold.beta == 0 else self.dw.mul_(self.fold.beta)
         dx = self.dx
         if dx is not None and opts.world > 1 and opts.hidden_grad == "full":
             dx = comm.all_reduce_(dx.to(kernels.stats_dtype(dx.dtype)), opts.group)
         dx = None if dx is None else dx.to(hidden.dtype)
         db = None if self.db is None else self.db.to(bias.dtype)
-        return dx, None if self.fold is not None else self.dw, db
+        return dx, self.dw if self._hand_over_dw else None, db
 
 
 def _by_class(hidden, n, opts):
