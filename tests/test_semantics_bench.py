@@ -1,5 +1,6 @@
 """`megaclass bench knn` runs end to end at a small size and its answer agrees with a dense top-k."""
 import json
+import math
 
 from megaclass.cli import main
 
@@ -11,4 +12,7 @@ def test_bench_knn_small(tmp_path, capsys):
     assert code == 0
     result = json.loads(out.read_text())["embeddings"]
     assert result["checked_rows"] == 3000 and result["checked_rows_agree"] is True
-    assert result["floor_s"] > 0 and result["time_s"] > 0 and result["classes"] == 3000
+    assert result["classes"] == 3000
+    # timings are reported, never judged: a quiet machine can finish the floor in under a millisecond
+    for key in ("floor_s", "time_s", "ratio_to_floor"):
+        assert isinstance(result[key], float) and math.isfinite(result[key]) and result[key] >= 0, key

@@ -105,7 +105,7 @@ def bench_embeddings(embeddings: torch.Tensor, k: int, block: int, check_rows: i
     return {
         "classes": classes, "dim": dim, "k": k, "block_size": block, "threads": torch.get_num_threads(),
         "gemm_gflops_before": round(rate_before / 1e9, 1), "gemm_gflops_after": round(rate_after / 1e9, 1),
-        "floor_s": round(floor, 2), "time_s": round(took, 2),
+        "floor_s": round(floor, 4), "time_s": round(took, 4),
         "ratio_to_floor": round(took / floor, 3), "target_ratio": 1.3,
         "state_and_scratch_mb": round((classes * k * 12 + block * block * 4 * 2) / 2**20, 1),
         "peak_rss_gb": round(peak_rss_gb(), 2),
