@@ -309,21 +309,52 @@ def _describe(x):
     return f"{type(x).__name__} {x!r}"[:80]
 
 
-def _float_bits(x):
-    """A float as the int64 of its IEEE bits: floats take part in the ranks' integer agreement table."""
+def _float_code(x):
     return struct.unpack("<q", struct.pack("<d", float(x)))[0]
+
+
+def _float_value(code):
+    return struct.unpack("<d", struct.pack("<q", code))[0]
+
+
+def _choice(choices):
+    return (choices.index, choices.__getitem__)
+
+
+# Options every rank of the group must pass alike (a rank with other values would compute another loss,
+# or run other collectives): name -> (encode to int64, decode for the message). One line per option.
+_AGREED = {
+    "N (rows of hidden)": (int, int),
+    "D (features)": (int, int),
+    "dtype": (_DTYPE_CODES.__getitem__, list(_DTYPE_CODES).__getitem__),
+    "bias presence": (int, bool),
+    "label_smoothing": (_float_code, _float_value),
+    "ignore_index": (int, int),
+    "reduction": _choice(REDUCTIONS),
+    "hidden_grad": _choice(HIDDEN_GRADS),
+    "chunk_size": (lambda v: 0 if v is None else v, lambda c: None if c == 0 else c),
+    "whether hidden's gradient is wanted (grad mode and hidden.requires_grad)": (int, bool),
+    "softcap": (lambda v: _float_code(v or 0.0), lambda c: _float_value(c) or None),
+    "z_loss": (_float_code, _float_value),
+    "class_weight presence": (int, bool),
+}
 
 
 def _validate(hidden, weight, target, sample_weight, bias, class_start, group, ignore_index, label_smoothing,
               reduction, chunk_size, hidden_grad, implementation, gathered=False, weight_grad_into=None,
               softcap=None, z_loss=0.0, class_weight=None, return_lse=False):
     """Options of one call, the same on every rank, or ValueError on every rank. gathered: the arguments are
-    this rank's own rows, to be all-gathered after (then N must agree and the batch is P·N rows)."""
+    this rank's own rows, to be all-gathered after (then N must agree and the batch is P·N rows).
+
+    One all-gather of a small int table: each rank's status, target range and shard, and the `_AGREED`
+    options. The chunk size is chosen from the group's largest shard, so that every rank runs the same
+    number of chunks, hence of collectives."""
     world = 1 if group is None else comm.world_size(group)
     gathered = gathered and world > 1
     problem = _local_problem(hidden, weight, target, sample_weight, bias, class_start, ignore_index,
                              label_smoothing, reduction, chunk_size, hidden_grad, gathered, weight_grad_into,
                              softcap, z_loss, class_weight, return_lse)
+    head = 5  # status, lo, hi, C_local, class_start; then the agreed options
     if problem is None:
         n, d = hidden.shape
         c_local = weight.shape[0]
@@ -332,10 +363,12 @@ def _validate(hidden, weight, target, sample_weight, bias, class_start, group, i
         wide = target.to(torch.int64)
         lo, hi = (torch.stack([torch.where(valid, wide, torch.iinfo(torch.int64).max).min(),
                                torch.where(valid, wide, -1).max()]).tolist() if n else (0, -1))
-        row = [0, n, d, c_local, class_start, _DTYPE_CODES[hidden.dtype], int(bias is not None), lo, hi,
-               _float_bits(softcap or 0.0), _float_bits(z_loss), int(class_weight is not None)]
+        wants_dx = torch.is_grad_enabled() and hidden.requires_grad and hidden_grad == "full"
+        agreed = (n, d, hidden.dtype, bias is not None, label_smoothing, ignore_index, reduction, hidden_grad,
+                  chunk_size, wants_dx, softcap, z_loss, class_weight is not None)
+        row = [0, lo, hi, c_local, class_start] + [enc(v) for (enc, _), v in zip(_AGREED.values(), agreed)]
     else:
-        row = [1, -1, -1, -1, -1, -1, -1, 0, -1, 0, 0, 0]
+        row = [1, 0, -1, -1, -1] + [0] * len(_AGREED)
     if world > 1:
         device = hidden.device if comm.backend(group) == "nccl" and isinstance(hidden, torch.Tensor) else "cpu"
         table = comm.gather_ints(row, device=device, group=group)
@@ -348,14 +381,13 @@ def _validate(hidden, weight, target, sample_weight, bias, class_start, group, i
     if failed:
         raise ValueError(f"linear_cross_entropy: rank {failed[0]} of the process group rejected its arguments "
                          "(its own error says why)")
-    for name, col in (("N (rows of hidden)", 1), ("D (features)", 2), ("dtype", 5), ("bias presence", 6),
-                      ("softcap", 9), ("z_loss", 10), ("class_weight presence", 11)):
+    for col, (name, (_, dec)) in enumerate(_AGREED.items(), start=head):
         values = [t[col] for t in table]
         if len(set(values)) > 1:
-            if col in (9, 10):
-                values = [struct.unpack("<d", struct.pack("<q", v))[0] for v in values]
-            why = " (gather_input=True needs the same number of rows on every rank)" if gathered and col == 1 else ""
-            raise ValueError(f"linear_cross_entropy: ranks disagree on {name}: {values} (rank order){why}")
+            why = (" (gather_input=True needs the same number of rows on every rank)"
+                   if gathered and name.startswith("N ") else "")
+            raise ValueError(f"linear_cross_entropy: ranks disagree on {name}: {[dec(v) for v in values]} "
+                             f"(rank order){why}")
     shards = sorted((t[4], t[3], r) for r, t in enumerate(table))
     expected = 0
     for start, size, r in shards:
@@ -369,27 +401,31 @@ def _validate(hidden, weight, target, sample_weight, bias, class_start, group, i
     if num_classes == 0:
         raise ValueError("linear_cross_entropy: the group holds no classes (every weight shard has 0 rows)")
     for r, t in enumerate(table):
-        lo, hi = t[7], t[8]
-        if t[1] and (lo < 0 or hi >= num_classes):
+        lo, hi = t[1], t[2]
+        if n and (lo < 0 or hi >= num_classes):
             if r == me:
                 _raise_bad_target(target, ignore_index, num_classes)
             raise ValueError(f"linear_cross_entropy: rank {r} has a target outside [0, {num_classes}) that is not "
                              f"ignore_index={ignore_index} (its own error names the row)")
     use_ext = kernels.uses_extension(hidden, implementation)
     rows = hidden.shape[0] * (world if gathered else 1)
-    if chunk_size is None:
-        row_bytes = max(1, weight.shape[0] * hidden.element_size())
-        if rows * row_bytes <= WHOLE_BATCH_BYTES:
-            chunk_size = max(rows, 1)
-        else:
-            budget = CHUNK_BYTES.get(hidden.device.type, 512 << 20)
-            chunk_size = max(MIN_CHUNK_ROWS, budget // row_bytes)
-            chunk_size = -(-rows // -(-rows // chunk_size))  # equal chunks: no small last one
-    chunk_rows = max(1, min(chunk_size, rows))
+    largest_shard = max(t[3] for t in table)
+    chunk_rows = chunk_size if chunk_size is not None else _chunk_rows(rows, largest_shard, hidden)
     return _Options(class_start=class_start, num_classes=num_classes, group=group, world=world, rank=me,
                     ignore_index=ignore_index, label_smoothing=float(label_smoothing), reduction=reduction,
-                    chunk_rows=chunk_rows, hidden_grad=hidden_grad, use_extension=use_ext,
+                    chunk_rows=max(1, min(chunk_rows, rows)), hidden_grad=hidden_grad, use_extension=use_ext,
                     softcap=float(softcap or 0.0), z_loss=float(z_loss), return_lse=return_lse)
+
+
+def _chunk_rows(rows, c_local, hidden):
+    """Rows per chunk for logits [rows, c_local]: all of them within WHOLE_BATCH_BYTES, else equal chunks of
+    about CHUNK_BYTES. c_local is the group's largest shard: every rank must run the same chunks."""
+    row_bytes = max(1, c_local * hidden.element_size())
+    if rows * row_bytes <= WHOLE_BATCH_BYTES:
+        return max(rows, 1)
+    budget = CHUNK_BYTES.get(hidden.device.type, 512 << 20)
+    chunk = max(MIN_CHUNK_ROWS, budget // row_bytes)
+    return -(-rows // -(-rows // chunk))  # equal chunks: no small last one
 
 
 def _raise_bad_target(target, ignore_index, num_classes):
@@ -439,12 +475,18 @@ def _class_terms(class_weight, target, opts, acc):
 
 
 def _row_loss(lse, zt, zsum, terms, a, b, opts):
-    """CE_i + z_loss·lse_i² of rows [a, b) from the combined statistics (zsum: Σ_c w_c·z_ic when weighted)."""
+    """CE_i + z_loss·lse_i² of rows [a, b) from the combined statistics (zsum: Σ_c w_c·z_ic when weighted).
+    Without smoothing the Σz term is left out, not multiplied by 0: a masked class (a −inf logit) makes
+    Σz = −inf, and F.cross_entropy's loss stays finite there."""
     eps, uniform = opts.label_smoothing, opts.label_smoothing / opts.num_classes
     if terms.class_weight is None:
-        ce = lse - (1.0 - eps) * zt - uniform * zsum
+        ce = lse - (1.0 - eps) * zt
+        if eps:
+            ce = ce - uniform * zsum
     else:
-        ce = (1.0 - eps) * terms.w_target[a:b] * (lse - zt) + uniform * (terms.w_total * lse - zsum)
+        ce = (1.0 - eps) * terms.w_target[a:b] * (lse - zt)
+        if eps:
+            ce = ce + uniform * (terms.w_total * lse - zsum)
     return ce + opts.z_loss * lse.square() if opts.z_loss else ce
 
 
@@ -697,8 +739,12 @@ class _LinearCrossEntropy(torch.autograd.Function):
         return loss.to(hidden.dtype), lse
 
     @staticmethod
-    @torch.autograd.function.once_differentiable
     def backward(ctx, grad, _grad_lse):
+        if torch.is_grad_enabled():  # create_graph=True: the gradients below would carry no graph
+            raise RuntimeError(
+                "linear_cross_entropy does not support double backward (create_graph=True, e.g. a gradient "
+                "penalty): its gradients are computed without a graph and would silently drop the second-order "
+                "term. Compute the penalty's part of the graph with plain PyTorch ops instead")
         opts = ctx.opts
         if opts.reduction != "none":
             (ce,) = ctx.saved_tensors
