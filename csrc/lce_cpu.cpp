@@ -151,35 +151,35 @@ void row_stats_grad(T* z, int64_t cols, int64_t t, float zt, float k, float targ
 template <typename T>
 void stats_grad_kernel(at::Tensor& logits, const at::Tensor& target, const at::Tensor& row_coef, float target_coef,
                        float uniform_coef, at::Tensor& out) {
-  const int64_t rows = logits.size(0), cols = logits.size(1);
+  const int64_t rows = logits.size(0), cols = logits.size(1), ld = row_pitch(logits);
   T* base = logits.data_ptr<T>();
   const int64_t* tgt = target.data_ptr<int64_t>();
   const float* kc = row_coef.data_ptr<float>();
   float* o = out.data_ptr<float>();
   at::parallel_for(0, rows, grain(cols), [&](int64_t r0, int64_t r1) {
     for (int64_t r = r0; r < r1; ++r) {
-      T* z = base + r * cols;
+      T* z = base + r * ld;
       const int64_t t = tgt[r];
       const float zt = (t >= 0 && t < cols) ? static_cast<float>(z[t]) : 0.f;
       o[2 * rows + r] = zt;
       row_stats_grad(z, cols, t, zt, kc[r], target_coef, uniform_coef, o[r], o[rows + r], o[3 * rows + r],
-                     r + 1 < r1 ? z + cols : nullptr);
+                     r + 1 < r1 ? z + ld : nullptr);
     }
   });
 }
 
 template <typename T>
 void stats_kernel(at::Tensor& logits, const at::Tensor& target, int64_t class_start, bool store_exp, at::Tensor& out) {
-  const int64_t rows = logits.size(0), cols = logits.size(1);
+  const int64_t rows = logits.size(0), cols = logits.size(1), ld = row_pitch(logits);
   T* base = logits.data_ptr<T>();
   const int64_t* tgt = target.data_ptr<int64_t>();
   float* o = out.data_ptr<float>();
   at::parallel_for(0, rows, grain(cols), [&](int64_t r0, int64_t r1) {
     for (int64_t r = r0; r < r1; ++r) {
-      T* z = base + r * cols;
+      T* z = base + r * ld;
       const int64_t t = tgt[r] - class_start;
       o[2 * rows + r] = (t >= 0 && t < cols) ? static_cast<float>(z[t]) : 0.f;  // before z is overwritten
-      row_stats(z, cols, store_exp, o[r], o[rows + r], o[3 * rows + r], r + 1 < r1 ? z + cols : nullptr);
+      row_stats(z, cols, store_exp, o[r], o[rows + r], o[3 * rows + r], r + 1 < r1 ? z + ld : nullptr);
     }
   });
 }
@@ -216,14 +216,14 @@ void row_grad(T* z, int64_t cols, int64_t t, float shift, float k, float target_
 template <typename T>
 void grad_kernel(at::Tensor& logits, const at::Tensor& target, int64_t class_start, const at::Tensor& shift,
                  const at::Tensor& row_coef, float target_coef, float uniform_coef, bool stored_exp) {
-  const int64_t rows = logits.size(0), cols = logits.size(1);
+  const int64_t rows = logits.size(0), cols = logits.size(1), ld = row_pitch(logits);
   T* base = logits.data_ptr<T>();
   const int64_t* tgt = target.data_ptr<int64_t>();
   const float* sh = shift.data_ptr<float>();
   const float* kc = row_coef.data_ptr<float>();
   at::parallel_for(0, rows, grain(cols), [&](int64_t r0, int64_t r1) {
     for (int64_t r = r0; r < r1; ++r) {
-      row_grad(base + r * cols, cols, tgt[r] - class_start, sh[r], kc[r], target_coef, uniform_coef, stored_exp);
+      row_grad(base + r * ld, cols, tgt[r] - class_start, sh[r], kc[r], target_coef, uniform_coef, stored_exp);
     }
   });
 }
