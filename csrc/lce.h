@@ -8,10 +8,14 @@
 namespace megaclass {
 
 // Checks of the kernels' arguments (TORCH_CHECK_VALUE: ValueError in Python) naming the op and argument:
-// logits a contiguous 2-D [R, C_local] tensor of `device_type` in float32/bfloat16/float16; target a
+// logits a row-major 2-D [R, C_local] tensor (row pitch >= C_local) of `device_type` in float32/bfloat16/float16; target a
 // contiguous int64 [R] on the same device.
 void check_logits_target(const char* op, const at::Tensor& logits, const at::Tensor& target,
                          c10::DeviceType device_type);
+// Elements from one row of (checked) logits to the next: its row pitch, which may exceed C_local.
+inline int64_t row_pitch(const at::Tensor& logits) {
+  return logits.size(0) > 1 ? logits.stride(0) : logits.size(1);
+}
 // `t` a contiguous float32 [R] tensor on logits' device (shift, row_coef).
 void check_row_vector(const char* op, const char* name, const at::Tensor& t, const at::Tensor& logits);
 // softcap finite and >= 0, stored exponentials only without it, class_weight a contiguous fp32 [C_local] on

@@ -268,7 +268,7 @@ void row_stats_grad(T* z, int64_t cols, int64_t t, float zt, float k, float targ
 template <typename T, bool kCap, bool kWeighted>
 void stats_grad_kernel(at::Tensor& logits, const at::Tensor& target, const at::Tensor& row_coef, float target_coef,
                        float uniform_coef, float lse_coef, const Softcap& sc, const float* w, at::Tensor& out) {
-  const int64_t rows = logits.size(0), cols = logits.size(1);
+  const int64_t rows = logits.size(0), cols = logits.size(1), ld = row_pitch(logits);
   T* base = logits.data_ptr<T>();
   const int64_t* tgt = target.data_ptr<int64_t>();
   const float* kc = row_coef.data_ptr<float>();
@@ -276,12 +276,12 @@ void stats_grad_kernel(at::Tensor& logits, const at::Tensor& target, const at::T
   const float weight_sum = weight_total(w, cols);
   at::parallel_for(0, rows, grain(cols), [&](int64_t r0, int64_t r1) {
     for (int64_t r = r0; r < r1; ++r) {
-      T* z = base + r * cols;
+      T* z = base + r * ld;
       const int64_t t = tgt[r];
       const float zt = (t >= 0 && t < cols) ? static_cast<float>(z[t]) : 0.f;
       o[2 * rows + r] = kCap ? (t >= 0 && t < cols ? capped<Cap::kRaw>(zt, sc) : 0.f) : zt;
       row_stats_grad<T, kCap, kWeighted>(z, cols, t, zt, kc[r], target_coef, uniform_coef, lse_coef, weight_sum, sc,
-                                         w, o[r], o[rows + r], o[3 * rows + r], r + 1 < r1 ? z + cols : nullptr);
+                                         w, o[r], o[rows + r], o[3 * rows + r], r + 1 < r1 ? z + ld : nullptr);
     }
   });
 }
@@ -289,18 +289,18 @@ void stats_grad_kernel(at::Tensor& logits, const at::Tensor& target, const at::T
 template <typename T, Cap kCap, bool kWeighted>
 void stats_kernel(at::Tensor& logits, const at::Tensor& target, int64_t class_start, bool store_exp, const Softcap& sc,
                   const float* w, at::Tensor& out) {
-  const int64_t rows = logits.size(0), cols = logits.size(1);
+  const int64_t rows = logits.size(0), cols = logits.size(1), ld = row_pitch(logits);
   T* base = logits.data_ptr<T>();
   const int64_t* tgt = target.data_ptr<int64_t>();
   float* o = out.data_ptr<float>();
   at::parallel_for(0, rows, grain(cols), [&](int64_t r0, int64_t r1) {
     for (int64_t r = r0; r < r1; ++r) {
-      T* z = base + r * cols;
+      T* z = base + r * ld;
       const int64_t t = tgt[r] - class_start;
       // before z is overwritten
       o[2 * rows + r] = (t >= 0 && t < cols) ? capped<kCap>(static_cast<float>(z[t]), sc) : 0.f;
       row_stats<T, kCap, kWeighted>(z, cols, store_exp, sc, w, o[r], o[rows + r], o[3 * rows + r],
-                                    r + 1 < r1 ? z + cols : nullptr);
+                                    r + 1 < r1 ? z + ld : nullptr);
     }
   });
 }
@@ -309,7 +309,7 @@ template <typename T, Cap kCap, bool kWeighted>
 void grad_kernel(at::Tensor& logits, const at::Tensor& target, int64_t class_start, const at::Tensor& shift,
                  const at::Tensor& row_coef, const float* p_coef, float target_coef, float uniform_coef,
                  bool stored_exp, const Softcap& sc, const float* w) {
-  const int64_t rows = logits.size(0), cols = logits.size(1);
+  const int64_t rows = logits.size(0), cols = logits.size(1), ld = row_pitch(logits);
   T* base = logits.data_ptr<T>();
   const int64_t* tgt = target.data_ptr<int64_t>();
   const float* sh = shift.data_ptr<float>();
@@ -317,7 +317,7 @@ void grad_kernel(at::Tensor& logits, const at::Tensor& target, int64_t class_sta
   at::parallel_for(0, rows, grain(cols), [&](int64_t r0, int64_t r1) {
     for (int64_t r = r0; r < r1; ++r) {
       const RowCoef rc{p_coef != nullptr ? p_coef[r] : kc[r], kc[r], target_coef, uniform_coef};
-      row_grad<T, kCap, kWeighted>(base + r * cols, cols, tgt[r] - class_start, sh[r], rc, stored_exp, sc, w);
+      row_grad<T, kCap, kWeighted>(base + r * ld, cols, tgt[r] - class_start, sh[r], rc, stored_exp, sc, w);
     }
   });
 }

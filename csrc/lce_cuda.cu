@@ -2,7 +2,7 @@
 // in-place logits -> gradient pass. Semantics are the kernel contract in csrc/megaclass_ops.cpp (the
 // schema's only definition); the CPU kernel (lce_cpu.cpp) and the PyTorch twin (megaclass/ops) match it.
 //
-// Layout: logits [R, C_local] row-major. The statistics use one block per row (online max / sum of
+// Layout: logits [R, C_local] row-major, rows `ld` elements apart (ld >= C_local: a padded pitch). The statistics use one block per row (online max / sum of
 // exponentials in each thread, then a block reduction); the gradient is elementwise once the row's
 // shift is known, so it uses a 2-D grid (row x column tile) to fill the GPU even when R is small.
 // Loads and stores are 16 bytes wide (4 fp32 or 8 bf16/fp16 values); a row that does not start on a
@@ -130,11 +130,11 @@ __device__ __forceinline__ Stats block_merge(Stats st, Stats* scratch) {
 template <typename T>
 __global__ void __launch_bounds__(kMaxThreads)
     stats_kernel(const T* __restrict__ logits, const int64_t* __restrict__ target, int64_t rows, int64_t cols,
-                 int64_t class_start, Options o, float* __restrict__ out) {
+                 int64_t ld, int64_t class_start, Options o, float* __restrict__ out) {
   constexpr int kV = Pack<T>::kSize;
   __shared__ Stats scratch[kMaxThreads / kWarp];
   const int64_t r = blockIdx.x;
-  const T* row = logits + r * cols;
+  const T* row = logits + r * ld;
   if (threadIdx.x == 0) {
     const int64_t c = target[r] - class_start;
     out[2 * rows + r] = (c >= 0 && c < cols) ? capped(static_cast<float>(row[c]), o) : 0.f;
@@ -177,11 +177,11 @@ __global__ void __launch_bounds__(kMaxThreads)
 template <typename T>
 __global__ void __launch_bounds__(kMaxThreads)
     stats_store_exp_kernel(T* __restrict__ logits, const int64_t* __restrict__ target, int64_t rows, int64_t cols,
-                           int64_t class_start, Options o, float* __restrict__ out) {
+                           int64_t ld, int64_t class_start, Options o, float* __restrict__ out) {
   constexpr int kV = Pack<T>::kSize;
   __shared__ Stats scratch[kMaxThreads / kWarp];
   const int64_t r = blockIdx.x;
-  T* row = logits + r * cols;
+  T* row = logits + r * ld;
   if (threadIdx.x == 0) {  // read before the barrier in block_merge, so before any thread overwrites the row
     const int64_t c = target[r] - class_start;
     out[2 * rows + r] = (c >= 0 && c < cols) ? static_cast<float>(row[c]) : 0.f;
@@ -261,13 +261,13 @@ __global__ void __launch_bounds__(kMaxThreads)
 // tail. A row with k = 0 and pc = 0 becomes exactly 0.
 template <typename T>
 __global__ void __launch_bounds__(kGradThreads)
-    grad_kernel(T* __restrict__ logits, const int64_t* __restrict__ target, int64_t cols, int64_t class_start,
-                const float* __restrict__ shift, const float* __restrict__ row_coef,
+    grad_kernel(T* __restrict__ logits, const int64_t* __restrict__ target, int64_t cols, int64_t ld,
+                int64_t class_start, const float* __restrict__ shift, const float* __restrict__ row_coef,
                 const float* __restrict__ p_coef, float target_coef, float uniform_coef, bool stored_exp, Options o,
                 int64_t tile_packs) {
   constexpr int kV = Pack<T>::kSize;
   const int64_t r = blockIdx.x;
-  T* row = logits + r * cols;
+  T* row = logits + r * ld;
   const float k = row_coef[r];
   const float pc = p_coef != nullptr ? p_coef[r] : k;
   const float s = shift[r];
@@ -356,10 +356,12 @@ at::Tensor lce_chunk_stats_cuda(at::Tensor& logits, const at::Tensor& target, in
     using T = decltype(tag);
     if (store_exp) {
       stats_store_exp_kernel<T><<<static_cast<unsigned>(rows), threads, 0, stream>>>(
-          logits.data_ptr<T>(), target.data_ptr<int64_t>(), rows, cols, class_start, o, out.data_ptr<float>());
+          logits.data_ptr<T>(), target.data_ptr<int64_t>(), rows, cols, row_pitch(logits), class_start, o,
+          out.data_ptr<float>());
     } else {
       stats_kernel<T><<<static_cast<unsigned>(rows), threads, 0, stream>>>(
-          logits.data_ptr<T>(), target.data_ptr<int64_t>(), rows, cols, class_start, o, out.data_ptr<float>());
+          logits.data_ptr<T>(), target.data_ptr<int64_t>(), rows, cols, row_pitch(logits), class_start, o,
+          out.data_ptr<float>());
     }
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
@@ -390,7 +392,7 @@ void lce_chunk_grad_cuda(at::Tensor& logits, const at::Tensor& target, int64_t c
     const int64_t tiles = std::max<int64_t>(1, std::min<int64_t>((max_packs + tile_packs - 1) / tile_packs, 65535));
     const dim3 grid(static_cast<unsigned>(rows), static_cast<unsigned>(tiles));
     grad_kernel<T><<<grid, kGradThreads, 0, stream>>>(
-        logits.data_ptr<T>(), target.data_ptr<int64_t>(), cols, class_start, shift.data_ptr<float>(),
+        logits.data_ptr<T>(), target.data_ptr<int64_t>(), cols, row_pitch(logits), class_start, shift.data_ptr<float>(),
         row_coef.data_ptr<float>(), pc, static_cast<float>(target_coef), static_cast<float>(uniform_coef), stored_exp,
         o, tile_packs);
     C10_CUDA_KERNEL_LAUNCH_CHECK();

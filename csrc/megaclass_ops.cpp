@@ -4,7 +4,8 @@
 //
 // lce_chunk_stats(Tensor(a!) logits, Tensor target, int class_start, bool store_exp, float softcap=0.,
 //                 Tensor? class_weight=None) -> Tensor
-//   logits: [R, C_local], contiguous, fp32/bf16/fp16: this rank's classes [class_start, class_start + C_local)
+//   logits: [R, C_local], row-major, fp32/bf16/fp16: this rank's classes [class_start, class_start + C_local);
+//           its row pitch may exceed C_local (the op pads it to 16 bytes); the padding is never read
 //   target: [R] int64 global class ids; a target outside this shard (another rank's class, ignore_index)
 //           contributes target logit 0
 //   softcap: c > 0: every statistic is of the soft-capped logits z' = c·tanh(z/c) (Gemma 2); 0: z' = z.
@@ -55,8 +56,10 @@ void check_logits_target(const char* op, const at::Tensor& logits, const at::Ten
                          c10::DeviceType device_type) {
   TORCH_CHECK_VALUE(logits.device().type() == device_type, op, ": logits must be a ", device_type,
                     " tensor, got one on ", logits.device());
-  TORCH_CHECK_VALUE(logits.dim() == 2 && logits.is_contiguous(), op,
-                    ": logits must be a contiguous [R, C_local] tensor, got shape ", logits.sizes());
+  TORCH_CHECK_VALUE(logits.dim() == 2 && (logits.size(1) <= 1 || logits.stride(1) == 1) &&
+                        (logits.size(0) <= 1 || logits.stride(0) >= logits.size(1)),
+                    op, ": logits must be a row-major [R, C_local] tensor (unit column stride, row pitch >= C_local), "
+                    "got shape ", logits.sizes(), " and strides ", logits.strides());
   const auto dtype = logits.scalar_type();
   TORCH_CHECK_VALUE(dtype == at::kFloat || dtype == at::kBFloat16 || dtype == at::kHalf, op,
                     ": logits must be float32, bfloat16 or float16, got ", dtype);

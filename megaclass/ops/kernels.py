@@ -4,7 +4,7 @@ Contract (the header of `csrc/megaclass_ops.cpp` is the authority; z' = softcap�
 softcap > 0, else z; w = class_weight, or 1):
 
   chunk_stats(logits, target, class_start, store_exp, softcap=0, class_weight=None) -> stats
-      logits: [R, C_local] contiguous, this rank's classes [class_start, class_start + C_local)
+      logits: [R, C_local] row-major (its row pitch may exceed C_local), this rank's classes [class_start, class_start + C_local)
       target: [R] int64 global class ids (a target outside the shard contributes target logit 0)
       stats:  [4, R] fp32 (fp64 for fp64 logits): max_c z', Σ_c exp(z' − max), z'_target, Σ_c w_c·z'_c
       store_exp (softcap 0 only): logits are overwritten with exp(z − max), so that the gradient pass

@@ -56,7 +56,7 @@ costs time: each chunk streams W through two GEMMs again, about 3.5 % per halvin
 this machine's GEMM rate and memory bandwidth (fp32, N=2048, C=50k, 2 threads: one chunk 1.03× the
 three-GEMM floor, chunks of 1,024 rows 1.08×, of 512 rows 1.12×), so it pays only when it saves memory
 that matters."""
-CHUNK_BYTES = {"cpu": 128 << 20}
+CHUNK_BYTES = {"cpu": 128 << 20, "cuda": 1 << 30}
 """The logits buffer (chunk rows × C_local elements), the op's working set, of a batch bigger than
 WHOLE_BATCH_BYTES, per device type (others: 512 MiB). On CPU 128 MB, so that e.g. 2^20 classes over
 2 ranks stay within 1 GB per rank. On a GPU, 512 MiB keeps the op within 0.7 GB beyond its inputs
@@ -554,21 +554,63 @@ def _p_coef(row_coef, lse, terms, a, b, opts):
 
 _BUFFERS = threading.local()
 
+ALIGN_BYTES = 16
+"""Row pitches of the logits buffer and the starts of class blocks are multiples of 16 bytes: cuBLAS on
+sm_90 takes its fastest (TMA) kernels only for 16-byte-aligned leading dimensions."""
+CLASS_BLOCK = 128
+"""Class blocks of `_class_sweep` are multiples of this many classes (16-byte-aligned starts in W)."""
+MAX_ROW_CHUNKS = 4
+"""bf16/fp16 dW is added over at most this many row chunks, in its own dtype (each addmm_ is fp32 inside and
+rounds once, so dW is rounded ≤ 4 times); beyond, the gradients are made by class blocks (`_class_sweep`)."""
+POOL_MIN_BYTES = 1 << 20
+"""CPU gradients of at least this size are carved from storages kept between calls (`_fresh`)."""
+
+
+def _pitch(cols, dtype):
+    """Elements per row of a logits buffer of `cols` columns: rounded up to ALIGN_BYTES."""
+    per = max(1, ALIGN_BYTES // torch.empty((), dtype=dtype).element_size())
+    return -(-cols // per) * per
+
 
 def _logits_buffer(rows, cols, dtype, device):
-    """An uninitialized [rows, cols] logits buffer. On CPU it is kept per thread between calls (the
-    largest one asked for): a fresh tens-of-MB allocation costs a page fault per 4 KB on every call,
-    which is several percent of the op. GPU allocators cache by themselves."""
+    """An uninitialized [rows, cols] logits buffer whose row pitch is `_pitch(cols)` (16-byte aligned, so an
+    odd C_local shard is padded). On CPU it is kept per thread between calls (the largest one asked for):
+    a fresh tens-of-MB allocation costs a page fault per 4 KB on every call, several percent of the op.
+    GPU allocators cache by themselves."""
+    pitch = _pitch(cols, dtype)
     if device.type != "cpu":
-        return torch.empty(rows, cols, dtype=dtype, device=device)
+        return torch.empty(rows, pitch, dtype=dtype, device=device)[:, :cols]
     cache = getattr(_BUFFERS, "by_dtype", None)
     if cache is None:
         cache = _BUFFERS.by_dtype = {}
     flat = cache.get(dtype)
-    if flat is None or flat.numel() < rows * cols:
+    if flat is None or flat.numel() < rows * pitch:
         cache.pop(dtype, None)  # free the old one before allocating the new
-        flat = cache[dtype] = torch.empty(rows * cols, dtype=dtype)
-    return flat[:rows * cols].view(rows, cols)
+        flat = cache[dtype] = torch.empty(rows * pitch, dtype=dtype)
+    return flat[:rows * pitch].view(rows, pitch)[:, :cols]
+
+
+def _fresh(shape, dtype, device):
+    """An uninitialized contiguous tensor for a gradient that autograd will own. On CPU a large one reuses a
+    storage kept from an earlier call once nobody else holds it (autograd released the previous step's
+    weight.grad, e.g. zero_grad()): a fresh 50 MB allocation costs a page fault per 4 KB, ~5-10% of a
+    step here, which the GEMM floor, writing into preallocated outputs, never pays. Between steps a
+    released gradient's memory thus stays with the op, like a GPU caching allocator's."""
+    nbytes = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+    if device.type != "cpu" or nbytes < POOL_MIN_BYTES:
+        return torch.empty(shape, dtype=dtype, device=device)
+    pool = getattr(_BUFFERS, "grads", None)
+    if pool is None:
+        pool = _BUFFERS.grads = []
+    for storage in pool:
+        if storage.nbytes() == nbytes and torch._C._storage_Use_Count(storage._cdata) == 1:
+            return torch.empty(0, dtype=dtype).set_(storage, 0, shape)
+    out = torch.empty(shape, dtype=dtype)
+    if len(pool) >= 4:  # drop a storage someone else still holds (it costs us nothing), else the oldest
+        busy = [i for i, s in enumerate(pool) if torch._C._storage_Use_Count(s._cdata) > 1]
+        pool.pop(busy[0] if busy else 0)
+    pool.append(out.untyped_storage())
+    return out
 
 
 def _logits_(out, x, weight, bias):
@@ -579,32 +621,68 @@ def _logits_(out, x, weight, bias):
         torch.addmm(bias, x, weight.t(), out=out)
 
 
+def _grad_scale(hidden, weight, row_coef, fold, need):
+    """The factor S the forward-made gradients of fp16 carry (1 for other dtypes); backward multiplies them by
+    upstream / S. fp16 gradients made at the loss's own scale flush to zero (k·p ≈ 1/(N·C) is below fp16's
+    smallest subnormal at N·C ≳ 10^8), so they are made at the largest power of two S for which no
+    gradient can exceed 2^15 (fp16's largest finite is 65,504), bounded from the data:
+        |g| ≤ S·max k,  |dW| ≤ S·max_d Σ_i k_i |X_id|,  |dX| ≤ 2·S·max k·max |W|,  |db| ≤ S·Σ k.
+    A 0-dim tensor (no host synchronisation). With `weight_grad_into`, dW is folded in forward at the
+    caller's alpha, which IS the upstream gradient: S = alpha, as plain PyTorch under that loss scale."""
+    if hidden.dtype != torch.float16 or row_coef is None or not any(need):
+        return 1.0
+    if fold is not None and need[1]:
+        return fold.alpha
+    if not row_coef.numel() or not weight.numel():
+        return 1.0
+    k_max = row_coef.amax()
+    lo, hi = torch.aminmax(weight)
+    bound = torch.stack([k_max, row_coef.sum(), (hidden.float().abs_().t() @ row_coef).amax(),
+                         2 * k_max * torch.maximum(-lo, hi).float()]).amax()
+    return torch.exp2(torch.floor(torch.log2(2.0 ** 15 / bound))).clamp(2.0 ** -60, 2.0 ** 60)
+
+
+def _unscale_(t, upstream, scale):
+    """t ← t · upstream / scale in place, computed in fp32 and rounded once (the factor of an fp16 gradient
+    may lie below fp16's range, so it must never be rounded to t's dtype first)."""
+    if t.device.type == "cpu":
+        factor = float(upstream) / float(scale)
+        return t if factor == 1.0 else t.mul_(factor)
+    factor = upstream.float() / scale
+    # a dimensioned fp32 operand makes the product fp32 inside (a 0-dim one would be cast to t's dtype)
+    return t.mul_(factor if t.dtype == factor.dtype else factor.expand(t.shape))
+
+
 class _Grads:
     """dX [N, D] (hidden's dtype; summed over ranks in fp32), dW [C_local, D] (weight's dtype) and db [C_local]
     (accumulated in fp32, cast at the end). need = (dX?, dW?, db?). dW always goes into a `_Fold`
     target, buffer ← beta·buffer + alpha·dW: the caller's (`weight_grad_into`; `finish` then hands over
     None for it) or a fresh tensor written with beta 0 and handed over as weight's gradient.
+    scale: the factor S every gradient is made at (`_grad_scale`; row_coef already carries it).
 
-    Every GEMM accumulates in fp32 inside (also for bf16/fp16 inputs). dW is never held in fp32 beyond
-    the weight's own dtype: it is made either by row chunks added into an fp32/fp64 dW, or for bf16/fp16
-    weights by `add_classes` over all rows at once (one GEMM per block, rounded once), so no fp32 copy
-    of a large classifier's gradient ever exists."""
+    Every GEMM accumulates in fp32 inside (also for bf16/fp16 inputs), and dW is never held in fp32
+    beyond the weight's own dtype (an fp32 copy would be 2.4 GB at 256,000 × 2,304): by row chunks it is
+    added into dW in its own dtype (bf16/fp16: at most MAX_ROW_CHUNKS adds, each rounding once), by class
+    blocks (`add_classes`) each block is one GEMM over all rows, rounded once."""
 
-    def __init__(self, hidden, weight, bias, need, by_class=False, fold=None):
+    def __init__(self, hidden, weight, bias, need, by_class=False, fold=None, scale=1.0):
         acc = kernels.stats_dtype(hidden.dtype)
         if need[0]:
             # by class, dX is a sum over class blocks: accumulated in fp32
             self.dx = (torch.zeros(hidden.shape, dtype=acc, device=hidden.device) if by_class
-                       else torch.empty_like(hidden, memory_format=torch.contiguous_format))
+                       else _fresh(hidden.shape, hidden.dtype, hidden.device))
         else:
             self.dx = None
         self._hand_over_dw = fold is None
+        self.scale = scale
         if not need[1]:
             self.fold = None
         elif fold is None:
-            self.fold = _Fold(torch.empty_like(weight, memory_format=torch.contiguous_format), 0.0, 1.0)
+            self.fold = _Fold(_fresh(weight.shape, weight.dtype, weight.device), 0.0, 1.0)
         else:
             self.fold = fold
+        # the caller's buffer gets alpha·dW: dW made at scale S (then a Python number) is divided by it
+        self._dw_alpha = 1.0 if fold is None else fold.alpha / scale
         self.dw = None if self.fold is None else self.fold.buffer
         self.db = torch.empty(weight.shape[0], dtype=acc, device=weight.device) if need[2] else None
         self._first = True  # the first row chunk writes dW and db, later ones add (no zero-fill pass)
@@ -616,7 +694,7 @@ class _Grads:
             torch.mm(g, weight, out=self.dx[a:b])
         if self.dw is not None:
             beta = self.fold.beta if self._first else 1.0
-            self.dw.addmm_(g.t(), hidden[a:b], beta=beta, alpha=self.fold.alpha)
+            self.dw.addmm_(g.t(), hidden[a:b], beta=beta, alpha=self._dw_alpha)
         if self.db is not None:
             part = g.sum(0, dtype=self.db.dtype)
             self.db.copy_(part) if self._first else self.db.add_(part)
@@ -631,33 +709,40 @@ class _Grads:
             else:  # CUDA: fp32 out of the GEMM; CPU has no such GEMM and adds the rounded block
                 self.dx.add_(torch.mm(g, w, out_dtype=self.dx.dtype) if self._cuda else torch.mm(g, w))
         if self.dw is not None:
-            self.dw[c0:c1].addmm_(g.t(), hidden, beta=self.fold.beta, alpha=self.fold.alpha)
+            self.dw[c0:c1].addmm_(g.t(), hidden, beta=self.fold.beta, alpha=self._dw_alpha)
         if self.db is not None:
             self.db[c0:c1] = g.sum(0, dtype=self.db.dtype)
         self._first = False
 
     def finish(self, hidden, bias, opts):
+        """(dX, dW or None, db) and the scale each carries (S, or 1 for a dX summed over ranks in fp32)."""
         if self._first:  # no rows or no classes: the gradients are 0
             for t in (self.dx, self.db):
                 if t is not None:
                     t.zero_()
             if self.dw is not None:
                 self.dw.zero_() if self.fold.beta == 0 else self.dw.mul_(self.fold.beta)
-        dx = self.dx
+        dx, dx_scale, in_fp32 = self.dx, self.scale, False
         if dx is not None and opts.world > 1 and opts.hidden_grad == "full":
-            dx = comm.all_reduce_(dx.to(kernels.stats_dtype(dx.dtype)), opts.group)
-        dx = None if dx is None else dx.to(hidden.dtype)
+            dx = dx.to(kernels.stats_dtype(dx.dtype))
+            if isinstance(self.scale, torch.Tensor):  # each rank's S differs: the true sum, kept in fp32
+                dx, dx_scale, in_fp32 = dx.div_(self.scale), 1.0, True
+            dx = comm.all_reduce_(dx, opts.group)
+        if dx is not None and not in_fp32:
+            dx = dx.to(hidden.dtype)
         db = None if self.db is None else self.db.to(bias.dtype)
-        return dx, self.dw if self._hand_over_dw else None, db
+        dw = self.dw if self._hand_over_dw else None
+        return (dx, dw, db), (dx_scale, self.scale, self.scale)
 
 
 def _by_class(hidden, n, opts):
-    """Gradients of bf16/fp16 weights over more than one row chunk are made class block by class block:
-    accumulating dW over row chunks would need an fp32 copy of it (2.4 GB at 256k × 2304)."""
-    return hidden.dtype in (torch.bfloat16, torch.float16) and n > opts.chunk_rows
+    """bf16/fp16 gradients over more than MAX_ROW_CHUNKS row chunks are made class block by class block
+    (one GEMM more: the logits again): dW added over that many chunks would round too often, and
+    accumulating it in fp32 would need a copy of it (2.4 GB at 256k × 2304)."""
+    return hidden.dtype in (torch.bfloat16, torch.float16) and -(-n // opts.chunk_rows) > MAX_ROW_CHUNKS
 
 
-def _row_sweep(hidden, weight, bias, target, row_coef, opts, need, terms, lse=None, fold=None):
+def _row_sweep(hidden, weight, bias, target, row_coef, opts, need, terms, lse=None, fold=None, scale=1.0):
     """One pass over the rows, a chunk at a time, in one reused logits buffer [chunk rows, C_local].
 
     lse None (forward): returns (CE_i + z_loss·lse_i² [N], lse [N], grads): statistics, combined over
@@ -669,7 +754,7 @@ def _row_sweep(hidden, weight, bias, target, row_coef, opts, need, terms, lse=No
     n, c_local = hidden.shape[0], weight.shape[0]
     acc = kernels.stats_dtype(hidden.dtype)
     forward = lse is None
-    grads = _Grads(hidden, weight, bias, need, fold=fold) if row_coef is not None else None
+    grads = _Grads(hidden, weight, bias, need, fold=fold, scale=scale) if row_coef is not None else None
     if forward:
         ce = torch.empty(n, dtype=acc, device=hidden.device)
         lse = torch.empty(n, dtype=acc, device=hidden.device)
@@ -712,14 +797,16 @@ def _row_sweep(hidden, weight, bias, target, row_coef, opts, need, terms, lse=No
     return (ce, lse, grads) if forward else (None, None, grads)
 
 
-def _class_sweep(hidden, weight, bias, target, lse, row_coef, opts, need, terms, fold=None):
+def _class_sweep(hidden, weight, bias, target, lse, row_coef, opts, need, terms, fold=None, scale=1.0):
     """The gradients a block of classes at a time, every row at once: the logits [N, block] are recomputed
     and turned into g (shift = lse), then dX += g W_block and dW_block = gᵀ X, one GEMM over all N rows.
-    The block holds as many elements as a row chunk: the same working set, one more GEMM (the logits)."""
+    The block holds about as many elements as a row chunk (the same working set, one more GEMM: the
+    logits); its width is a multiple of CLASS_BLOCK classes, so that every block starts 16-byte aligned."""
     n, c_local = hidden.shape[0], weight.shape[0]
-    grads = _Grads(hidden, weight, bias, need, by_class=True, fold=fold)
+    grads = _Grads(hidden, weight, bias, need, by_class=True, fold=fold, scale=scale)
     per_block = max(1, opts.chunk_rows * c_local // max(n, 1))
-    per_block = -(-c_local // -(-c_local // per_block)) if c_local else per_block  # equal blocks
+    per_block = -(-c_local // -(-c_local // per_block)) if c_local else per_block  # about equal blocks
+    per_block = -(-per_block // CLASS_BLOCK) * CLASS_BLOCK
     uniform = opts.label_smoothing / opts.num_classes
     p_coef = _p_coef(row_coef, lse, terms, 0, n, opts)
     cw = terms.class_weight
@@ -734,23 +821,24 @@ def _class_sweep(hidden, weight, bias, target, lse, row_coef, opts, need, terms,
     return grads
 
 
-def _sweep(hidden, weight, bias, target, row_coef, opts, need, terms, lse=None, fold=None):
+def _sweep(hidden, weight, bias, target, row_coef, opts, need, terms, lse=None, fold=None, scale=1.0):
     """`_row_sweep`, with the gradients from `_class_sweep` where `_by_class` says so."""
     n = hidden.shape[0]
     if row_coef is None or not _by_class(hidden, n, opts):
-        return _row_sweep(hidden, weight, bias, target, row_coef, opts, need, terms, lse, fold)
+        return _row_sweep(hidden, weight, bias, target, row_coef, opts, need, terms, lse, fold, scale)
     ce = None
     if lse is None:
         ce, lse, _ = _row_sweep(hidden, weight, bias, target, None, opts, need, terms)
-    return ce, lse, _class_sweep(hidden, weight, bias, target, lse, row_coef, opts, need, terms, fold)
+    return ce, lse, _class_sweep(hidden, weight, bias, target, lse, row_coef, opts, need, terms, fold, scale)
 
 
 def _forward(hidden, weight, bias, target, sample_weight, class_weight, opts, need, fold):
     """The loss of one call: (out, lse, row_term, grads, saved).
 
-    need = (dX?, dW?, db?, d sample_weight?). "mean"/"sum": grads = (dx, dw, db) made here (None where not
-    needed; dw None when folded), row_term = d loss / d s_i (None unless needed). "none": grads None,
-    row_term = CE_i + z_loss·lse_i, saved = what `_backward_none` needs besides the inputs."""
+    need = (dX?, dW?, db?, d sample_weight?). "mean"/"sum": grads = ((dx, dw, db), scales) made here (None
+    where not needed; dw None when folded), each gradient made at its scale (`_grad_scale`: 1 but for
+    fp16), row_term = d loss / d s_i (None unless needed). "none": grads None, row_term = CE_i +
+    z_loss·lse_i, saved = what `_backward_none` needs besides the inputs."""
     acc = kernels.stats_dtype(hidden.dtype)
     target = target.to(torch.int64).contiguous()
     if not opts.host_checks:
@@ -772,7 +860,10 @@ def _forward(hidden, weight, bias, target, sample_weight, class_weight, opts, ne
         row_coef = None
     else:
         row_coef = (s_valid / denom if denom is not None else s_valid) if any(grad_need) else None
-    ce, lse, grads = _sweep(hidden, weight, bias, target, row_coef, opts, grad_need, terms, fold=fold)
+    scale = _grad_scale(hidden, weight, row_coef, fold, grad_need)
+    if not isinstance(scale, float) or scale != 1.0:
+        row_coef = row_coef * scale
+    ce, lse, grads = _sweep(hidden, weight, bias, target, row_coef, opts, grad_need, terms, fold=fold, scale=scale)
     ce = torch.where(valid, ce, 0)
     rows = s_valid * ce
     if opts.reduction == "none":
@@ -781,7 +872,7 @@ def _forward(hidden, weight, bias, target, sample_weight, class_weight, opts, ne
     if denom is not None:
         ce = ce / denom
         loss = loss / denom
-    grads = grads.finish(hidden, bias, opts) if grads is not None else (None, None, None)
+    grads = grads.finish(hidden, bias, opts) if grads is not None else ((None, None, None), (1.0, 1.0, 1.0))
     return loss.to(hidden.dtype), lse, ce if need[3] else None, grads, None
 
 
@@ -791,12 +882,13 @@ def _backward_none(grad, hidden, weight, bias, target, s_valid, lse, terms, opts
         return None, None, None
     _, _, grads = _sweep(hidden, weight, bias, target.to(torch.int64).contiguous(), s_valid * grad.to(lse.dtype),
                          opts, need, terms, lse=lse, fold=fold)
-    return grads.finish(hidden, bias, opts)
+    return grads.finish(hidden, bias, opts)[0]
 
 
 class _LinearCrossEntropy(torch.autograd.Function):
-    """The op in eager mode (torch.compile traces `_LinearCrossEntropyOp` instead): gradients made in forward
-    are kept as ctx attributes, not saved tensors, so that backward can hand them over without a copy."""
+    """The op in eager mode (torch.compile runs the custom op `megaclass::linear_cross_entropy` instead):
+    gradients made in forward are kept as ctx attributes, not saved tensors, so that backward can hand
+    them over without a copy."""
 
     @staticmethod
     def forward(ctx, hidden, weight, bias, target, sample_weight, class_weight, opts, grad_enabled, fold):
@@ -833,12 +925,12 @@ class _LinearCrossEntropy(torch.autograd.Function):
                                    "were made in forward and handed over by the first one")
             if ctx.fold is not None and ctx.need[1]:
                 _check_fold_upstream(grad, ctx.fold.alpha)
-            if grad.device.type == "cpu" and float(grad) == 1.0:
-                # the usual loss.backward(): hand the gradients over (autograd adopts them without a copy)
-                (dx, dw, db), ctx.grads = ctx.grads, None
-                return dx, dw, db, None, ds, None, None, None, None
-            return (*(None if t is None else t * grad.to(t.dtype) for t in ctx.grads), None, ds, None, None, None,
-                    None)
+            # hand the gradients over (autograd adopts them without a copy) and keep no reference to them;
+            # an upstream gradient other than 1 (loss scaling, (3 * loss).backward()) scales them in place
+            (grads, scales), ctx.grads = ctx.grads, None
+            dx, dw, db = (None if t is None else _unscale_(t, grad, scale) for t, scale in zip(grads, scales))
+            del grads
+            return dx, dw, db, None, ds, None, None, None, None
         hidden, weight, bias, target, s_valid, lse, ce, class_weight, w_target, w_total = ctx.saved_tensors
         dx, dw, db = _backward_none(grad, hidden, weight, bias, target, s_valid, lse,
                                     _ClassTerms(class_weight, w_target, w_total), opts, ctx.need, ctx.fold)
@@ -909,7 +1001,7 @@ def _call_options(call, hidden, weight, target, sample_weight, bias, class_weigh
 
 def _forward_shapes(call, hidden, weight, bias, class_weight):
     """(shape, dtype) of the forward op's outputs: loss, lse, row_term, dx, dw, db, s_valid, w_target,
-    w_total; [0] where an output is not made."""
+    w_total, the scales dx, dw, db carry (`_grad_scale`); [0] where an output is not made."""
     n, acc = hidden.shape[0], kernels.stats_dtype(hidden.dtype)
     none = call.reduction == "none"
     need_dx, need_dw, need_db, need_ds = _need(call)
@@ -918,23 +1010,26 @@ def _forward_shapes(call, hidden, weight, bias, class_weight):
             (hidden.shape if need_dx and not none else (0,), hidden.dtype),
             (weight.shape if need_dw and not none else (0,), weight.dtype),
             (bias.shape if bias is not None and need_db and not none else (0,), hidden.dtype),
-            ((n,) if none else (0,), acc), ((n,) if weighted else (0,), acc), (() if weighted else (0,), acc)]
+            ((n,) if none else (0,), acc), ((n,) if weighted else (0,), acc), (() if weighted else (0,), acc),
+            ((3,), torch.float32)]
 
 
 @torch.library.custom_op("megaclass::linear_cross_entropy", mutates_args=())
 def _op_forward(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, target: torch.Tensor,
                 sample_weight: torch.Tensor | None, class_weight: torch.Tensor | None, spec: str
                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
-                           torch.Tensor, torch.Tensor, torch.Tensor]:
+                           torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """`linear_cross_entropy` forward (outputs: `_forward_shapes`); the agreement and checks inside."""
     call = _parse(spec)
     opts = _call_options(call, hidden, weight, target, sample_weight, bias, class_weight)
     out, lse, row_term, grads, saved = _forward(hidden, weight, bias, target, sample_weight, class_weight, opts,
                                                 _need(call), None)
     s_valid, terms = saved if saved is not None else (None, _ClassTerms())
-    made = [out, lse, row_term, *(grads or (None, None, None)), s_valid,
+    made_grads, scales = grads if grads is not None else ((None, None, None), (1.0, 1.0, 1.0))
+    scales = torch.stack([torch.as_tensor(x, dtype=torch.float32, device=hidden.device) for x in scales])
+    made = [out, lse, row_term, *made_grads, s_valid,
             None if terms.w_target is None else terms.w_target.clone(),  # views of one buffer: no aliasing out
-            None if terms.w_total is None else terms.w_total.clone()]
+            None if terms.w_total is None else terms.w_total.clone(), scales]
     return tuple(t if t is not None else torch.empty(shape, dtype=dtype, device=hidden.device)
                  for t, (shape, dtype) in zip(made, _forward_shapes(call, hidden, weight, bias, class_weight)))
 
@@ -975,17 +1070,18 @@ def _setup_context(ctx, inputs, output):
     if _parse(spec).reduction == "none":
         ctx.save_for_backward(hidden, weight, bias, target, sample_weight, class_weight, *output[1:3], *output[6:9])
     else:
-        ctx.save_for_backward(*output[2:6])
+        ctx.save_for_backward(*output[2:6], output[9])
 
 
 def _op_autograd(ctx, grad, *_):
     call = _parse(ctx.spec)
     need_dx, need_dw, need_db, need_ds = _need(call)
     if call.reduction != "none":
-        row_term, dx, dw, db = ctx.saved_tensors
-        scaled = [t * grad.to(t.dtype) if n else None
-                  for t, n in ((dx, need_dx), (dw, need_dw), (db, need_db), (row_term, need_ds))]
-        return scaled[0], scaled[1], scaled[2], None, scaled[3], None, None
+        row_term, dx, dw, db, scales = ctx.saved_tensors
+        factors = grad.float() / scales  # an fp16 gradient's factor may lie below fp16's range: fp32, rounded once
+        dx, dw, db = ((t * factors[i] if t.dtype == factors.dtype else (t * factors[i].expand(t.shape)).to(t.dtype))
+                      if n else None for i, (t, n) in enumerate(((dx, need_dx), (dw, need_dw), (db, need_db))))
+        return dx, dw, db, None, row_term * grad.to(row_term.dtype) if need_ds else None, None, None
     hidden, weight, bias, target, sample_weight, class_weight, lse, ce, s_valid, w_target, w_total = ctx.saved_tensors
     dx, dw, db = torch.ops.megaclass.linear_cross_entropy_backward(grad, hidden, weight, bias, target, sample_weight,
                                                                    class_weight, s_valid, lse, w_target, w_total,
