@@ -1026,7 +1026,10 @@ def _op_forward(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor |
                                                 _need(call), None)
     s_valid, terms = saved if saved is not None else (None, _ClassTerms())
     made_grads, scales = grads if grads is not None else ((None, None, None), (1.0, 1.0, 1.0))
-    scales = torch.stack([torch.as_tensor(x, dtype=torch.float32, device=hidden.device) for x in scales])
+    factors = torch.empty(3, dtype=torch.float32, device=hidden.device)
+    for i, x in enumerate(scales):  # fill and device copies: no host-to-device copy, no synchronisation
+        factors[i] = x
+    scales = factors
     made = [out, lse, row_term, *made_grads, s_valid,
             None if terms.w_target is None else terms.w_target.clone(),  # views of one buffer: no aliasing out
             None if terms.w_total is None else terms.w_total.clone(), scales]
