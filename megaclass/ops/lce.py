@@ -16,16 +16,31 @@ z_loss·lse_i² to each row before s_i. Then g_ic = k_i·(a_i·p_ic − w_c·((1
 a_i = (1−ε)·w_{y_i} + (ε/C)·Σ_c w_c + 2·z_loss·lse_i (1 for plain cross-entropy).
 
 Per chunk each rank computes its local (max, Σ exp(z − max), z_target, Σ z) per row; ONE all-gather of
-that [4, R] table gives every rank the same lse. For "mean"/"sum" the weights s_i are known at forward
-time, so the gradients are made during the forward pass (three GEMMs in all: logits, dX, dW) and the
-backward only scales them by the upstream scalar. "none" needs the per-row upstream gradient, known
-only in backward: the forward keeps lse and the backward recomputes the logits (four GEMMs).
-dX is summed over ranks by ONE all-reduce at the end (none with hidden_grad="partial").
+that [4, R] table gives every rank the same lse. Every rank runs the same chunks (chosen from the group's
+largest shard), hence the same collectives. For "mean"/"sum" the weights s_i are known at forward
+time, so the gradients are made during the forward pass (three GEMMs in all: logits, dX, dW); backward
+hands them over to autograd and keeps no reference (an upstream gradient other than 1 scales them in
+place). "none" needs the per-row upstream gradient, known only in backward: the forward keeps lse and
+the backward recomputes the logits (four GEMMs). dX is summed over ranks by ONE all-reduce at the end
+(none with hidden_grad="partial"). Double backward is not supported (a RuntimeError, not a graph-less
+gradient).
 
-dW of bf16/fp16 weights is never accumulated over row chunks (that would need an fp32 copy of it:
-2.4 GB at 256,000 × 2,304): when the rows span several chunks, the gradients are made a block of
-classes at a time over all rows (`_class_sweep`: each block's dW is one GEMM, fp32 inside, rounded
-once), which recomputes the logits: four GEMMs, and no memory beyond one working set and an fp32 dX.
+dW is added over row chunks in the weight's own dtype (each addmm_ is fp32 inside and rounds once): for
+bf16/fp16 over at most MAX_ROW_CHUNKS (4) chunks, so still three GEMMs, with dW rounded at most 4 times
+(an fp32 accumulator would be 2.4 GB at 256,000 × 2,304). Beyond 4 chunks the bf16/fp16 gradients are
+made a block of classes at a time over all rows (`_class_sweep`: each block's dW one GEMM, rounded once),
+which recomputes the logits: four GEMMs, and no memory beyond one working set and an fp32 dX.
+
+fp16 gradients made in forward would be made before the loss scale arrives, and k·p ≈ 1/(N·C) lies
+below fp16's smallest subnormal at large N·C: they are made at a power-of-two scale S, the largest for
+which no gradient can exceed 2^15 (a bound from k, X and max|W|, `_grad_scale`), and backward
+multiplies by upstream / S in fp32, rounding once; a power-of-two upstream (a GradScaler's) is exact.
+
+The logits buffer's row pitch and the class blocks' starts are multiples of 16 bytes (odd C_local shards
+are padded in the pitch; blocks are multiples of 128 classes): cuBLAS takes its fastest kernels only
+for aligned leading dimensions. On CPU the buffer is kept between calls, and large gradients handed to
+autograd reuse a storage autograd has released (`_fresh`): a fresh 50 MB weight.grad would page-fault
+every step. docs/fused-op.md gives the measurements.
 
 `weight_grad_into=(buffer, beta[, alpha])` folds dW into a caller's buffer instead of a fresh weight.grad
 (as Megatron's gradient-accumulation fusion writes into main_grad): buffer ← beta·buffer + alpha·dW, the
@@ -59,8 +74,8 @@ that matters."""
 CHUNK_BYTES = {"cpu": 128 << 20, "cuda": 1 << 30}
 """The logits buffer (chunk rows × C_local elements), the op's working set, of a batch bigger than
 WHOLE_BATCH_BYTES, per device type (others: 512 MiB). On CPU 128 MB, so that e.g. 2^20 classes over
-2 ranks stay within 1 GB per rank. On a GPU, 512 MiB keeps the op within 0.7 GB beyond its inputs
-and gradients at 8,192 × 256,000 bf16 (working set + fp32 dX) while every GEMM stays large."""
+2 ranks stay within 1 GB per rank. On a GPU, 1 GiB: 8,192 × 256,000 bf16 runs as 4 chunks of 2,048 rows
+(1.05 GB), so within MAX_ROW_CHUNKS: three GEMMs and ≈ 1.05 GB beyond inputs, parameters and gradients."""
 MIN_CHUNK_ROWS = 64
 """Fewer rows per chunk would starve the GEMMs (dW = gᵀX has only chunk rows as its inner dimension)."""
 
@@ -99,7 +114,8 @@ def linear_cross_entropy(hidden, weight, target, sample_weight=None, *, bias=Non
     process_group: the group the classes are split over; None = one rank holding all C classes
     label_smoothing: ε as in `F.cross_entropy` (the uniform part spread over all C classes)
     reduction:     "mean" (Σ ℓ_i / number of non-ignored rows; 0 when all are ignored), "sum", "none" ([N])
-    chunk_size:    rows per chunk (the working set is chunk_size × C_local); None = about 128 MB of logits on CPU
+    chunk_size:    rows per chunk (the working set is chunk_size × C_local), the same on every rank; None =
+                   about 128 MB (CPU) / 1 GiB (GPU) of logits of the group's largest shard
     hidden_grad:   (extension) "full": hidden gets the gradient summed over all shards (one all-reduce);
                    "partial": only this shard's part, for callers whose hidden is an all-gather that
                    sums the gradient itself in backward (e.g. `comm.gather_rows`)
@@ -123,7 +139,8 @@ def linear_cross_entropy(hidden, weight, target, sample_weight=None, *, bias=Non
                    (soft-capped) logits, fp32 (fp64 for fp64 inputs), no gradient
 
     Returns the loss in hidden's dtype: a scalar, or [N] for "none". Gradients flow to hidden, weight,
-    bias and sample_weight. Bad input raises ValueError on every rank of the group.
+    bias and sample_weight. Bad input, and ranks that disagree on an option, raise ValueError on every
+    rank of the group. Double backward (create_graph=True) raises RuntimeError.
     """
     if torch.compiler.is_compiling():
         return _compiled(hidden, weight, target, sample_weight, bias, class_start, process_group, ignore_index,
