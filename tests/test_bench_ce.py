@@ -25,7 +25,7 @@ def test_variants_agree_and_report(tmp_path, capsys):
     assert set(rows) == set(variants)
     assert report["config"]["c"] == 1000 and report["config"]["tp"] == 1
     for name in variants:
-        assert rows[name]["median_s"] > 0 and rows[name]["peak_bytes"] >= 0
+        assert rows[name]["median_s"] > 0 and rows[name]["peak_bytes"] >= 0 and rows[name]["faults_per_step"] >= 0
         assert (rows[name].get("floor_ratio", 1.0) > 0) and (("floor_ratio" in rows[name]) == (name != "floor"))
     naive = rows["naive"]["loss"]
     assert math.isfinite(naive) and naive > 0

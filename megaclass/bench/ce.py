@@ -7,7 +7,8 @@ ratio to the floor ("× floor"), the median of --repeats (variant, floor) pairs 
 that process, so that load drifting between processes does not bias it; and the
 peak memory it adds beyond its inputs ("peak MB"; CPU: peak RSS from getrusage minus the RSS once the
 inputs exist; CUDA: torch.cuda.max_memory_allocated minus the allocation once the inputs exist), and the
-process's whole peak RSS ("RSS MB": torch, inputs and all). The loss is
+process's whole peak RSS ("RSS MB": torch, inputs and all), and the minor page faults per timed step
+("faults", getrusage: steady under load, unlike the times). The loss is
 `mean_i s_i · CE_i` with random s_i in [0, 1).
 
 The workers run in the environment as given (THP_MEM_ALLOC_ENABLE unset unless the caller sets it), and
@@ -201,22 +202,24 @@ def _worker(spec) -> dict:
         base = _rss_bytes()
     step = _step_fn(spec["variant"], spec, hidden, weight, target, s, class_start)
     clock = time.process_time if spec["clock"] == "cpu" else time.perf_counter
-    times = []
+    times, faults = [], 0
     for i in range(spec["repeats"] + 1):
         hidden.grad = weight.grad = None
         comm.barrier(comm.default_group())
         if cuda:
             torch.cuda.synchronize()
-        start = clock()
+        start, minflt = clock(), resource.getrusage(resource.RUSAGE_SELF).ru_minflt
         loss = step()
         if cuda:
             torch.cuda.synchronize()
         if i:  # the first run warms up (allocator, compilation, thread pools)
             times.append(clock() - start)
+            faults += resource.getrusage(resource.RUSAGE_SELF).ru_minflt - minflt
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # the whole process, inputs included
     peak = torch.cuda.max_memory_allocated() - base if cuda else rss - base
     result = {"median_s": statistics.median(times), "min_s": min(times), "peak_bytes": max(0, peak),
-              "peak_rss_bytes": rss, "loss": float(loss.detach().float())}
+              "peak_rss_bytes": rss, "loss": float(loss.detach().float()),
+              "faults_per_step": faults / spec["repeats"]}
     if world == 1 and spec["variant"] != "floor":
         # the ratio to the floor, timed alternately in this process (after the memory was read): steady
         # even when the machine's load drifts between the variants' processes
@@ -265,7 +268,8 @@ def _launch(spec, world) -> dict:
                     results.append(json.load(f))
     if errors:
         return {"error": errors[0]}
-    merged = {key: max(r[key] for r in results) for key in ("median_s", "min_s", "peak_bytes", "peak_rss_bytes")}
+    merged = {key: max(r[key] for r in results)
+              for key in ("median_s", "min_s", "peak_bytes", "peak_rss_bytes", "faults_per_step")}
     return merged | {key: results[0][key] for key in ("loss", "floor_ratio") if key in results[0]}
 
 
@@ -326,7 +330,7 @@ def format_table(report) -> str:
              f"threads={cfg['threads']} clock={cfg['clock']} THP={cfg.get('thp') or 'unset'}  ({report['machine']['cpu']}; "
              f"torch {report['machine']['torch']})",
              f"{'variant':<28} {'median ms':>10} {'× floor':>8} {'peak MB':>9} {'× naive':>8} {'RSS MB':>8} "
-             f"{'loss':>12}"]
+             f"{'loss':>12} {'faults':>7}"]
     for r in report["results"]:
         if "median_s" not in r:
             lines.append(f"{r['variant']:<28} {'skipped: ' + r.get('skipped', r.get('error', '?'))}")
@@ -336,7 +340,7 @@ def format_table(report) -> str:
         mem = f"{r['peak_bytes'] / naive:.3f}" if naive else "-"
         loss = "-" if r["variant"] == "floor" else f"{r['loss']:.6f}"
         lines.append(f"{r['variant']:<28} {r['median_s'] * 1e3:>10.1f} {ratio:>8} {r['peak_bytes'] / 2**20:>9.1f} "
-                     f"{mem:>8} {r['peak_rss_bytes'] / 2**20:>8.0f} {loss:>12}")
+                     f"{mem:>8} {r['peak_rss_bytes'] / 2**20:>8.0f} {loss:>12} {r.get('faults_per_step', 0):>7.0f}")
     return "\n".join(lines)
 
 
