@@ -181,9 +181,8 @@ def test_shift_labels_and_return_dict():
     assert all(not (isinstance(t, torch.Tensor) and t.shape[-1] == VOCAB) for t in rest)  # no logits
 
 
-@pytest.mark.parametrize("family", ["llama", "gpt2"])
-def test_twenty_adamw_steps_track_the_unpatched_run(family):
-    patched, ref = _pair(family, torch.float32)
+def test_twenty_adamw_steps_track_the_unpatched_run():
+    patched, ref = _pair("llama", torch.float32)
     losses = {}
     for name, model in (("patched", patched), ("unpatched", ref)):
         torch.manual_seed(3)
