@@ -3,6 +3,8 @@
 
 #include <ATen/core/Tensor.h>
 
+#include <optional>
+
 namespace megaclass {
 
 // Checks of the kernels' arguments (TORCH_CHECK_VALUE: ValueError in Python) naming the op and argument:
@@ -12,5 +14,9 @@ void check_logits_target(const char* op, const at::Tensor& logits, const at::Ten
                          c10::DeviceType device_type);
 // `t` a contiguous float32 [R] tensor on logits' device (shift, row_coef).
 void check_row_vector(const char* op, const char* name, const at::Tensor& t, const at::Tensor& logits);
+// softcap finite and >= 0, stored exponentials only without it, class_weight a contiguous fp32 [C_local] on
+// logits' device (the options of the kernel contract in megaclass_ops.cpp).
+void check_options(const char* op, const at::Tensor& logits, bool stored_exp, double softcap,
+                   const std::optional<at::Tensor>& class_weight);
 
 }  // namespace megaclass

@@ -8,7 +8,8 @@
 // Loads and stores are 16 bytes wide (4 fp32 or 8 bf16/fp16 values); a row that does not start on a
 // 16-byte boundary (C_local not a multiple of the vector width) is split into an unaligned head, the
 // aligned packs and a tail. Arithmetic is fp32 for every input dtype. Kernels run on the current stream
-// and never synchronise with the host.
+// and never synchronise with the host. The options (soft-capping z' = c·tanh(z/c), class weights w, the
+// gradient's p coefficient) are runtime arguments: uniform branches, the same for every thread.
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <c10/cuda/CUDAException.h>
@@ -20,6 +21,7 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <optional>
 
 #include "lce.h"
 
@@ -62,14 +64,30 @@ struct Stats {
   float max, sumexp, sum;
 };
 
+// The loss options a kernel reads: softcap c (0: none) and 1/c, class weights (nullptr: all 1).
+struct Options {
+  float cap, inv;
+  const float* w;
+};
+
+__device__ __forceinline__ float capped(float z, const Options& o) {
+  return o.cap > 0.f ? o.cap * tanhf(z * o.inv) : z;
+}
+
+// The weight of column c (1 without class weights).
+__device__ __forceinline__ float weight_of(const Options& o, int64_t c) {
+  return o.w != nullptr ? o.w[c] : 1.f;
+}
+
 __device__ __forceinline__ Stats merge(const Stats& a, const Stats& b) {
   const float m = fmaxf(a.max, b.max);
   return {m, a.sumexp * rescale(a.max, m) + b.sumexp * rescale(b.max, m), a.sum + b.sum};
 }
 
-// Online update with n values: one exp per value plus one rescale when the running max grows.
+// Online update with n values of columns [c0, c0 + n): one exp per value plus one rescale when the
+// running max grows; the sum is weighted by the class weights when there are any.
 template <int n>
-__device__ __forceinline__ void absorb(Stats& st, const float (&z)[n]) {
+__device__ __forceinline__ void absorb(Stats& st, const float (&z)[n], const Options& o, int64_t c0) {
   float m = z[0];
 #pragma unroll
   for (int k = 1; k < n; ++k) m = fmaxf(m, z[k]);
@@ -81,14 +99,14 @@ __device__ __forceinline__ void absorb(Stats& st, const float (&z)[n]) {
 #pragma unroll
   for (int k = 0; k < n; ++k) {
     st.sumexp += __expf(z[k] - ref);
-    st.sum += z[k];
+    st.sum += weight_of(o, c0 + k) * z[k];
   }
 }
 
 template <typename T>
-__device__ __forceinline__ void to_float(const Pack<T>& p, float (&z)[Pack<T>::kSize]) {
+__device__ __forceinline__ void to_float(const Pack<T>& p, float (&z)[Pack<T>::kSize], const Options& o) {
 #pragma unroll
-  for (int k = 0; k < Pack<T>::kSize; ++k) z[k] = static_cast<float>(p.v[k]);
+  for (int k = 0; k < Pack<T>::kSize; ++k) z[k] = capped(static_cast<float>(p.v[k]), o);
 }
 
 // Block-wide reductions: a warp shuffle tree, then every thread folds the per-warp partials, so the
@@ -112,18 +130,18 @@ __device__ __forceinline__ Stats block_merge(Stats st, Stats* scratch) {
 template <typename T>
 __global__ void __launch_bounds__(kMaxThreads)
     stats_kernel(const T* __restrict__ logits, const int64_t* __restrict__ target, int64_t rows, int64_t cols,
-                 int64_t class_start, float* __restrict__ out) {
+                 int64_t class_start, Options o, float* __restrict__ out) {
   constexpr int kV = Pack<T>::kSize;
   __shared__ Stats scratch[kMaxThreads / kWarp];
   const int64_t r = blockIdx.x;
   const T* row = logits + r * cols;
   if (threadIdx.x == 0) {
     const int64_t c = target[r] - class_start;
-    out[2 * rows + r] = (c >= 0 && c < cols) ? static_cast<float>(row[c]) : 0.f;
+    out[2 * rows + r] = (c >= 0 && c < cols) ? capped(static_cast<float>(row[c]), o) : 0.f;
   }
   Stats st{-INFINITY, 0.f, 0.f};
   const RowParts parts = row_parts(row, cols);
-  if (threadIdx.x < parts.head) absorb<1>(st, {static_cast<float>(row[threadIdx.x])});
+  if (threadIdx.x < parts.head) absorb<1>(st, {capped(static_cast<float>(row[threadIdx.x]), o)}, o, threadIdx.x);
   const auto* packs = reinterpret_cast<const Pack<T>*>(row + parts.head);
   for (int64_t base = threadIdx.x; base < parts.packs; base += int64_t{kUnroll} * blockDim.x) {
     Pack<T> p[kUnroll];
@@ -136,12 +154,15 @@ __global__ void __launch_bounds__(kMaxThreads)
     for (int u = 0; u < kUnroll; ++u) {
       if (base + int64_t{u} * blockDim.x < parts.packs) {
         float z[kV];
-        to_float(p[u], z);
-        absorb(st, z);
+        to_float(p[u], z, o);
+        absorb(st, z, o, parts.head + (base + int64_t{u} * blockDim.x) * kV);
       }
     }
   }
-  if (threadIdx.x < parts.tail) absorb<1>(st, {static_cast<float>(row[parts.head + parts.packs * kV + threadIdx.x])});
+  if (threadIdx.x < parts.tail) {
+    const int64_t c = parts.head + parts.packs * kV + threadIdx.x;
+    absorb<1>(st, {capped(static_cast<float>(row[c]), o)}, o, c);
+  }
   st = block_merge(st, scratch);
   if (threadIdx.x == 0) {
     out[r] = st.max;
@@ -150,12 +171,13 @@ __global__ void __launch_bounds__(kMaxThreads)
   }
 }
 
-// Row statistics that also overwrite the row with e = exp(z - max) (store_exp = true): a first read
-// finds max and Σz, a second read writes e and sums it (in fp32, before rounding e to T).
+// Row statistics that also overwrite the row with e = exp(z - max) (store_exp = true, no soft-capping by
+// the contract): a first read finds max and Σ w·z, a second read writes e and sums it (in fp32, before
+// rounding e to T).
 template <typename T>
 __global__ void __launch_bounds__(kMaxThreads)
     stats_store_exp_kernel(T* __restrict__ logits, const int64_t* __restrict__ target, int64_t rows, int64_t cols,
-                           int64_t class_start, float* __restrict__ out) {
+                           int64_t class_start, Options o, float* __restrict__ out) {
   constexpr int kV = Pack<T>::kSize;
   __shared__ Stats scratch[kMaxThreads / kWarp];
   const int64_t r = blockIdx.x;
@@ -171,11 +193,11 @@ __global__ void __launch_bounds__(kMaxThreads)
 
   // Pass 1: max and Σz (the sumexp slot stays 0 here and is filled by pass 2).
   Stats st{-INFINITY, 0.f, 0.f};
-  auto take = [&st](float z) {
+  auto take = [&st, &o](float z, int64_t c) {
     st.max = fmaxf(st.max, z);
-    st.sum += z;
+    st.sum += weight_of(o, c) * z;
   };
-  if (threadIdx.x < parts.head) take(static_cast<float>(row[threadIdx.x]));
+  if (threadIdx.x < parts.head) take(static_cast<float>(row[threadIdx.x]), threadIdx.x);
   for (int64_t base = threadIdx.x; base < parts.packs; base += stride) {
     Pack<T> p[kUnroll];
 #pragma unroll
@@ -185,13 +207,14 @@ __global__ void __launch_bounds__(kMaxThreads)
     }
 #pragma unroll
     for (int u = 0; u < kUnroll; ++u) {
-      if (base + int64_t{u} * blockDim.x < parts.packs) {
+      const int64_t i = base + int64_t{u} * blockDim.x;
+      if (i < parts.packs) {
 #pragma unroll
-        for (int k = 0; k < kV; ++k) take(static_cast<float>(p[u].v[k]));
+        for (int k = 0; k < kV; ++k) take(static_cast<float>(p[u].v[k]), parts.head + i * kV + k);
       }
     }
   }
-  if (threadIdx.x < parts.tail) take(static_cast<float>(row[tail_start + threadIdx.x]));
+  if (threadIdx.x < parts.tail) take(static_cast<float>(row[tail_start + threadIdx.x]), tail_start + threadIdx.x);
   st = block_merge(st, scratch);  // sumexp is 0 everywhere, so merging only combines max and Σz
   const float ref = st.max == -INFINITY ? 0.f : st.max;
 
@@ -232,25 +255,34 @@ __global__ void __launch_bounds__(kMaxThreads)
   }
 }
 
-// In place: g = k·(p − target_coef·[c = target − class_start] − uniform_coef), with
-// p = exp(z − shift) or, for stored exponentials, p = e·exp(−shift). Block (r, tile) handles `tile_packs`
-// packs of row r; tile 0 also takes the row's unaligned head and tail. A row with k = 0 becomes exactly 0.
+// In place: g = (pc·p − k·w_c·(target_coef·[c = target − class_start] + uniform_coef))·(1 − (z'/cap)²),
+// with p = exp(z' − shift) or, for stored exponentials, p = e·exp(−shift); pc = p_coef (nullptr: k).
+// Block (r, tile) handles `tile_packs` packs of row r; tile 0 also takes the row's unaligned head and
+// tail. A row with k = 0 and pc = 0 becomes exactly 0.
 template <typename T>
 __global__ void __launch_bounds__(kGradThreads)
     grad_kernel(T* __restrict__ logits, const int64_t* __restrict__ target, int64_t cols, int64_t class_start,
-                const float* __restrict__ shift, const float* __restrict__ row_coef, float target_coef,
-                float uniform_coef, bool stored_exp, int64_t tile_packs) {
+                const float* __restrict__ shift, const float* __restrict__ row_coef,
+                const float* __restrict__ p_coef, float target_coef, float uniform_coef, bool stored_exp, Options o,
+                int64_t tile_packs) {
   constexpr int kV = Pack<T>::kSize;
   const int64_t r = blockIdx.x;
   T* row = logits + r * cols;
   const float k = row_coef[r];
+  const float pc = p_coef != nullptr ? p_coef[r] : k;
   const float s = shift[r];
   const float scale = stored_exp ? __expf(-s) : 0.f;
   const int64_t t = target[r] - class_start;  // outside [0, cols) when another rank owns the target
   auto grad = [=](float z, int64_t c) {
-    if (k == 0.f) return 0.f;
+    if (k == 0.f && pc == 0.f) return 0.f;
+    float chain = 1.f;
+    if (o.cap > 0.f) {
+      const float th = tanhf(z * o.inv);
+      z = th * o.cap;
+      chain = 1.f - th * th;
+    }
     const float p = stored_exp ? z * scale : __expf(z - s);
-    return k * (p - (c == t ? target_coef : 0.f) - uniform_coef);
+    return (pc * p - k * weight_of(o, c) * ((c == t ? target_coef : 0.f) + uniform_coef)) * chain;
   };
   const RowParts parts = row_parts(row, cols);
   auto* packs = reinterpret_cast<Pack<T>*>(row + parts.head);
@@ -302,9 +334,17 @@ int stats_threads(int64_t cols) {
   return cols >= 32768 ? kMaxThreads : cols >= 4096 ? 256 : 128;
 }
 
-at::Tensor lce_chunk_stats_cuda(at::Tensor& logits, const at::Tensor& target, int64_t class_start, bool store_exp) {
+Options make_options(double softcap, const std::optional<at::Tensor>& class_weight) {
+  const float c = static_cast<float>(softcap);
+  return {c, c > 0.f ? 1.f / c : 0.f, class_weight.has_value() ? class_weight->data_ptr<float>() : nullptr};
+}
+
+at::Tensor lce_chunk_stats_cuda(at::Tensor& logits, const at::Tensor& target, int64_t class_start, bool store_exp,
+                                double softcap, const std::optional<at::Tensor>& class_weight) {
   constexpr const char* op = "lce_chunk_stats";
   check_logits_target(op, logits, target, c10::DeviceType::CUDA);
+  check_options(op, logits, store_exp, softcap, class_weight);
+  const Options o = make_options(softcap, class_weight);
   const c10::cuda::CUDAGuard guard(logits.device());
   const int64_t rows = logits.size(0), cols = logits.size(1);
   at::Tensor out = at::empty({4, rows}, logits.options().dtype(at::kFloat));
@@ -316,10 +356,10 @@ at::Tensor lce_chunk_stats_cuda(at::Tensor& logits, const at::Tensor& target, in
     using T = decltype(tag);
     if (store_exp) {
       stats_store_exp_kernel<T><<<static_cast<unsigned>(rows), threads, 0, stream>>>(
-          logits.data_ptr<T>(), target.data_ptr<int64_t>(), rows, cols, class_start, out.data_ptr<float>());
+          logits.data_ptr<T>(), target.data_ptr<int64_t>(), rows, cols, class_start, o, out.data_ptr<float>());
     } else {
       stats_kernel<T><<<static_cast<unsigned>(rows), threads, 0, stream>>>(
-          logits.data_ptr<T>(), target.data_ptr<int64_t>(), rows, cols, class_start, out.data_ptr<float>());
+          logits.data_ptr<T>(), target.data_ptr<int64_t>(), rows, cols, class_start, o, out.data_ptr<float>());
     }
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
@@ -327,11 +367,17 @@ at::Tensor lce_chunk_stats_cuda(at::Tensor& logits, const at::Tensor& target, in
 }
 
 void lce_chunk_grad_cuda(at::Tensor& logits, const at::Tensor& target, int64_t class_start, const at::Tensor& shift,
-                         const at::Tensor& row_coef, double target_coef, double uniform_coef, bool stored_exp) {
+                         const at::Tensor& row_coef, double target_coef, double uniform_coef, bool stored_exp,
+                         double softcap, const std::optional<at::Tensor>& class_weight,
+                         const std::optional<at::Tensor>& p_coef) {
   constexpr const char* op = "lce_chunk_grad_";
   check_logits_target(op, logits, target, c10::DeviceType::CUDA);
   check_row_vector(op, "shift", shift, logits);
   check_row_vector(op, "row_coef", row_coef, logits);
+  if (p_coef.has_value()) check_row_vector(op, "p_coef", *p_coef, logits);
+  check_options(op, logits, stored_exp, softcap, class_weight);
+  const Options o = make_options(softcap, class_weight);
+  const float* pc = p_coef.has_value() ? p_coef->data_ptr<float>() : nullptr;
   const c10::cuda::CUDAGuard guard(logits.device());
   const int64_t rows = logits.size(0), cols = logits.size(1);
   if (rows == 0 || cols == 0) return;
@@ -345,8 +391,8 @@ void lce_chunk_grad_cuda(at::Tensor& logits, const at::Tensor& target, int64_t c
     const dim3 grid(static_cast<unsigned>(rows), static_cast<unsigned>(tiles));
     grad_kernel<T><<<grid, kGradThreads, 0, stream>>>(
         logits.data_ptr<T>(), target.data_ptr<int64_t>(), cols, class_start, shift.data_ptr<float>(),
-        row_coef.data_ptr<float>(), static_cast<float>(target_coef), static_cast<float>(uniform_coef), stored_exp,
-        tile_packs);
+        row_coef.data_ptr<float>(), pc, static_cast<float>(target_coef), static_cast<float>(uniform_coef), stored_exp,
+        o, tile_packs);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
 }

@@ -25,16 +25,30 @@ def make_inputs(n, d, c, dtype=torch.float32, *, bias=False, weighted=True, igno
     return hidden, weight, target, s, b
 
 
-def plain(hidden, weight, target, s, bias, *, dtype, eps=0.0, reduction="mean", upstream=None, ignore_index=-100):
-    """Loss and gradients (hidden, weight, bias, sample weight) of plain PyTorch with every input cast to dtype."""
+def plain(hidden, weight, target, s, bias, *, dtype, eps=0.0, reduction="mean", upstream=None, ignore_index=-100,
+          softcap=None, z_loss=0.0, class_weight=None):
+    """Loss and gradients (hidden, weight, bias, sample weight) of plain PyTorch with every input cast to dtype:
+    materialized logits (soft-capped c·tanh(z/c) when softcap), `F.cross_entropy(weight=class_weight)` per
+    row, + z_loss·logsumexp², × s; "mean" divides by the rows' Σ class_weight[y] (else their count)."""
     h = hidden.detach().to(dtype).requires_grad_()
     w = weight.detach().to(dtype).requires_grad_()
     b = None if bias is None else bias.detach().to(dtype).requires_grad_()
     sw = (torch.ones(h.shape[0], dtype=dtype, device=h.device) if s is None else s.detach().to(dtype)).requires_grad_()
+    cw = None if class_weight is None else class_weight.detach().to(dtype)
     logits = h @ w.t() if b is None else torch.addmm(b, h, w.t())
-    rows = F.cross_entropy(logits, target, reduction="none", ignore_index=ignore_index, label_smoothing=eps) * sw
-    valid = (target != ignore_index).sum().clamp(min=1)
-    loss = {"mean": lambda: rows.sum() / valid, "sum": rows.sum, "none": lambda: rows}[reduction]()
+    if softcap is not None:
+        logits = softcap * torch.tanh(logits / softcap)
+    rows = F.cross_entropy(logits, target, weight=cw, reduction="none", ignore_index=ignore_index,
+                           label_smoothing=eps)
+    valid = target != ignore_index
+    if z_loss:
+        rows = rows + z_loss * torch.where(valid, torch.logsumexp(logits, 1), 0) ** 2
+    rows = rows * sw
+    if cw is None:
+        denom = valid.sum().clamp(min=1)
+    else:
+        denom = cw[target.clamp(min=0)][valid].sum()
+    loss = {"mean": lambda: rows.sum() / denom, "sum": rows.sum, "none": lambda: rows}[reduction]()
     inputs = [t for t in (h, w, b, sw) if t is not None]
     grads = torch.autograd.grad(loss, inputs, None if upstream is None else upstream.to(dtype))
     grads = list(grads)

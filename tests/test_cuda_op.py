@@ -37,13 +37,16 @@ def _ours(hidden, weight, target, s, bias, upstream, **kw):
     return loss.detach(), grads[0], grads[1], db, grads[2] if sw is not None else None
 
 
-def _check(hidden, weight, target, s, bias, *, eps=0.0, reduction="mean", **kw):
+def _check(hidden, weight, target, s, bias, *, eps=0.0, reduction="mean", options=None, **kw):
     dtype = hidden.dtype
+    options = options or {}
     upstream = (torch.randn(hidden.shape[0], generator=torch.Generator().manual_seed(1)).to(hidden.device)
                 if reduction == "none" else None)
-    ours = _ours(hidden, weight, target, s, bias, upstream, label_smoothing=eps, reduction=reduction, **kw)
-    ref = plain(hidden, weight, target, s, bias, dtype=torch.float64, eps=eps, reduction=reduction, upstream=upstream)
-    mine = plain(hidden, weight, target, s, bias, dtype=dtype, eps=eps, reduction=reduction, upstream=upstream)
+    ours = _ours(hidden, weight, target, s, bias, upstream, label_smoothing=eps, reduction=reduction, **options, **kw)
+    ref = plain(hidden, weight, target, s, bias, dtype=torch.float64, eps=eps, reduction=reduction, upstream=upstream,
+                **options)
+    mine = plain(hidden, weight, target, s, bias, dtype=dtype, eps=eps, reduction=reduction, upstream=upstream,
+                 **options)
     for name, o, r, p in zip(NAMES, ours, ref, mine):
         if r is None or (name == "d sample_weight" and s is None):
             continue
@@ -57,6 +60,16 @@ def _check(hidden, weight, target, s, bias, *, eps=0.0, reduction="mean", **kw):
 def test_matches_float64_reference(dtype, reduction, implementation):
     _check(*_inputs(67, 48, 1003, dtype, bias=True), eps=0.1, reduction=reduction, chunk_size=16,
            implementation=implementation)
+
+
+@pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_loss_options_match_float64_reference(dtype, reduction, implementation):
+    cw = (torch.rand(1003, generator=torch.Generator().manual_seed(3)) * 2).cuda()
+    options = dict(softcap=2.5, z_loss=0.05, class_weight=cw)
+    _check(*_inputs(67, 48, 1003, dtype, bias=True, scale=3.0), eps=0.1, reduction=reduction, chunk_size=16,
+           implementation=implementation, options=options)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)

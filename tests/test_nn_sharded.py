@@ -44,6 +44,23 @@ def test_one_rank_module_is_linear_plus_weighted_cross_entropy():
     assert torch.allclose(head.weight.grad.double(), w64.grad, rtol=1e-5, atol=1e-7)
 
 
+def test_one_rank_module_with_loss_options():
+    # the module's class_weight is over all num_classes (it keeps its shard's slice, outside the state dict)
+    torch.manual_seed(0)
+    cw = torch.rand(C) * 2
+    head = ShardedLinearCrossEntropy(D, C, label_smoothing=0.1, softcap=1.5, z_loss=0.01, class_weight=cw)
+    assert "class_weight" not in head.state_dict()
+    x, target = torch.randn(9, D) * 3, torch.randint(0, C, (9,))
+    loss, lse = head(x, target, return_lse=True)
+    z = 1.5 * torch.tanh((x.double() @ head.weight.detach().double().T + head.bias.detach().double()) / 1.5)
+    ref = F.cross_entropy(z, target, weight=cw.double(), label_smoothing=0.1, reduction="sum")
+    ref = (ref + 0.01 * (torch.logsumexp(z, 1) ** 2).sum()) / cw.double()[target].sum()
+    assert torch.allclose(loss.double(), ref, rtol=1e-5)
+    assert torch.allclose(lse.double(), torch.logsumexp(z, 1), rtol=1e-5)
+    with pytest.raises(ValueError, match=r"class_weight must be a tensor of shape \[num_classes\] = \[17\]"):
+        ShardedLinearCrossEntropy(D, C, class_weight=torch.ones(C - 1))
+
+
 def test_bad_sizes():
     with pytest.raises(ValueError, match="in_features and num_classes must be positive"):
         ShardedLinearCrossEntropy(0, 10)

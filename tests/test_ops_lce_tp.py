@@ -1,5 +1,6 @@
 """The fused op with classes split over 2 and 3 gloo ranks (uneven shards) against the one-process
-float64 reference, and bad input across ranks: the same ValueError on every rank, never a hang."""
+float64 reference, with and without the loss options (softcap, z_loss, class_weight, return_lse), and bad
+input across ranks: the same ValueError on every rank, never a hang."""
 from __future__ import annotations
 
 import re
@@ -20,6 +21,14 @@ N, D, C = 23, 7, 31  # 31 classes: shards 16+15 on 2 ranks, 11+10+10 on 3
 F32, BF16 = torch.float32, torch.bfloat16
 CASES = [("mean", 0.0, False, "full", 5, F32), ("sum", 0.1, True, "full", None, F32), ("none", 0.2, True, "full", 4, F32),
          ("mean", 0.1, True, "partial", 6, F32), ("sum", 0.1, True, "full", 5, BF16), ("none", 0.0, False, "full", 4, BF16)]
+
+
+# (reduction, label smoothing, chunk_size, dtype, options): class weights are split like the classes
+CLASS_WEIGHT = torch.rand(C, generator=torch.Generator().manual_seed(7)) * 2
+ALL = dict(softcap=2.5, z_loss=0.05, class_weight=CLASS_WEIGHT)
+OPTION_CASES = [("mean", 0.1, 5, F32, ALL), ("sum", 0.0, None, F32, dict(softcap=2.0)),
+                ("none", 0.1, 4, F32, ALL), ("mean", 0.2, None, F32, dict(class_weight=CLASS_WEIGHT, z_loss=0.1)),
+                ("sum", 0.1, 5, BF16, ALL)]
 
 
 def _implementations():
@@ -50,12 +59,59 @@ def _tp_rank(rank, world):
             upstream = _upstream(reduction)
             grads = torch.autograd.grad(loss, inputs, None if upstream is None else upstream.to(dtype))
             out.append([loss.detach().float().numpy()] + [g.float().numpy() for g in grads])
-    return out, _bad_input_cases(rank, world)  # in the same processes: spawning ranks is the slow part
+    return out, _option_rank(rank, world), _bad_input_cases(rank, world)  # spawning ranks is the slow part
+
+
+def _option_rank(rank, world):
+    start, end = shard_range(C, rank, world)
+    out = []
+    for implementation in _implementations():
+        for seed, (reduction, eps, chunk, dtype, options) in enumerate(OPTION_CASES):
+            hidden, weight, target, s, b = make_inputs(N, D, C, dtype, bias=True, seed=seed, scale=3.0)
+            h = hidden.clone().requires_grad_()
+            w = weight[start:end].clone().requires_grad_()
+            bb = b[start:end].clone().requires_grad_()
+            sw = s.clone().requires_grad_()
+            local = dict(options)
+            if "class_weight" in local:
+                local["class_weight"] = local["class_weight"][start:end]
+            loss, lse = linear_cross_entropy(h, w, target, sw, bias=bb, class_start=start,
+                                             process_group=comm.default_group(), reduction=reduction,
+                                             label_smoothing=eps, chunk_size=chunk, implementation=implementation,
+                                             return_lse=True, **local)
+            upstream = _upstream(reduction)
+            grads = torch.autograd.grad(loss, [h, w, bb, sw], None if upstream is None else upstream.to(dtype))
+            out.append([loss.detach().float().numpy()] + [g.float().numpy() for g in grads] + [lse.numpy()])
+    return out
+
+
+def _check_options(option_results, world):
+    cases = [(impl, c) for impl in _implementations() for c in OPTION_CASES]
+    for k, (impl, (reduction, eps, _, dtype, options)) in enumerate(cases):
+        hidden, weight, target, s, b = make_inputs(N, D, C, dtype, bias=True, seed=k % len(OPTION_CASES), scale=3.0)
+        kw = dict(eps=eps, reduction=reduction, upstream=_upstream(reduction), **options)
+        ref = plain(hidden, weight, target, s, b, dtype=torch.float64, **kw)
+        same = plain(hidden, weight, target, s, b, dtype=dtype, **kw)
+        per_rank = [[torch.from_numpy(a) for a in r[k]] for r in option_results]
+        label = f"{impl} {reduction} ε={eps} {sorted(options)} {dtype} P={world}"
+        for rank in range(world):  # loss, d hidden, d sample_weight: the same on every rank
+            for j, name in ((0, "loss"), (1, "d hidden"), (4, "d sample_weight")):
+                assert_close_rel(f"{label}: {name} on rank {rank}", per_rank[rank][j], ref[j], same[j], dtype)
+        for j, name in ((2, "d weight"), (3, "d bias")):  # concatenated over ranks in rank order
+            assert_close_rel(f"{label}: {name}", torch.cat([r[j] for r in per_rank]), ref[j], same[j], dtype)
+        z = hidden.double() @ weight.double().t() + b.double()
+        z_same = (hidden.to(dtype) @ weight.to(dtype).t() + b.to(dtype)).float()
+        if "softcap" in options:
+            z, z_same = (options["softcap"] * torch.tanh(t / options["softcap"]) for t in (z, z_same))
+        for rank in range(world):
+            assert_close_rel(f"{label}: lse on rank {rank}", per_rank[rank][5], torch.logsumexp(z, 1),
+                             torch.logsumexp(z_same, 1), dtype)
 
 
 def _check_tp(world):
-    results, messages = zip(*run_ranks(_tp_rank, world))
+    results, option_results, messages = zip(*run_ranks(_tp_rank, world))
     _check_errors(messages)
+    _check_options(option_results, world)
     cases = [(impl, c) for impl in _implementations() for c in CASES]
     for k, (impl, (reduction, eps, bias, hidden_grad, _, dtype)) in enumerate(cases):
         hidden, weight, target, s, b = make_inputs(N, D, C, dtype, bias=bias, seed=k % len(CASES))
@@ -98,9 +154,9 @@ def _bad_input_cases(rank, world):
     x, w, t = torch.randn(6, 4), torch.randn(last - first, 4), torch.tensor([0, 1, 2, 9, -100, 3])
     messages = []
 
-    def attempt(hidden, weight, target, s=None, class_start=first):
+    def attempt(hidden, weight, target, s=None, class_start=first, **options):
         try:
-            linear_cross_entropy(hidden, weight, target, s, class_start=class_start, process_group=group)
+            linear_cross_entropy(hidden, weight, target, s, class_start=class_start, process_group=group, **options)
         except ValueError as exc:
             messages.append(str(exc))
         else:
@@ -113,6 +169,10 @@ def _bad_input_cases(rank, world):
     attempt(x, w, torch.tensor([0, 1, 99, 9, -100, 3]) if one else t)  # a bad target on rank 1 only
     attempt(x, w, t, torch.tensor([1.0, -1.0, 1, 1, 1, 1]) if rank == 0 else None)  # bad weight on rank 0
     attempt(torch.randn(7, 4) if one else x, w, torch.zeros(7, dtype=torch.long) if one else t)  # N differs
+    attempt(x, w, t, softcap=30.0 if one else None)  # options differ
+    attempt(x, w, t, z_loss=1e-4 if one else 0.0)
+    attempt(x, w, t, class_weight=torch.ones(last - first) if one else None)
+    attempt(x, w, t, class_weight=torch.full((last - first,), -1.0) if rank == 0 else torch.ones(last - first))
     attempt(x, w, t)  # the group is still in step: a valid call works
     return messages
 
@@ -125,6 +185,10 @@ EXPECTED_ERRORS = [
     (1, r"target\[2\] = 99 is outside \[0, 10\)", r"rank 1 has a target outside \[0, 10\)"),
     (0, r"sample_weight must be finite and non-negative: row 1 holds -1", r"rank 0 of the process group rejected"),
     (None, r"ranks disagree on N \(rows of hidden\): \[6, 7", None),
+    (None, r"ranks disagree on softcap: \[0.0, 30.0", None),
+    (None, r"ranks disagree on z_loss: \[0.0, 0.0001", None),
+    (None, r"ranks disagree on class_weight presence: \[0, 1", None),
+    (0, r"class_weight must be finite and non-negative: class 0", r"rank 0 of the process group rejected"),
 ]
 
 

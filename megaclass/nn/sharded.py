@@ -31,13 +31,17 @@ class ShardedLinearCrossEntropy(nn.Module):
 
     weight: [C_local, in_features], this rank's classes [class_start, class_end); bias: [C_local] or None.
     process_group: None = the default group when torch.distributed is initialized, else one rank.
+    softcap, z_loss: the op's options (`megaclass.ops.linear_cross_entropy`).
+    class_weight: None, or [num_classes] per-class loss weights (F.cross_entropy(weight=)); the module keeps
+    this rank's slice as a buffer that is not saved in the state dict (it is configuration, not state).
     Initialization: U(−1/√in_features, 1/√in_features) like `nn.Linear`, drawn per block of global rows
     from a seed taken from torch's default generator (ranks seeded alike get one consistent weight).
     """
 
     def __init__(self, in_features: int, num_classes: int, process_group=None, *, bias: bool = True,
                  ignore_index: int = -100, label_smoothing: float = 0.0, reduction: str = "mean",
-                 chunk_size: int | None = None, device=None, dtype=None):
+                 chunk_size: int | None = None, softcap: float | None = None, z_loss: float = 0.0,
+                 class_weight: torch.Tensor | None = None, device=None, dtype=None):
         super().__init__()
         if in_features <= 0 or num_classes <= 0:
             raise ValueError(f"in_features and num_classes must be positive, got {in_features}, {num_classes}")
@@ -48,6 +52,13 @@ class ShardedLinearCrossEntropy(nn.Module):
         self.class_start, self.class_end = shard_range(num_classes, self.rank, self.world)
         self.ignore_index, self.label_smoothing = ignore_index, label_smoothing
         self.reduction, self.chunk_size = reduction, chunk_size
+        self.softcap, self.z_loss = softcap, z_loss
+        if class_weight is not None:
+            if not isinstance(class_weight, torch.Tensor) or class_weight.shape != (num_classes,):
+                raise ValueError(f"class_weight must be a tensor of shape [num_classes] = [{num_classes}] (the "
+                                 f"module keeps this rank's slice), got {getattr(class_weight, 'shape', class_weight)}")
+            class_weight = class_weight.detach()[self.class_start:self.class_end].to(device).contiguous()
+        self.register_buffer("class_weight", class_weight, persistent=False)
         rows = self.class_end - self.class_start
         self.weight = nn.Parameter(torch.empty(rows, in_features, device=device, dtype=dtype))
         self.bias = nn.Parameter(torch.empty(rows, device=device, dtype=dtype)) if bias else None
@@ -74,7 +85,7 @@ class ShardedLinearCrossEntropy(nn.Module):
                     param.view(-1, width)[a - self.class_start:b - self.class_start].copy_(values[a - lo:b - lo])
 
     def forward(self, features: torch.Tensor, target: torch.Tensor, sample_weight: torch.Tensor | None = None,
-                gather_input: bool = False, weight_grad_into: tuple | None = None) -> torch.Tensor:
+                gather_input: bool = False, weight_grad_into: tuple | None = None, return_lse: bool = False):
         """features: [n, in_features]; target: [n] global class ids; sample_weight: [n] or None.
 
         gather_input=False: features/target/weights are the same on every rank (tensor parallel).
@@ -85,10 +96,12 @@ class ShardedLinearCrossEntropy(nn.Module):
         weight_grad_into: None, or (buffer [C_local, in_features], beta[, alpha]): weight's gradient is folded
         into buffer (beta·buffer + alpha·dW, e.g. an SGD momentum buffer) and weight.grad stays None
         (`megaclass.ops.linear_cross_entropy`).
+        return_lse: True returns (loss, lse) with lse [rows] fp32, the log-sum-exp over all classes.
         """
         kwargs = dict(bias=self.bias, class_start=self.class_start, ignore_index=self.ignore_index,
                       label_smoothing=self.label_smoothing, reduction=self.reduction, chunk_size=self.chunk_size,
-                      weight_grad_into=weight_grad_into)
+                      weight_grad_into=weight_grad_into, softcap=self.softcap, z_loss=self.z_loss,
+                      class_weight=self.class_weight, return_lse=return_lse)
         if gather_input and self.world > 1:
             return linear_cross_entropy_gathered(features, self.weight, target, sample_weight,
                                                  process_group=self.process_group, **kwargs)
@@ -98,4 +111,5 @@ class ShardedLinearCrossEntropy(nn.Module):
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, num_classes={self.num_classes}, "
                 f"classes=[{self.class_start}, {self.class_end}) of rank {self.rank}/{self.world}, "
-                f"bias={self.bias is not None}, label_smoothing={self.label_smoothing}")
+                f"bias={self.bias is not None}, label_smoothing={self.label_smoothing}, softcap={self.softcap}, "
+                f"z_loss={self.z_loss}, class_weight={self.class_weight is not None}")

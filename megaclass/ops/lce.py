@@ -9,6 +9,12 @@ X [N, D] is the same on every rank. Per row i with label y_i, weight s_i and lab
     g_ic = k_i · (exp(z_ic − lse_i) − (1−ε)·[c = y_i] − ε/C)       k_i = s_i·upstream_i (/ #valid for "mean")
     dX = Σ_ranks g W,  dW = gᵀ X,  db = Σ_i g_i
 
+Options (docs/fused-op.md): `softcap` c replaces z by c·tanh(z/c) before everything (the gradient gets
+the factor 1 − tanh²); `class_weight` w makes CE_i = (1−ε)·w_{y_i}·(lse_i − z_{i,y_i}) + (ε/C)·Σ_c w_c·(lse_i − z_ic)
+(F.cross_entropy(weight=)) and "mean" divide by Σ w_{y_i} over non-ignored rows; `z_loss` adds
+z_loss·lse_i² to each row before s_i. Then g_ic = k_i·(a_i·p_ic − w_c·((1−ε)·[c = y_i] + ε/C)) with
+a_i = (1−ε)·w_{y_i} + (ε/C)·Σ_c w_c + 2·z_loss·lse_i (1 for plain cross-entropy).
+
 Per chunk each rank computes its local (max, Σ exp(z − max), z_target, Σ z) per row; ONE all-gather of
 that [4, R] table gives every rank the same lse. For "mean"/"sum" the weights s_i are known at forward
 time, so the gradients are made during the forward pass (three GEMMs in all: logits, dX, dW) and the
@@ -31,6 +37,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import struct
 import threading
 
 import torch
@@ -59,6 +66,7 @@ MIN_CHUNK_ROWS = 64
 
 @dataclasses.dataclass(frozen=True)
 class _Options:
+    """Everything about a call but its tensors, the same on every rank."""
     class_start: int
     num_classes: int
     group: object
@@ -70,11 +78,15 @@ class _Options:
     chunk_rows: int
     hidden_grad: str
     use_extension: bool
+    softcap: float = 0.0  # 0: none
+    z_loss: float = 0.0
+    return_lse: bool = False
 
 
 def linear_cross_entropy(hidden, weight, target, sample_weight=None, *, bias=None, class_start=0,
                          process_group=None, ignore_index=-100, label_smoothing=0.0, reduction="mean",
-                         chunk_size=None, hidden_grad="full", implementation="auto", weight_grad_into=None):
+                         chunk_size=None, hidden_grad="full", implementation="auto", weight_grad_into=None,
+                         softcap=None, z_loss=0.0, class_weight=None, return_lse=False):
     """Sample-weighted softmax cross-entropy of `hidden @ weight.T (+ bias)` without materializing the logits.
 
     hidden:        [N, D], identical on every rank of `process_group`
@@ -98,22 +110,34 @@ def linear_cross_entropy(hidden, weight, target, sample_weight=None, *, bias=Non
                    (1/grad_accum under DeepSpeed's engine.backward); backward raises if it differs. For
                    "none" the fold happens in backward and alpha must be 1. Nothing is written when no
                    gradient is made (no_grad, inference mode, weight not requiring grad).
+    softcap:       None, or c > 0: the logits become c·tanh(z/c) (after the bias) before everything else
+                   (Gemma 2's final_logit_softcapping)
+    z_loss:        ≥ 0: each row's loss gains z_loss·lse_i² before s_i, ℓ_i = s_i·(CE_i + z_loss·lse_i²)
+                   (PaLM's auxiliary loss; Liger's lse_square_scale)
+    class_weight:  None, or [C_local] non-negative weights of this rank's classes (no gradient), exactly
+                   F.cross_entropy(weight=)'s semantics, label smoothing included; "mean" then divides by
+                   Σ w_{y_i} over the non-ignored rows (0 when that is 0)
+    return_lse:    True: return (loss, lse) with lse [N] the log-sum-exp over all C classes of the
+                   (soft-capped) logits, fp32 (fp64 for fp64 inputs), no gradient
 
     Returns the loss in hidden's dtype: a scalar, or [N] for "none". Gradients flow to hidden, weight,
     bias and sample_weight. Bad input raises ValueError on every rank of the group.
     """
     opts = _validate(hidden, weight, target, sample_weight, bias, class_start, process_group, ignore_index,
                      label_smoothing, reduction, chunk_size, hidden_grad, implementation,
-                     weight_grad_into=weight_grad_into)
+                     weight_grad_into=weight_grad_into, softcap=softcap, z_loss=z_loss, class_weight=class_weight,
+                     return_lse=return_lse)
     # inside the Function grad mode is always off, and needs_input_grad still says True under no_grad:
     # an eval-time loss must not make (and all-reduce) gradients nobody will read
-    return _LinearCrossEntropy.apply(hidden, weight, bias, target, sample_weight, opts, torch.is_grad_enabled(),
-                                     _fold(weight_grad_into))
+    out = _LinearCrossEntropy.apply(hidden, weight, bias, target, sample_weight, class_weight, opts,
+                                    torch.is_grad_enabled(), _fold(weight_grad_into))
+    return out if return_lse else out[0]
 
 
 def linear_cross_entropy_gathered(hidden, weight, target, sample_weight=None, *, bias=None, class_start=0,
                                   process_group=None, ignore_index=-100, label_smoothing=0.0, reduction="mean",
-                                  chunk_size=None, implementation="auto", weight_grad_into=None):
+                                  chunk_size=None, implementation="auto", weight_grad_into=None, softcap=None,
+                                  z_loss=0.0, class_weight=None, return_lse=False):
     """`linear_cross_entropy` in the data-parallel layout: each rank of `process_group` brings its OWN rows.
 
     hidden [n, D], target [n], sample_weight [n] or None: this rank's rows, the same n on every rank. They
@@ -122,18 +146,21 @@ def linear_cross_entropy_gathered(hidden, weight, target, sample_weight=None, *,
     hidden_grad="partial") and the loss is over that batch, identical on every rank. The local
     arguments are validated before the gather, in the op's one small collective (equal n included).
     sample_weight must not require grad here (its gradient would need a reduce-scatter of its own).
-    weight_grad_into: as in `linear_cross_entropy`.
+    weight_grad_into, softcap, z_loss, class_weight, return_lse: as in `linear_cross_entropy` ("none" and
+    lse are over the gathered batch [P·n]).
     """
     opts = _validate(hidden, weight, target, sample_weight, bias, class_start, process_group, ignore_index,
                      label_smoothing, reduction, chunk_size, "partial", implementation, gathered=True,
-                     weight_grad_into=weight_grad_into)
+                     weight_grad_into=weight_grad_into, softcap=softcap, z_loss=z_loss, class_weight=class_weight,
+                     return_lse=return_lse)
     if opts.world > 1:
         hidden = comm.gather_rows(hidden, process_group)
         target = comm.all_gather_stacked(target, process_group).reshape(-1)
         if sample_weight is not None:
             sample_weight = comm.all_gather_stacked(sample_weight, process_group).reshape(-1)
-    return _LinearCrossEntropy.apply(hidden, weight, bias, target, sample_weight, opts, torch.is_grad_enabled(),
-                                     _fold(weight_grad_into))
+    out = _LinearCrossEntropy.apply(hidden, weight, bias, target, sample_weight, class_weight, opts,
+                                    torch.is_grad_enabled(), _fold(weight_grad_into))
+    return out if return_lse else out[0]
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -141,7 +168,8 @@ def linear_cross_entropy_gathered(hidden, weight, target, sample_weight=None, *,
 
 
 def _local_problem(hidden, weight, target, sample_weight, bias, class_start, ignore_index, label_smoothing,
-                   reduction, chunk_size, hidden_grad, gathered, weight_grad_into=None):
+                   reduction, chunk_size, hidden_grad, gathered, weight_grad_into=None, softcap=None, z_loss=0.0,
+                   class_weight=None, return_lse=False):
     """The first problem with this rank's arguments, as a message, or None."""
     if not isinstance(hidden, torch.Tensor) or hidden.dim() != 2:
         return f"hidden must be a 2-D tensor [N, D], got {_describe(hidden)}"
@@ -194,8 +222,43 @@ def _local_problem(hidden, weight, target, sample_weight, bias, class_start, ign
         if bool(bad.any()):
             row = int(bad.nonzero()[0, 0])
             return f"sample_weight must be finite and non-negative: row {row} holds {sample_weight[row].item()}"
+    problem = _option_problem(weight, softcap, z_loss, class_weight, return_lse)
+    if problem is not None:
+        return problem
     if weight_grad_into is not None:
         return _fold_problem(weight_grad_into, weight, reduction)
+    return None
+
+
+def _finite_number(x):
+    return not isinstance(x, bool) and isinstance(x, (int, float)) and math.isfinite(x)
+
+
+def _option_problem(weight, softcap, z_loss, class_weight, return_lse):
+    """The problem with the loss options softcap, z_loss, class_weight, return_lse, as a message, or None."""
+    if softcap is not None and not (_finite_number(softcap) and softcap > 0):
+        return f"softcap must be None or a finite number > 0, got {softcap!r}"
+    if not (_finite_number(z_loss) and z_loss >= 0):
+        return f"z_loss must be a finite number >= 0, got {z_loss!r}"
+    if not isinstance(return_lse, bool):
+        return f"return_lse must be a bool, got {return_lse!r}"
+    if class_weight is None:
+        return None
+    c_local = weight.shape[0]
+    if not isinstance(class_weight, torch.Tensor) or class_weight.shape != (c_local,):
+        return (f"class_weight must be a tensor of shape [{c_local}] (one weight per class of this rank's shard), "
+                f"got {_describe(class_weight)}")
+    if not class_weight.is_floating_point():
+        return f"class_weight must be floating point, got dtype {class_weight.dtype}"
+    if class_weight.device != weight.device:
+        return f"class_weight is on {class_weight.device} but weight is on {weight.device}"
+    if class_weight.requires_grad:
+        return "class_weight requires grad, but the op makes no gradient for it: pass class_weight.detach()"
+    if c_local and class_weight.device.type == "cpu":
+        bad = ~torch.isfinite(class_weight) | (class_weight < 0)
+        if bool(bad.any()):
+            c = int(bad.nonzero()[0, 0])
+            return f"class_weight must be finite and non-negative: class {c} (local index) holds {class_weight[c].item()}"
     return None
 
 
@@ -246,14 +309,21 @@ def _describe(x):
     return f"{type(x).__name__} {x!r}"[:80]
 
 
+def _float_bits(x):
+    """A float as the int64 of its IEEE bits: floats take part in the ranks' integer agreement table."""
+    return struct.unpack("<q", struct.pack("<d", float(x)))[0]
+
+
 def _validate(hidden, weight, target, sample_weight, bias, class_start, group, ignore_index, label_smoothing,
-              reduction, chunk_size, hidden_grad, implementation, gathered=False, weight_grad_into=None):
+              reduction, chunk_size, hidden_grad, implementation, gathered=False, weight_grad_into=None,
+              softcap=None, z_loss=0.0, class_weight=None, return_lse=False):
     """Options of one call, the same on every rank, or ValueError on every rank. gathered: the arguments are
     this rank's own rows, to be all-gathered after (then N must agree and the batch is P·N rows)."""
     world = 1 if group is None else comm.world_size(group)
     gathered = gathered and world > 1
     problem = _local_problem(hidden, weight, target, sample_weight, bias, class_start, ignore_index,
-                             label_smoothing, reduction, chunk_size, hidden_grad, gathered, weight_grad_into)
+                             label_smoothing, reduction, chunk_size, hidden_grad, gathered, weight_grad_into,
+                             softcap, z_loss, class_weight, return_lse)
     if problem is None:
         n, d = hidden.shape
         c_local = weight.shape[0]
@@ -262,9 +332,10 @@ def _validate(hidden, weight, target, sample_weight, bias, class_start, group, i
         wide = target.to(torch.int64)
         lo, hi = (torch.stack([torch.where(valid, wide, torch.iinfo(torch.int64).max).min(),
                                torch.where(valid, wide, -1).max()]).tolist() if n else (0, -1))
-        row = [0, n, d, c_local, class_start, _DTYPE_CODES[hidden.dtype], int(bias is not None), lo, hi]
+        row = [0, n, d, c_local, class_start, _DTYPE_CODES[hidden.dtype], int(bias is not None), lo, hi,
+               _float_bits(softcap or 0.0), _float_bits(z_loss), int(class_weight is not None)]
     else:
-        row = [1, -1, -1, -1, -1, -1, -1, 0, -1]
+        row = [1, -1, -1, -1, -1, -1, -1, 0, -1, 0, 0, 0]
     if world > 1:
         device = hidden.device if comm.backend(group) == "nccl" and isinstance(hidden, torch.Tensor) else "cpu"
         table = comm.gather_ints(row, device=device, group=group)
@@ -277,9 +348,12 @@ def _validate(hidden, weight, target, sample_weight, bias, class_start, group, i
     if failed:
         raise ValueError(f"linear_cross_entropy: rank {failed[0]} of the process group rejected its arguments "
                          "(its own error says why)")
-    for name, col in (("N (rows of hidden)", 1), ("D (features)", 2), ("dtype", 5), ("bias presence", 6)):
+    for name, col in (("N (rows of hidden)", 1), ("D (features)", 2), ("dtype", 5), ("bias presence", 6),
+                      ("softcap", 9), ("z_loss", 10), ("class_weight presence", 11)):
         values = [t[col] for t in table]
         if len(set(values)) > 1:
+            if col in (9, 10):
+                values = [struct.unpack("<d", struct.pack("<q", v))[0] for v in values]
             why = " (gather_input=True needs the same number of rows on every rank)" if gathered and col == 1 else ""
             raise ValueError(f"linear_cross_entropy: ranks disagree on {name}: {values} (rank order){why}")
     shards = sorted((t[4], t[3], r) for r, t in enumerate(table))
@@ -314,7 +388,8 @@ def _validate(hidden, weight, target, sample_weight, bias, class_start, group, i
     chunk_rows = max(1, min(chunk_size, rows))
     return _Options(class_start=class_start, num_classes=num_classes, group=group, world=world, rank=me,
                     ignore_index=ignore_index, label_smoothing=float(label_smoothing), reduction=reduction,
-                    chunk_rows=chunk_rows, hidden_grad=hidden_grad, use_extension=use_ext)
+                    chunk_rows=chunk_rows, hidden_grad=hidden_grad, use_extension=use_ext,
+                    softcap=float(softcap or 0.0), z_loss=float(z_loss), return_lse=return_lse)
 
 
 def _raise_bad_target(target, ignore_index, num_classes):
@@ -336,6 +411,55 @@ def _combine(stats):
     m = stats[:, 0].amax(0)
     sumexp = (stats[:, 1] * torch.exp(stats[:, 0] - m)).sum(0)
     return m + torch.log(sumexp), stats[:, 2].sum(0), stats[:, 3].sum(0)
+
+
+@dataclasses.dataclass(frozen=True)
+class _ClassTerms:
+    """What class weights and z-loss add to each row (`_class_terms`): None fields when there are none.
+
+    class_weight: [C_local] fp32/fp64 (this shard's), w_target: [N] w_{y_i} over the group (0 for rows
+    whose target no rank holds, e.g. ignored ones), w_total: 0-d Σ_c w_c over the group."""
+    class_weight: torch.Tensor | None = None
+    w_target: torch.Tensor | None = None
+    w_total: torch.Tensor | None = None
+
+
+def _class_terms(class_weight, target, opts, acc):
+    if class_weight is None:
+        return _ClassTerms()
+    w = class_weight.detach().to(acc).contiguous()
+    local = target - opts.class_start
+    inside = (local >= 0) & (local < w.shape[0])
+    w_target = (torch.where(inside, w[local.clamp(0, w.shape[0] - 1)], 0) if w.numel()
+                else torch.zeros(target.shape, dtype=acc, device=target.device))
+    both = torch.cat([w_target, w.sum().reshape(1)])
+    if opts.world > 1:  # each row's w_{y_i} lives on its target's owner; Σ_c w_c is split by class
+        comm.all_reduce_(both, opts.group)
+    return _ClassTerms(w, both[:-1], both[-1])
+
+
+def _row_loss(lse, zt, zsum, terms, a, b, opts):
+    """CE_i + z_loss·lse_i² of rows [a, b) from the combined statistics (zsum: Σ_c w_c·z_ic when weighted)."""
+    eps, uniform = opts.label_smoothing, opts.label_smoothing / opts.num_classes
+    if terms.class_weight is None:
+        ce = lse - (1.0 - eps) * zt - uniform * zsum
+    else:
+        ce = (1.0 - eps) * terms.w_target[a:b] * (lse - zt) + uniform * (terms.w_total * lse - zsum)
+    return ce + opts.z_loss * lse.square() if opts.z_loss else ce
+
+
+def _p_coef(row_coef, lse, terms, a, b, opts):
+    """k_i·a_i (the coefficient of p in the kernels' gradient) of rows [a, b), or None when a_i = 1."""
+    if terms.class_weight is None and not opts.z_loss:
+        return None
+    eps = opts.label_smoothing
+    if terms.class_weight is None:
+        coef = 1.0 + 2 * opts.z_loss * lse
+    else:
+        coef = (1.0 - eps) * terms.w_target[a:b] + (eps / opts.num_classes) * terms.w_total
+        if opts.z_loss:
+            coef = coef + 2 * opts.z_loss * lse
+    return (row_coef * coef).contiguous()
 
 
 _BUFFERS = threading.local()
@@ -443,11 +567,12 @@ def _by_class(hidden, n, opts):
     return hidden.dtype in (torch.bfloat16, torch.float16) and n > opts.chunk_rows
 
 
-def _row_sweep(hidden, weight, bias, target, row_coef, opts, need, lse=None, fold=None):
+def _row_sweep(hidden, weight, bias, target, row_coef, opts, need, terms, lse=None, fold=None):
     """One pass over the rows, a chunk at a time, in one reused logits buffer [chunk rows, C_local].
 
-    lse None (forward): returns (CE_i [N], lse [N], grads): statistics, combined over ranks with one
-        all-gather per chunk; when row_coef [N] is given, also the gradients, from the stored exps.
+    lse None (forward): returns (CE_i + z_loss·lse_i² [N], lse [N], grads): statistics, combined over
+        ranks with one all-gather per chunk; when row_coef [N] is given, also the gradients, from the
+        stored exps. terms: the rows' `_ClassTerms`.
     lse [N] given (backward of "none"): recomputes the logits and returns (None, None, grads) for
         row_coef = s_i · valid_i · upstream_i; no collective but the final dX all-reduce.
     """
@@ -461,38 +586,43 @@ def _row_sweep(hidden, weight, bias, target, row_coef, opts, need, lse=None, fol
     buf = _logits_buffer(min(n, opts.chunk_rows), c_local, hidden.dtype, hidden.device)
     eps, ext, start = opts.label_smoothing, opts.use_extension, opts.class_start
     uniform = eps / opts.num_classes
+    cap, cw = opts.softcap, terms.class_weight
     # Storing exp(z - max) saves the gradient pass an exp: a gain on CPUs, where the chunk is still in
     # cache; on GPUs exp is nearly free and storing needs the row max first, an extra read.
-    store_exp = forward and grads is not None and hidden.device.type == "cpu"
+    # Soft-capped gradients need the capped logits, not their exponentials.
+    fusable = forward and grads is not None and hidden.device.type == "cpu"
+    store_exp = fusable and not cap
     # One rank holding every class knows each row's lse from its own statistics: then statistics and
     # gradient come from one visit of each row (no all-gather to wait for between them).
-    fused = store_exp and opts.world == 1 and (not ext or kernels.has_fused_kernel(hidden.device.type))
+    fused = fusable and opts.world == 1 and (not ext or kernels.has_fused_kernel(hidden.device.type))
     for a in range(0, n, opts.chunk_rows):
         b = min(n, a + opts.chunk_rows)
         logits = buf[:b - a]
         _logits_(logits, hidden[a:b], weight, bias)
         if fused:
-            local = kernels.chunk_stats_grad_(logits, target[a:b], row_coef[a:b], 1.0 - eps, uniform, ext)
+            local = kernels.chunk_stats_grad_(logits, target[a:b], row_coef[a:b], 1.0 - eps, uniform, ext,
+                                              cap, cw, 2 * opts.z_loss)
             lse[a:b], zt, zsum = _combine(local.unsqueeze(0))
-            ce[a:b] = lse[a:b] - (1.0 - eps) * zt - uniform * zsum
+            ce[a:b] = _row_loss(lse[a:b], zt, zsum, terms, a, b, opts)
             grads.add_rows(logits, a, b, hidden, weight)
             continue
         if forward:
-            local = kernels.chunk_stats(logits, target[a:b], start, store_exp, ext)  # [4, R]
+            local = kernels.chunk_stats(logits, target[a:b], start, store_exp, ext, cap, cw)  # [4, R]
             stats = comm.all_gather_stacked(local, opts.group) if opts.world > 1 else local.unsqueeze(0)
             lse_c, zt, zsum = _combine(stats)
-            ce[a:b] = lse_c - (1.0 - eps) * zt - uniform * zsum
+            ce[a:b] = _row_loss(lse_c, zt, zsum, terms, a, b, opts)
             lse[a:b] = lse_c
             shift = lse_c - local[0] if store_exp else lse_c
         else:
-            shift = lse[a:b]
+            lse_c = shift = lse[a:b]
         if grads is not None:
-            kernels.chunk_grad_(logits, target[a:b], start, shift, row_coef[a:b], 1.0 - eps, uniform, store_exp, ext)
+            kernels.chunk_grad_(logits, target[a:b], start, shift, row_coef[a:b], 1.0 - eps, uniform, store_exp, ext,
+                                cap, cw, _p_coef(row_coef[a:b], lse_c, terms, a, b, opts))
             grads.add_rows(logits, a, b, hidden, weight)
     return (ce, lse, grads) if forward else (None, None, grads)
 
 
-def _class_sweep(hidden, weight, bias, target, lse, row_coef, opts, need, fold=None):
+def _class_sweep(hidden, weight, bias, target, lse, row_coef, opts, need, terms, fold=None):
     """The gradients a block of classes at a time, every row at once: the logits [N, block] are recomputed
     and turned into g (shift = lse), then dX += g W_block and dW_block = gᵀ X, one GEMM over all N rows.
     The block holds as many elements as a row chunk: the same working set, one more GEMM (the logits)."""
@@ -501,30 +631,33 @@ def _class_sweep(hidden, weight, bias, target, lse, row_coef, opts, need, fold=N
     per_block = max(1, opts.chunk_rows * c_local // max(n, 1))
     per_block = -(-c_local // -(-c_local // per_block)) if c_local else per_block  # equal blocks
     uniform = opts.label_smoothing / opts.num_classes
+    p_coef = _p_coef(row_coef, lse, terms, 0, n, opts)
+    cw = terms.class_weight
     for c0 in range(0, c_local, per_block):
         c1 = min(c_local, c0 + per_block)
         logits = _logits_buffer(n, c1 - c0, hidden.dtype, hidden.device)
         _logits_(logits, hidden, weight[c0:c1], None if bias is None else bias[c0:c1])
         kernels.chunk_grad_(logits, target, opts.class_start + c0, lse, row_coef, 1.0 - opts.label_smoothing,
-                            uniform, False, opts.use_extension)
+                            uniform, False, opts.use_extension, opts.softcap, None if cw is None else cw[c0:c1],
+                            p_coef)
         grads.add_classes(logits, c0, c1, hidden, weight)
     return grads
 
 
-def _sweep(hidden, weight, bias, target, row_coef, opts, need, lse=None, fold=None):
+def _sweep(hidden, weight, bias, target, row_coef, opts, need, terms, lse=None, fold=None):
     """`_row_sweep`, with the gradients from `_class_sweep` where `_by_class` says so."""
     n = hidden.shape[0]
     if row_coef is None or not _by_class(hidden, n, opts):
-        return _row_sweep(hidden, weight, bias, target, row_coef, opts, need, lse, fold)
+        return _row_sweep(hidden, weight, bias, target, row_coef, opts, need, terms, lse, fold)
     ce = None
     if lse is None:
-        ce, lse, _ = _row_sweep(hidden, weight, bias, target, None, opts, need)
-    return ce, lse, _class_sweep(hidden, weight, bias, target, lse, row_coef, opts, need, fold)
+        ce, lse, _ = _row_sweep(hidden, weight, bias, target, None, opts, need, terms)
+    return ce, lse, _class_sweep(hidden, weight, bias, target, lse, row_coef, opts, need, terms, fold)
 
 
 class _LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, hidden, weight, bias, target, sample_weight, opts, grad_enabled, fold):
+    def forward(ctx, hidden, weight, bias, target, sample_weight, class_weight, opts, grad_enabled, fold):
         acc = kernels.stats_dtype(hidden.dtype)
         target = target.to(torch.int64).contiguous()
         valid = target != opts.ignore_index
@@ -534,17 +667,26 @@ class _LinearCrossEntropy(torch.autograd.Function):
         wants = [grad_enabled and w for w in ctx.needs_input_grad]
         need = (wants[0], wants[1], bias is not None and wants[2])
         ctx.opts, ctx.need, ctx.need_s, ctx.fold = opts, need, wants[4], fold
-        denom = valid.sum().clamp(min=1).to(acc) if opts.reduction == "mean" else None
+        terms = _class_terms(class_weight, target, opts, acc)
+        denom = None
+        if opts.reduction == "mean":
+            if terms.w_target is None:
+                denom = valid.sum().clamp(min=1).to(acc)
+            else:  # F.cross_entropy(weight=): Σ w_{y_i} over the non-ignored rows (1 when that is 0)
+                denom = torch.where(valid, terms.w_target, 0).sum()
+                denom = torch.where(denom > 0, denom, 1)
         if opts.reduction == "none":
             row_coef = None
         else:
             row_coef = (s_valid / denom if denom is not None else s_valid) if any(need) else None
-        ce, lse, grads = _sweep(hidden, weight, bias, target, row_coef, opts, need, fold=fold)
+        ce, lse, grads = _sweep(hidden, weight, bias, target, row_coef, opts, need, terms, fold=fold)
+        ctx.mark_non_differentiable(lse)
         ce = torch.where(valid, ce, 0)
         rows = s_valid * ce
         if opts.reduction == "none":
-            ctx.save_for_backward(hidden, weight, bias, target, s_valid, lse, ce)
-            return rows.to(hidden.dtype)
+            ctx.save_for_backward(hidden, weight, bias, target, s_valid, lse, ce, terms.class_weight, terms.w_target,
+                                  terms.w_total)
+            return rows.to(hidden.dtype), lse
         loss = rows.sum()
         if denom is not None:
             ce = ce / denom
@@ -552,11 +694,11 @@ class _LinearCrossEntropy(torch.autograd.Function):
         # kept as attributes, not saved tensors, so that backward can hand them over without a copy
         ctx.grads = grads.finish(hidden, bias, opts) if grads is not None else (None, None, None)
         ctx.save_for_backward(ce if ctx.need_s else None)
-        return loss.to(hidden.dtype)
+        return loss.to(hidden.dtype), lse
 
     @staticmethod
     @torch.autograd.function.once_differentiable
-    def backward(ctx, grad):
+    def backward(ctx, grad, _grad_lse):
         opts = ctx.opts
         if opts.reduction != "none":
             (ce,) = ctx.saved_tensors
@@ -569,16 +711,19 @@ class _LinearCrossEntropy(torch.autograd.Function):
             if grad.device.type == "cpu" and float(grad) == 1.0:
                 # the usual loss.backward(): hand the gradients over (autograd adopts them without a copy)
                 (dx, dw, db), ctx.grads = ctx.grads, None
-                return dx, dw, db, None, ds, None, None, None
-            return (*(None if t is None else t * grad.to(t.dtype) for t in ctx.grads), None, ds, None, None, None)
-        hidden, weight, bias, target, s_valid, lse, ce = ctx.saved_tensors
+                return dx, dw, db, None, ds, None, None, None, None
+            return (*(None if t is None else t * grad.to(t.dtype) for t in ctx.grads), None, ds, None, None, None,
+                    None)
+        hidden, weight, bias, target, s_valid, lse, ce, class_weight, w_target, w_total = ctx.saved_tensors
         up = grad.to(lse.dtype)
         dx = dw = db = None
         if any(ctx.need):
-            _, _, grads = _sweep(hidden, weight, bias, target, s_valid * up, opts, ctx.need, lse=lse, fold=ctx.fold)
+            terms = _ClassTerms(class_weight, w_target, w_total)
+            _, _, grads = _sweep(hidden, weight, bias, target, s_valid * up, opts, ctx.need, terms, lse=lse,
+                                 fold=ctx.fold)
             dx, dw, db = grads.finish(hidden, bias, opts)
         ds = ce * up if ctx.need_s else None
-        return dx, dw, db, None, ds, None, None, None
+        return dx, dw, db, None, ds, None, None, None, None
 
 
 def _check_fold_upstream(grad, alpha):
