@@ -16,12 +16,10 @@ import torch.nn.functional as F
 transformers = pytest.importorskip("transformers")
 
 from megaclass.integrations.transformers import patch  # noqa: E402
-from megaclass.ops import linear_cross_entropy  # noqa: E402
 
 VOCAB, BATCH, SEQ = 211, 2, 12
 _LAYERS = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
                num_key_value_heads=2)
-HAS_SOFTCAP = "softcap" in inspect.signature(linear_cross_entropy).parameters
 
 
 def _build(family):
@@ -47,8 +45,7 @@ def _build(family):
     raise ValueError(family)
 
 
-FAMILIES = ["llama", "qwen2", "mistral", "gemma2", "gpt2", "cohere", "granite",
-            pytest.param("gemma2-softcap", marks=pytest.mark.skipif(not HAS_SOFTCAP, reason="the op has no softcap"))]
+FAMILIES = ["llama", "qwen2", "mistral", "gemma2", "gemma2-softcap", "gpt2", "cohere", "granite"]
 
 
 def _pair(family, dtype=torch.float64, seed=0):
@@ -67,12 +64,13 @@ def _batch(seed=1):
     return ids, labels
 
 
-def _reference_loss(model, ids, labels, weights=None, label_smoothing=0.0):
-    """Σ w·CE / #non-ignored over the shifted tokens, F.cross_entropy on the unpatched model's own logits."""
-    logits = model(ids).logits
+def _reference_loss(model, ids, labels, weights=None, label_smoothing=0.0, z_loss=0.0):
+    """Σ w·(CE + z_loss·lse²) / #non-ignored over the shifted tokens, F.cross_entropy on the unpatched model's
+    own logits."""
+    logits = model(ids).logits[:, :-1].reshape(-1, model.config.vocab_size)
     target = labels[:, 1:].reshape(-1)
-    ce = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), target, ignore_index=-100,
-                         reduction="none", label_smoothing=label_smoothing)
+    ce = F.cross_entropy(logits, target, ignore_index=-100, reduction="none", label_smoothing=label_smoothing)
+    ce = ce + z_loss * torch.where(target != -100, torch.logsumexp(logits, -1) ** 2, 0)
     if weights is not None:
         ce = ce * weights[:, 1:].reshape(-1)
     return ce.sum() / (target != -100).sum()
@@ -145,10 +143,14 @@ def test_loss_weights_against_a_hand_computation(family):
 def test_loss_options_reach_the_op():
     patched, ref = _pair("llama")
     ids, labels = _batch()
-    patch(patched, label_smoothing=0.1, chunk_size=5)  # patching again replaces the options
+    patch(patched, label_smoothing=0.1, z_loss=1e-2, chunk_size=5)  # patching again replaces the options
     assert len(patched.get_output_embeddings()._forward_pre_hooks) == 1
     out = patched(ids, labels=labels)
-    torch.testing.assert_close(out.loss, _reference_loss(ref, ids, labels, label_smoothing=0.1), **TIGHT)
+    out.loss.backward()
+    expected = _reference_loss(ref, ids, labels, label_smoothing=0.1, z_loss=1e-2)
+    expected.backward()
+    torch.testing.assert_close(out.loss, expected, **TIGHT)
+    _assert_grads_close(_grads(patched), _grads(ref), **TIGHT)
 
 
 def test_patching_twice_is_harmless():

@@ -36,7 +36,7 @@ _CAPTURE = "_megaclass_capture"
 _HOOKED = "_megaclass_hooked"
 """On the output layer: its pre-hook is registered."""
 _MANAGED = frozenset({"bias", "class_start", "process_group", "reduction", "hidden_grad", "weight_grad_into",
-                      "softcap"})
+                      "softcap", "return_lse"})
 """The op's keywords the integration sets itself (softcap comes from the model's config)."""
 LOSS_KWARGS = ("labels", "loss_weights", "num_items_in_batch", "ignore_index", "shift_labels")
 """Forward keywords the patched model takes aside for its loss."""
@@ -63,9 +63,9 @@ def patch(model, **loss_options):
 
     model: a transformers causal LM whose `get_output_embeddings()` is a linear layer (weight [V, D],
         optional bias), tied input/output embeddings included. Patched in place and returned.
-    loss_options: keywords of the op, e.g. `label_smoothing`, `z_loss`, `chunk_size`, `implementation`
-        (not those set from the model: bias, softcap, reduction, class sharding). `ignore_index` here
-        is the default of the forward keyword of that name.
+    loss_options: keywords of the op, e.g. `label_smoothing`, `z_loss`, `class_weight` ([V]),
+        `chunk_size`, `implementation` (not those set from the model: bias, softcap, reduction, class
+        sharding, return_lse). `ignore_index` here is the default of the forward keyword of that name.
 
     The patched forward takes, besides the model's own arguments, `labels [B, T]` (ForCausalLMLoss:
     shifted by one inside, -100 ignored), `loss_weights [B, T]` (a non-negative weight per token, aligned
@@ -76,16 +76,13 @@ def patch(model, **loss_options):
     unknown = sorted(set(loss_options) - _op_keywords())
     if unknown:
         raise TypeError(f"megaclass patch: unknown loss option(s) {unknown}; choose from {sorted(_op_keywords())} "
-                        f"(bias, softcap and reduction come from the model)")
+                        f"(bias, softcap, reduction and return_lse are set by the integration)")
     state = model.__dict__.get(_STATE)
     if state is not None:
         state.options = dict(loss_options)
         return model
     _check_model(model)
     softcap, scale = _logit_transform(model.config)
-    if softcap is not None and "softcap" not in inspect.signature(linear_cross_entropy).parameters:
-        raise NotImplementedError(f"megaclass patch: {type(model).__name__} soft-caps its logits "
-                                  f"(final_logit_softcapping={softcap}) but this build's op has no softcap option")
     inner = model.forward
     signature = inspect.signature(inner)
     positional = [name for name, p in signature.parameters.items()
