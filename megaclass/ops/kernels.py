@@ -158,7 +158,21 @@ def extension():
             "(slower). Build the extension with `python setup.py build_ext --inplace`.",
             RuntimeWarning, stacklevel=3)
         return None
+    _register_fakes()
     return _C
+
+
+@functools.cache
+def _register_fakes():
+    """Fake (meta) implementations of the extension's ops: their output shapes, for torch.compile and
+    torch.library.opcheck. The in-place logits need none (the schema's Tensor(a!) says it)."""
+
+    def stats(logits, target, *args):
+        return logits.new_empty((4, logits.shape[0]), dtype=torch.float32)
+
+    torch.library.register_fake("megaclass::lce_chunk_stats", stats)
+    torch.library.register_fake("megaclass::lce_chunk_stats_grad_", stats)
+    torch.library.register_fake("megaclass::lce_chunk_grad_", lambda *args: None)
 
 
 @functools.cache

@@ -36,6 +36,7 @@ gradient is known, so the caller states it (alpha) and backward checks it.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import struct
 import threading
@@ -81,6 +82,7 @@ class _Options:
     softcap: float = 0.0  # 0: none
     z_loss: float = 0.0
     return_lse: bool = False
+    host_checks: bool = True  # False: value checks are device-side asserts in forward (CUDA, torch.compile)
 
 
 def linear_cross_entropy(hidden, weight, target, sample_weight=None, *, bias=None, class_start=0,
@@ -123,12 +125,14 @@ def linear_cross_entropy(hidden, weight, target, sample_weight=None, *, bias=Non
     Returns the loss in hidden's dtype: a scalar, or [N] for "none". Gradients flow to hidden, weight,
     bias and sample_weight. Bad input raises ValueError on every rank of the group.
     """
+    if torch.compiler.is_compiling():
+        return _compiled(hidden, weight, target, sample_weight, bias, class_start, process_group, ignore_index,
+                         label_smoothing, reduction, chunk_size, hidden_grad, implementation, weight_grad_into,
+                         softcap, z_loss, class_weight, return_lse)
     opts = _validate(hidden, weight, target, sample_weight, bias, class_start, process_group, ignore_index,
                      label_smoothing, reduction, chunk_size, hidden_grad, implementation,
                      weight_grad_into=weight_grad_into, softcap=softcap, z_loss=z_loss, class_weight=class_weight,
                      return_lse=return_lse)
-    # inside the Function grad mode is always off, and needs_input_grad still says True under no_grad:
-    # an eval-time loss must not make (and all-reduce) gradients nobody will read
     out = _LinearCrossEntropy.apply(hidden, weight, bias, target, sample_weight, class_weight, opts,
                                     torch.is_grad_enabled(), _fold(weight_grad_into))
     return out if return_lse else out[0]
@@ -169,8 +173,9 @@ def linear_cross_entropy_gathered(hidden, weight, target, sample_weight=None, *,
 
 def _local_problem(hidden, weight, target, sample_weight, bias, class_start, ignore_index, label_smoothing,
                    reduction, chunk_size, hidden_grad, gathered, weight_grad_into=None, softcap=None, z_loss=0.0,
-                   class_weight=None, return_lse=False):
-    """The first problem with this rank's arguments, as a message, or None."""
+                   class_weight=None, return_lse=False, host_checks=True):
+    """The first problem with this rank's arguments, as a message, or None. host_checks: also the checks of
+    values that need the host (sample and class weights' sign)."""
     if not isinstance(hidden, torch.Tensor) or hidden.dim() != 2:
         return f"hidden must be a 2-D tensor [N, D], got {_describe(hidden)}"
     if not isinstance(weight, torch.Tensor) or weight.dim() != 2:
@@ -217,12 +222,12 @@ def _local_problem(hidden, weight, target, sample_weight, bias, class_start, ign
     if gathered and sample_weight is not None and sample_weight.requires_grad:
         return ("sample_weight requires grad, but with each rank's own rows gathered (gather_input=True) its "
                 "gradient is not supported: pass sample_weight.detach()")
-    if sample_weight is not None and n:
+    if host_checks and sample_weight is not None and n:
         bad = ~torch.isfinite(sample_weight) | (sample_weight < 0)
         if bool(bad.any()):
             row = int(bad.nonzero()[0, 0])
             return f"sample_weight must be finite and non-negative: row {row} holds {sample_weight[row].item()}"
-    problem = _option_problem(weight, softcap, z_loss, class_weight, return_lse)
+    problem = _option_problem(weight, softcap, z_loss, class_weight, return_lse, host_checks)
     if problem is not None:
         return problem
     if weight_grad_into is not None:
@@ -234,7 +239,7 @@ def _finite_number(x):
     return not isinstance(x, bool) and isinstance(x, (int, float)) and math.isfinite(x)
 
 
-def _option_problem(weight, softcap, z_loss, class_weight, return_lse):
+def _option_problem(weight, softcap, z_loss, class_weight, return_lse, host_checks=True):
     """The problem with the loss options softcap, z_loss, class_weight, return_lse, as a message, or None."""
     if softcap is not None and not (_finite_number(softcap) and softcap > 0):
         return f"softcap must be None or a finite number > 0, got {softcap!r}"
@@ -254,7 +259,7 @@ def _option_problem(weight, softcap, z_loss, class_weight, return_lse):
         return f"class_weight is on {class_weight.device} but weight is on {weight.device}"
     if class_weight.requires_grad:
         return "class_weight requires grad, but the op makes no gradient for it: pass class_weight.detach()"
-    if c_local and class_weight.device.type == "cpu":
+    if host_checks and c_local:
         bad = ~torch.isfinite(class_weight) | (class_weight < 0)
         if bool(bad.any()):
             c = int(bad.nonzero()[0, 0])
@@ -309,87 +314,166 @@ def _describe(x):
     return f"{type(x).__name__} {x!r}"[:80]
 
 
-def _float_bits(x):
-    """A float as the int64 of its IEEE bits: floats take part in the ranks' integer agreement table."""
+def _float_code(x):
     return struct.unpack("<q", struct.pack("<d", float(x)))[0]
+
+
+def _float_value(code):
+    return struct.unpack("<d", struct.pack("<q", code))[0]
+
+
+def _choice(choices):
+    return (choices.index, choices.__getitem__)
+
+
+# Options every rank of the group must pass alike (a rank with other values would compute another loss,
+# or run other collectives): name -> (encode to int64, decode for the message). One line per option.
+_AGREED = {
+    "N (rows of hidden)": (int, int),
+    "D (features)": (int, int),
+    "dtype": (_DTYPE_CODES.__getitem__, list(_DTYPE_CODES).__getitem__),
+    "bias presence": (int, bool),
+    "label_smoothing": (_float_code, _float_value),
+    "ignore_index": (int, int),
+    "reduction": _choice(REDUCTIONS),
+    "hidden_grad": _choice(HIDDEN_GRADS),
+    "chunk_size": (lambda v: 0 if v is None else v, lambda c: None if c == 0 else c),
+    "whether hidden's gradient is wanted (grad mode and hidden.requires_grad)": (int, bool),
+    "softcap": (lambda v: _float_code(v or 0.0), lambda c: _float_value(c) or None),
+    "z_loss": (_float_code, _float_value),
+    "class_weight presence": (int, bool),
+}
+
+
+_AGREEMENTS = {}
+"""(group, this rank's static row) -> (C, the group's largest shard): what the ranks agreed on. Ranks that
+agreed once on a call's shapes, dtypes and options agree on the next such call: the agreement's collective
+runs once per (shapes, dtypes, options, group), not on every call."""
 
 
 def _validate(hidden, weight, target, sample_weight, bias, class_start, group, ignore_index, label_smoothing,
               reduction, chunk_size, hidden_grad, implementation, gathered=False, weight_grad_into=None,
-              softcap=None, z_loss=0.0, class_weight=None, return_lse=False):
+              softcap=None, z_loss=0.0, class_weight=None, return_lse=False, host_checks=None, wants_dx=None):
     """Options of one call, the same on every rank, or ValueError on every rank. gathered: the arguments are
-    this rank's own rows, to be all-gathered after (then N must agree and the batch is P·N rows)."""
+    this rank's own rows, to be all-gathered after (then N must agree and the batch is P·N rows).
+
+    host_checks (None: hidden is on the CPU and this is not traced by torch.compile): the checks of values
+    (target range, sample and class weights' sign) run on the host and raise on every rank, from one small
+    all-gather per call of each rank's status, target range, shard and `_AGREED` options (an int table).
+    Otherwise (CUDA, compile) they become device-side asserts in forward (`_assert_values`), and the table
+    is gathered only for a call whose shapes/options this rank has not seen agreed before (`_AGREEMENTS`):
+    no call synchronises with the host after the first of its kind. Each rank decides that alone, so ranks
+    must change shapes together there (a rank that alone changes them is a programming error that the
+    first call of each shape catches). The chunk size is chosen from the group's largest shard, so that
+    every rank runs the same number of chunks, hence of collectives.
+    wants_dx: whether hidden's gradient is wanted (None: grad mode and hidden.requires_grad)."""
     world = 1 if group is None else comm.world_size(group)
     gathered = gathered and world > 1
+    if host_checks is None:
+        host_checks = (isinstance(hidden, torch.Tensor) and hidden.device.type == "cpu"
+                       and not torch.compiler.is_compiling())
     problem = _local_problem(hidden, weight, target, sample_weight, bias, class_start, ignore_index,
                              label_smoothing, reduction, chunk_size, hidden_grad, gathered, weight_grad_into,
-                             softcap, z_loss, class_weight, return_lse)
+                             softcap, z_loss, class_weight, return_lse, host_checks)
+    head = 3  # status, C_local, class_start; then the agreed options; then the target range
+    lo, hi = 0, -1
     if problem is None:
         n, d = hidden.shape
-        c_local = weight.shape[0]
-        valid = target != ignore_index
-        # the range of this rank's targets: checked against C once every rank's shard is known
-        wide = target.to(torch.int64)
-        lo, hi = (torch.stack([torch.where(valid, wide, torch.iinfo(torch.int64).max).min(),
-                               torch.where(valid, wide, -1).max()]).tolist() if n else (0, -1))
-        row = [0, n, d, c_local, class_start, _DTYPE_CODES[hidden.dtype], int(bias is not None), lo, hi,
-               _float_bits(softcap or 0.0), _float_bits(z_loss), int(class_weight is not None)]
+        if host_checks and n:  # the range of this rank's targets: checked against C once it is known
+            valid = target != ignore_index
+            wide = target.to(torch.int64)
+            lo, hi = torch.stack([torch.where(valid, wide, torch.iinfo(torch.int64).max).min(),
+                                  torch.where(valid, wide, -1).max()]).tolist()
+        if wants_dx is None:
+            wants_dx = torch.is_grad_enabled() and hidden.requires_grad
+        agreed = (n, d, hidden.dtype, bias is not None, label_smoothing, ignore_index, reduction, hidden_grad,
+                  chunk_size, wants_dx and hidden_grad == "full", softcap, z_loss, class_weight is not None)
+        row = [0, weight.shape[0], class_start] + [enc(v) for (enc, _), v in zip(_AGREED.values(), agreed)]
     else:
-        row = [1, -1, -1, -1, -1, -1, -1, 0, -1, 0, 0, 0]
+        row = [1, -1, -1] + [0] * len(_AGREED)
+    key = (group, tuple(row))
+    agreed_before = _AGREEMENTS.get(key) if problem is None and world > 1 else None
+    row += [lo, hi]
     if world > 1:
         device = hidden.device if comm.backend(group) == "nccl" and isinstance(hidden, torch.Tensor) else "cpu"
-        table = comm.gather_ints(row, device=device, group=group)
         me = comm.rank(group)
+        table = comm.gather_ints(row, device=device, group=group) if host_checks or agreed_before is None else None
     else:
         table, me = [row], 0
     if problem is not None:
         raise ValueError(f"linear_cross_entropy: {problem}")
-    failed = [r for r, t in enumerate(table) if t[0]]
-    if failed:
-        raise ValueError(f"linear_cross_entropy: rank {failed[0]} of the process group rejected its arguments "
-                         "(its own error says why)")
-    for name, col in (("N (rows of hidden)", 1), ("D (features)", 2), ("dtype", 5), ("bias presence", 6),
-                      ("softcap", 9), ("z_loss", 10), ("class_weight presence", 11)):
+    if table is not None:
+        failed = [r for r, t in enumerate(table) if t[0]]
+        if failed:
+            raise ValueError(f"linear_cross_entropy: rank {failed[0]} of the process group rejected its arguments "
+                             "(its own error says why)")
+        agreed_before = _agreement(table, head, gathered)
+        if world > 1:
+            _AGREEMENTS[key] = agreed_before
+    num_classes, largest_shard = agreed_before
+    if host_checks:
+        for r, (*_, lo, hi) in enumerate(table):
+            if hidden.shape[0] and (lo < 0 or hi >= num_classes):
+                if r == me:
+                    _raise_bad_target(target, ignore_index, num_classes)
+                raise ValueError(f"linear_cross_entropy: rank {r} has a target outside [0, {num_classes}) that is "
+                                 f"not ignore_index={ignore_index} (its own error names the row)")
+    use_ext = kernels.uses_extension(hidden, implementation)
+    rows = hidden.shape[0] * (world if gathered else 1)
+    chunk_rows = chunk_size if chunk_size is not None else _chunk_rows(rows, largest_shard, hidden)
+    return _Options(class_start=class_start, num_classes=num_classes, group=group, world=world, rank=me,
+                    ignore_index=ignore_index, label_smoothing=float(label_smoothing), reduction=reduction,
+                    chunk_rows=max(1, min(chunk_rows, rows)), hidden_grad=hidden_grad, use_extension=use_ext,
+                    softcap=float(softcap or 0.0), z_loss=float(z_loss), return_lse=return_lse,
+                    host_checks=host_checks)
+
+
+def _agreement(table, head, gathered):
+    """(C, the largest shard) from every rank's row [status, C_local, class_start, agreed options...], or
+    ValueError naming what the ranks disagree on."""
+    for col, (name, (_, dec)) in enumerate(_AGREED.items(), start=head):
         values = [t[col] for t in table]
         if len(set(values)) > 1:
-            if col in (9, 10):
-                values = [struct.unpack("<d", struct.pack("<q", v))[0] for v in values]
-            why = " (gather_input=True needs the same number of rows on every rank)" if gathered and col == 1 else ""
-            raise ValueError(f"linear_cross_entropy: ranks disagree on {name}: {values} (rank order){why}")
-    shards = sorted((t[4], t[3], r) for r, t in enumerate(table))
+            why = (" (gather_input=True needs the same number of rows on every rank)"
+                   if gathered and name.startswith("N ") else "")
+            raise ValueError(f"linear_cross_entropy: ranks disagree on {name}: {[dec(v) for v in values]} "
+                             f"(rank order){why}")
+    shards = sorted((t[2], t[1], r) for r, t in enumerate(table))
     expected = 0
     for start, size, r in shards:
         if start != expected:
             raise ValueError(
                 f"linear_cross_entropy: class shards do not tile [0, C): rank {r} starts at class {start} "
                 f"but the shards before it end at {expected}; shards (rank: start, size) = "
-                + ", ".join(f"{rr}: {t[4]}, {t[3]}" for rr, t in enumerate(table)))
+                + ", ".join(f"{rr}: {t[2]}, {t[1]}" for rr, t in enumerate(table)))
         expected += size
-    num_classes = expected
-    if num_classes == 0:
+    if expected == 0:
         raise ValueError("linear_cross_entropy: the group holds no classes (every weight shard has 0 rows)")
-    for r, t in enumerate(table):
-        lo, hi = t[7], t[8]
-        if t[1] and (lo < 0 or hi >= num_classes):
-            if r == me:
-                _raise_bad_target(target, ignore_index, num_classes)
-            raise ValueError(f"linear_cross_entropy: rank {r} has a target outside [0, {num_classes}) that is not "
-                             f"ignore_index={ignore_index} (its own error names the row)")
-    use_ext = kernels.uses_extension(hidden, implementation)
-    rows = hidden.shape[0] * (world if gathered else 1)
-    if chunk_size is None:
-        row_bytes = max(1, weight.shape[0] * hidden.element_size())
-        if rows * row_bytes <= WHOLE_BATCH_BYTES:
-            chunk_size = max(rows, 1)
-        else:
-            budget = CHUNK_BYTES.get(hidden.device.type, 512 << 20)
-            chunk_size = max(MIN_CHUNK_ROWS, budget // row_bytes)
-            chunk_size = -(-rows // -(-rows // chunk_size))  # equal chunks: no small last one
-    chunk_rows = max(1, min(chunk_size, rows))
-    return _Options(class_start=class_start, num_classes=num_classes, group=group, world=world, rank=me,
-                    ignore_index=ignore_index, label_smoothing=float(label_smoothing), reduction=reduction,
-                    chunk_rows=chunk_rows, hidden_grad=hidden_grad, use_extension=use_ext,
-                    softcap=float(softcap or 0.0), z_loss=float(z_loss), return_lse=return_lse)
+    return expected, max(t[1] for t in table)
+
+
+def _assert_values(target, sample_weight, class_weight, opts):
+    """The host checks of `_validate` as device-side asserts (CUDA, torch.compile): no synchronisation; a
+    failure stops the process with the message (on CUDA at the next synchronising call)."""
+    valid = target != opts.ignore_index
+    torch._assert_async(~(valid & ((target < 0) | (target >= opts.num_classes))).any(),
+                        f"linear_cross_entropy: a target is outside [0, {opts.num_classes}) and is not "
+                        f"ignore_index ({opts.ignore_index})")
+    for name, w in (("sample_weight", sample_weight), ("class_weight", class_weight)):
+        if w is not None:
+            torch._assert_async((torch.isfinite(w) & (w >= 0)).all(),
+                                f"linear_cross_entropy: {name} must be finite and non-negative")
+
+
+def _chunk_rows(rows, c_local, hidden):
+    """Rows per chunk for logits [rows, c_local]: all of them within WHOLE_BATCH_BYTES, else equal chunks of
+    about CHUNK_BYTES. c_local is the group's largest shard: every rank must run the same chunks."""
+    row_bytes = max(1, c_local * hidden.element_size())
+    if rows * row_bytes <= WHOLE_BATCH_BYTES:
+        return max(rows, 1)
+    budget = CHUNK_BYTES.get(hidden.device.type, 512 << 20)
+    chunk = max(MIN_CHUNK_ROWS, budget // row_bytes)
+    return -(-rows // -(-rows // chunk))  # equal chunks: no small last one
 
 
 def _raise_bad_target(target, ignore_index, num_classes):
@@ -439,12 +523,18 @@ def _class_terms(class_weight, target, opts, acc):
 
 
 def _row_loss(lse, zt, zsum, terms, a, b, opts):
-    """CE_i + z_loss·lse_i² of rows [a, b) from the combined statistics (zsum: Σ_c w_c·z_ic when weighted)."""
+    """CE_i + z_loss·lse_i² of rows [a, b) from the combined statistics (zsum: Σ_c w_c·z_ic when weighted).
+    Without smoothing the Σz term is left out, not multiplied by 0: a masked class (a −inf logit) makes
+    Σz = −inf, and F.cross_entropy's loss stays finite there."""
     eps, uniform = opts.label_smoothing, opts.label_smoothing / opts.num_classes
     if terms.class_weight is None:
-        ce = lse - (1.0 - eps) * zt - uniform * zsum
+        ce = lse - (1.0 - eps) * zt
+        if eps:
+            ce = ce - uniform * zsum
     else:
-        ce = (1.0 - eps) * terms.w_target[a:b] * (lse - zt) + uniform * (terms.w_total * lse - zsum)
+        ce = (1.0 - eps) * terms.w_target[a:b] * (lse - zt)
+        if eps:
+            ce = ce + uniform * (terms.w_total * lse - zsum)
     return ce + opts.z_loss * lse.square() if opts.z_loss else ce
 
 
@@ -655,50 +745,85 @@ def _sweep(hidden, weight, bias, target, row_coef, opts, need, terms, lse=None, 
     return ce, lse, _class_sweep(hidden, weight, bias, target, lse, row_coef, opts, need, terms, fold)
 
 
+def _forward(hidden, weight, bias, target, sample_weight, class_weight, opts, need, fold):
+    """The loss of one call: (out, lse, row_term, grads, saved).
+
+    need = (dX?, dW?, db?, d sample_weight?). "mean"/"sum": grads = (dx, dw, db) made here (None where not
+    needed; dw None when folded), row_term = d loss / d s_i (None unless needed). "none": grads None,
+    row_term = CE_i + z_loss·lse_i, saved = what `_backward_none` needs besides the inputs."""
+    acc = kernels.stats_dtype(hidden.dtype)
+    target = target.to(torch.int64).contiguous()
+    if not opts.host_checks:
+        _assert_values(target, sample_weight, class_weight, opts)
+    valid = target != opts.ignore_index
+    s = (torch.ones(target.shape, dtype=acc, device=hidden.device) if sample_weight is None
+         else sample_weight.detach().to(acc))
+    s_valid = torch.where(valid, s, 0)
+    grad_need = need[:3]
+    terms = _class_terms(class_weight, target, opts, acc)
+    denom = None
+    if opts.reduction == "mean":
+        if terms.w_target is None:
+            denom = valid.sum().clamp(min=1).to(acc)
+        else:  # F.cross_entropy(weight=): Σ w_{y_i} over the non-ignored rows (1 when that is 0)
+            denom = torch.where(valid, terms.w_target, 0).sum()
+            denom = torch.where(denom > 0, denom, 1)
+    if opts.reduction == "none":
+        row_coef = None
+    else:
+        row_coef = (s_valid / denom if denom is not None else s_valid) if any(grad_need) else None
+    ce, lse, grads = _sweep(hidden, weight, bias, target, row_coef, opts, grad_need, terms, fold=fold)
+    ce = torch.where(valid, ce, 0)
+    rows = s_valid * ce
+    if opts.reduction == "none":
+        return rows.to(hidden.dtype), lse, ce, None, (s_valid, terms)
+    loss = rows.sum()
+    if denom is not None:
+        ce = ce / denom
+        loss = loss / denom
+    grads = grads.finish(hidden, bias, opts) if grads is not None else (None, None, None)
+    return loss.to(hidden.dtype), lse, ce if need[3] else None, grads, None
+
+
+def _backward_none(grad, hidden, weight, bias, target, s_valid, lse, terms, opts, need, fold):
+    """(dx, dw, db) of reduction "none" for the per-row upstream gradient `grad`: the logits recomputed."""
+    if not any(need):
+        return None, None, None
+    _, _, grads = _sweep(hidden, weight, bias, target.to(torch.int64).contiguous(), s_valid * grad.to(lse.dtype),
+                         opts, need, terms, lse=lse, fold=fold)
+    return grads.finish(hidden, bias, opts)
+
+
 class _LinearCrossEntropy(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, hidden, weight, bias, target, sample_weight, class_weight, opts, grad_enabled, fold):
-        acc = kernels.stats_dtype(hidden.dtype)
-        target = target.to(torch.int64).contiguous()
-        valid = target != opts.ignore_index
-        s = (torch.ones(target.shape, dtype=acc, device=hidden.device) if sample_weight is None
-             else sample_weight.detach().to(acc))
-        s_valid = torch.where(valid, s, 0)
-        wants = [grad_enabled and w for w in ctx.needs_input_grad]
-        need = (wants[0], wants[1], bias is not None and wants[2])
-        ctx.opts, ctx.need, ctx.need_s, ctx.fold = opts, need, wants[4], fold
-        terms = _class_terms(class_weight, target, opts, acc)
-        denom = None
-        if opts.reduction == "mean":
-            if terms.w_target is None:
-                denom = valid.sum().clamp(min=1).to(acc)
-            else:  # F.cross_entropy(weight=): Σ w_{y_i} over the non-ignored rows (1 when that is 0)
-                denom = torch.where(valid, terms.w_target, 0).sum()
-                denom = torch.where(denom > 0, denom, 1)
-        if opts.reduction == "none":
-            row_coef = None
-        else:
-            row_coef = (s_valid / denom if denom is not None else s_valid) if any(need) else None
-        ce, lse, grads = _sweep(hidden, weight, bias, target, row_coef, opts, need, terms, fold=fold)
-        ctx.mark_non_differentiable(lse)
-        ce = torch.where(valid, ce, 0)
-        rows = s_valid * ce
-        if opts.reduction == "none":
-            ctx.save_for_backward(hidden, weight, bias, target, s_valid, lse, ce, terms.class_weight, terms.w_target,
-                                  terms.w_total)
-            return rows.to(hidden.dtype), lse
-        loss = rows.sum()
-        if denom is not None:
-            ce = ce / denom
-            loss = loss / denom
-        # kept as attributes, not saved tensors, so that backward can hand them over without a copy
-        ctx.grads = grads.finish(hidden, bias, opts) if grads is not None else (None, None, None)
-        ctx.save_for_backward(ce if ctx.need_s else None)
-        return loss.to(hidden.dtype), lse
+    """The op in eager mode (torch.compile traces `_LinearCrossEntropyOp` instead): gradients made in forward
+    are kept as ctx attributes, not saved tensors, so that backward can hand them over without a copy."""
 
     @staticmethod
-    @torch.autograd.function.once_differentiable
+    def forward(ctx, hidden, weight, bias, target, sample_weight, class_weight, opts, grad_enabled, fold):
+        # inside the Function grad mode is always off, and needs_input_grad still says True under no_grad:
+        # an eval-time loss must not make (and all-reduce) gradients nobody will read
+        wants = [grad_enabled and w for w in ctx.needs_input_grad]
+        need = (wants[0], wants[1], bias is not None and wants[2], wants[4])
+        ctx.opts, ctx.need, ctx.need_s, ctx.fold = opts, need[:3], need[3], fold
+        out, lse, row_term, grads, saved = _forward(hidden, weight, bias, target, sample_weight, class_weight, opts,
+                                                    need, fold)
+        ctx.mark_non_differentiable(lse)
+        if opts.reduction == "none":
+            s_valid, terms = saved
+            ctx.save_for_backward(hidden, weight, bias, target, s_valid, lse, row_term, terms.class_weight,
+                                  terms.w_target, terms.w_total)
+        else:
+            ctx.grads = grads
+            ctx.save_for_backward(row_term)
+        return out, lse
+
+    @staticmethod
     def backward(ctx, grad, _grad_lse):
+        if torch.is_grad_enabled():  # create_graph=True: the gradients below would carry no graph
+            raise RuntimeError(
+                "linear_cross_entropy does not support double backward (create_graph=True, e.g. a gradient "
+                "penalty): its gradients are computed without a graph and would silently drop the second-order "
+                "term. Compute the penalty's part of the graph with plain PyTorch ops instead")
         opts = ctx.opts
         if opts.reduction != "none":
             (ce,) = ctx.saved_tensors
@@ -715,14 +840,9 @@ class _LinearCrossEntropy(torch.autograd.Function):
             return (*(None if t is None else t * grad.to(t.dtype) for t in ctx.grads), None, ds, None, None, None,
                     None)
         hidden, weight, bias, target, s_valid, lse, ce, class_weight, w_target, w_total = ctx.saved_tensors
-        up = grad.to(lse.dtype)
-        dx = dw = db = None
-        if any(ctx.need):
-            terms = _ClassTerms(class_weight, w_target, w_total)
-            _, _, grads = _sweep(hidden, weight, bias, target, s_valid * up, opts, ctx.need, terms, lse=lse,
-                                 fold=ctx.fold)
-            dx, dw, db = grads.finish(hidden, bias, opts)
-        ds = ce * up if ctx.need_s else None
+        dx, dw, db = _backward_none(grad, hidden, weight, bias, target, s_valid, lse,
+                                    _ClassTerms(class_weight, w_target, w_total), opts, ctx.need, ctx.fold)
+        ds = ce * grad.to(ce.dtype) if ctx.need_s else None
         return dx, dw, db, None, ds, None, None, None, None
 
 
@@ -738,3 +858,163 @@ def _check_fold_upstream(grad, alpha):
         raise RuntimeError(f"linear_cross_entropy: the loss received the upstream gradient {got}, but weight_grad_into "
                            f"folded weight's gradient in forward for {expected} (its alpha); the buffer now holds "
                            "a wrongly scaled gradient. Pass alpha = the factor the loss is scaled by before backward")
+
+
+# ----------------------------------------------------------------------------------------------------
+# torch.compile: the op as two torch.library custom ops, opaque to the compiler (their chunk loop,
+# collectives and caches run eagerly), with fake implementations and a traceable autograd formula.
+# The eager path above keeps its autograd.Function, whose backward hands over the gradients made in
+# forward without a copy; the math of both is `_forward` / `_backward_none`.
+
+
+@dataclasses.dataclass(frozen=True)
+class _Call:
+    """The non-tensor arguments of a call as the custom ops carry them: one string (`spec`)."""
+    class_start: int
+    group: str  # comm.group_name
+    ignore_index: int
+    label_smoothing: float
+    reduction: str
+    chunk_size: int  # 0: None
+    hidden_grad: str
+    implementation: str
+    softcap: float  # 0: None
+    z_loss: float
+    need: str  # "dx dw db ds" as four 0/1 digits
+
+    @property
+    def spec(self):
+        # plain formatting: torch.compile traces it as a constant (json would break the graph)
+        return (f"{self.class_start};{self.group};{self.ignore_index};{self.label_smoothing!r};{self.reduction};"
+                f"{self.chunk_size};{self.hidden_grad};{self.implementation};{self.softcap!r};{self.z_loss!r};"
+                f"{self.need}")
+
+
+@functools.lru_cache(maxsize=1024)
+def _parse(spec: str) -> _Call:
+    f = spec.split(";")
+    return _Call(int(f[0]), f[1], int(f[2]), float(f[3]), f[4], int(f[5]), f[6], f[7], float(f[8]), float(f[9]), f[10])
+
+
+def _need(call):
+    return tuple(c == "1" for c in call.need)
+
+
+def _call_options(call, hidden, weight, target, sample_weight, bias, class_weight):
+    return _validate(hidden, weight, target, sample_weight, bias, call.class_start, comm.group_by_name(call.group),
+                     call.ignore_index, call.label_smoothing, call.reduction, call.chunk_size or None,
+                     call.hidden_grad, call.implementation, softcap=call.softcap or None, z_loss=call.z_loss,
+                     class_weight=class_weight, host_checks=False, wants_dx=_need(call)[0])
+
+
+def _forward_shapes(call, hidden, weight, bias, class_weight):
+    """(shape, dtype) of the forward op's outputs: loss, lse, row_term, dx, dw, db, s_valid, w_target,
+    w_total; [0] where an output is not made."""
+    n, acc = hidden.shape[0], kernels.stats_dtype(hidden.dtype)
+    none = call.reduction == "none"
+    need_dx, need_dw, need_db, need_ds = _need(call)
+    weighted = none and class_weight is not None
+    return [((n,) if none else (), hidden.dtype), ((n,), acc), ((n,) if none or need_ds else (0,), acc),
+            (hidden.shape if need_dx and not none else (0,), hidden.dtype),
+            (weight.shape if need_dw and not none else (0,), weight.dtype),
+            (bias.shape if bias is not None and need_db and not none else (0,), hidden.dtype),
+            ((n,) if none else (0,), acc), ((n,) if weighted else (0,), acc), (() if weighted else (0,), acc)]
+
+
+@torch.library.custom_op("megaclass::linear_cross_entropy", mutates_args=())
+def _op_forward(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, target: torch.Tensor,
+                sample_weight: torch.Tensor | None, class_weight: torch.Tensor | None, spec: str
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
+                           torch.Tensor, torch.Tensor, torch.Tensor]:
+    """`linear_cross_entropy` forward (outputs: `_forward_shapes`); the agreement and checks inside."""
+    call = _parse(spec)
+    opts = _call_options(call, hidden, weight, target, sample_weight, bias, class_weight)
+    out, lse, row_term, grads, saved = _forward(hidden, weight, bias, target, sample_weight, class_weight, opts,
+                                                _need(call), None)
+    s_valid, terms = saved if saved is not None else (None, _ClassTerms())
+    made = [out, lse, row_term, *(grads or (None, None, None)), s_valid,
+            None if terms.w_target is None else terms.w_target.clone(),  # views of one buffer: no aliasing out
+            None if terms.w_total is None else terms.w_total.clone()]
+    return tuple(t if t is not None else torch.empty(shape, dtype=dtype, device=hidden.device)
+                 for t, (shape, dtype) in zip(made, _forward_shapes(call, hidden, weight, bias, class_weight)))
+
+
+@_op_forward.register_fake
+def _(hidden, weight, bias, target, sample_weight, class_weight, spec):
+    return tuple(hidden.new_empty(shape, dtype=dtype)
+                 for shape, dtype in _forward_shapes(_parse(spec), hidden, weight, bias, class_weight))
+
+
+@torch.library.custom_op("megaclass::linear_cross_entropy_backward", mutates_args=())
+def _op_backward(grad: torch.Tensor, hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                 target: torch.Tensor, sample_weight: torch.Tensor | None, class_weight: torch.Tensor | None,
+                 s_valid: torch.Tensor, lse: torch.Tensor, w_target: torch.Tensor, w_total: torch.Tensor, spec: str
+                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(dx, dw, db) of reduction "none" (the logits recomputed); [0] where not needed."""
+    call = _parse(spec)
+    opts = _call_options(call, hidden, weight, target, sample_weight, bias, class_weight)
+    terms = (_ClassTerms() if class_weight is None else
+             _ClassTerms(class_weight.detach().to(lse.dtype).contiguous(), w_target, w_total))
+    need = _need(call)
+    grads = _backward_none(grad, hidden, weight, bias, target, s_valid, lse, terms, opts,
+                           (need[0], need[1], bias is not None and need[2]), None)
+    return tuple(t if t is not None else hidden.new_empty(0) for t in grads)
+
+
+@_op_backward.register_fake
+def _(grad, hidden, weight, bias, target, sample_weight, class_weight, s_valid, lse, w_target, w_total, spec):
+    need_dx, need_dw, need_db, _ = _need(_parse(spec))
+    return (torch.empty_like(hidden) if need_dx else hidden.new_empty(0),
+            torch.empty_like(weight) if need_dw else hidden.new_empty(0),
+            torch.empty_like(bias) if bias is not None and need_db else hidden.new_empty(0))
+
+
+def _setup_context(ctx, inputs, output):
+    hidden, weight, bias, target, sample_weight, class_weight, spec = inputs
+    ctx.spec = spec
+    if _parse(spec).reduction == "none":
+        ctx.save_for_backward(hidden, weight, bias, target, sample_weight, class_weight, *output[1:3], *output[6:9])
+    else:
+        ctx.save_for_backward(*output[2:6])
+
+
+def _op_autograd(ctx, grad, *_):
+    call = _parse(ctx.spec)
+    need_dx, need_dw, need_db, need_ds = _need(call)
+    if call.reduction != "none":
+        row_term, dx, dw, db = ctx.saved_tensors
+        scaled = [t * grad.to(t.dtype) if n else None
+                  for t, n in ((dx, need_dx), (dw, need_dw), (db, need_db), (row_term, need_ds))]
+        return scaled[0], scaled[1], scaled[2], None, scaled[3], None, None
+    hidden, weight, bias, target, sample_weight, class_weight, lse, ce, s_valid, w_target, w_total = ctx.saved_tensors
+    dx, dw, db = torch.ops.megaclass.linear_cross_entropy_backward(grad, hidden, weight, bias, target, sample_weight,
+                                                                   class_weight, s_valid, lse, w_target, w_total,
+                                                                   ctx.spec)
+    return (dx if need_dx else None, dw if need_dw else None, db if need_db and bias is not None else None, None,
+            ce * grad.to(ce.dtype) if need_ds else None, None, None)
+
+
+_op_forward.register_autograd(_op_autograd, setup_context=_setup_context)
+
+
+def _compiled(hidden, weight, target, sample_weight, bias, class_start, process_group, ignore_index,
+              label_smoothing, reduction, chunk_size, hidden_grad, implementation, weight_grad_into, softcap, z_loss,
+              class_weight, return_lse):
+    """`linear_cross_entropy` while torch.compile traces it: one custom op, the checks that need values
+    inside it (device-side asserts)."""
+    if weight_grad_into is not None:
+        raise ValueError("linear_cross_entropy: weight_grad_into is not supported under torch.compile (it writes "
+                         "a buffer in place during forward); let weight.grad take the gradient")
+    if class_weight is not None and class_weight.requires_grad:
+        raise ValueError("linear_cross_entropy: class_weight requires grad, but the op makes no gradient for it: "
+                         "pass class_weight.detach()")
+    grad = torch.is_grad_enabled()
+    need = (grad and hidden.requires_grad, grad and weight.requires_grad,
+            grad and bias is not None and bias.requires_grad,
+            grad and sample_weight is not None and sample_weight.requires_grad)
+    call = _Call(class_start, comm.group_name(process_group), ignore_index, float(label_smoothing), reduction,
+                 chunk_size or 0, hidden_grad, implementation, float(softcap or 0.0), float(z_loss),
+                 "".join("1" if n else "0" for n in need))
+    out = torch.ops.megaclass.linear_cross_entropy(hidden, weight, bias, target, sample_weight, class_weight,
+                                                   call.spec)
+    return (out[0], out[1]) if return_lse else out[0]

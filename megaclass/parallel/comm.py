@@ -40,6 +40,17 @@ def default_group():
     return dist.group.WORLD if is_initialized() else None
 
 
+def group_name(group) -> str:
+    """The name torch.distributed knows `group` by ("" for None, a group of one): how a torch.library op,
+    which takes no Python objects, receives its group."""
+    return "" if group is None else group.group_name
+
+
+def group_by_name(name: str):
+    """The group of `group_name` (None for "")."""
+    return None if not name else dist.distributed_c10d._resolve_process_group(name)
+
+
 def world_size(group=None) -> int:
     return dist.get_world_size(group) if is_initialized() else 1
 
