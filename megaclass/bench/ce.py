@@ -5,10 +5,10 @@ dW = Gᵀ X) into preallocated outputs.
 Each variant runs in its own process: the median of --repeats timed runs (after one warm-up); its
 ratio to the floor ("× floor"), the median of --repeats (variant, floor) pairs timed alternately in
 that process, so that load drifting between processes does not bias it; and the
-peak memory it adds beyond its inputs ("peak MB"; CPU: peak RSS from getrusage minus the RSS once the
-inputs exist; CUDA: torch.cuda.max_memory_allocated minus the allocation once the inputs exist), and the
-process's whole peak RSS ("RSS MB": torch, inputs and all), and the minor page faults per timed step
-("faults", getrusage: steady under load, unlike the times). The loss is
+peak memory it adds beyond its inputs ("peak MB", `common.MemoryProbe`; CPU: the RSS high-water mark, reset
+once the inputs exist, minus the RSS then; CUDA: torch.cuda.max_memory_allocated minus the allocation once
+the inputs exist), the process's whole peak RSS ("RSS MB": torch, inputs and all), and the minor page faults
+per timed step ("faults", getrusage: steady under load, unlike the times). The loss is
 `mean_i s_i · CE_i` with random s_i in [0, 1).
 
 The workers run in the environment as given (THP_MEM_ALLOC_ENABLE unset unless the caller sets it), and
@@ -28,18 +28,15 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import resource
 import statistics
-import subprocess
 import sys
-import tempfile
 import time
 
 import torch
 
+from megaclass.bench.common import MemoryProbe, launch, machine, worker_main
 from megaclass.io import atomic_write_text
-from megaclass.parallel.comm import free_port
 
 VARIANTS = {
     "megaclass": "megaclass.ops.linear_cross_entropy, kernels from megaclass._C, plain autograd (a fresh "
@@ -102,11 +99,6 @@ def available(name: str, device: str) -> str | None:
 
 # ---------------------------------------------------------------------------------------------------
 # one variant in one process (a rank of --tp)
-
-
-def _rss_bytes() -> int:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
 def _inputs(spec, rank, world):
@@ -194,12 +186,7 @@ def _worker(spec) -> dict:
         comm.init_group("nccl" if spec["device"] == "cuda" else "gloo", rank, world, port=spec["port"])
     cuda = spec["device"] == "cuda"
     hidden, weight, target, s, class_start = _inputs(spec, rank, world)
-    if cuda:
-        torch.cuda.synchronize()
-        base = torch.cuda.memory_allocated()
-        torch.cuda.reset_peak_memory_stats()
-    else:
-        base = _rss_bytes()
+    memory = MemoryProbe(spec["device"])
     step = _step_fn(spec["variant"], spec, hidden, weight, target, s, class_start)
     clock = time.process_time if spec["clock"] == "cpu" else time.perf_counter
     times, faults = [], 0
@@ -216,8 +203,7 @@ def _worker(spec) -> dict:
             times.append(clock() - start)
             faults += resource.getrusage(resource.RUSAGE_SELF).ru_minflt - minflt
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # the whole process, inputs included
-    peak = torch.cuda.max_memory_allocated() - base if cuda else rss - base
-    result = {"median_s": statistics.median(times), "min_s": min(times), "peak_bytes": max(0, peak),
+    result = {"median_s": statistics.median(times), "min_s": min(times), "peak_bytes": memory.added(),
               "peak_rss_bytes": rss, "loss": float(loss.detach().float()),
               "faults_per_step": faults / spec["repeats"]}
     if world == 1 and spec["variant"] != "floor":
@@ -249,25 +235,10 @@ def _worker(spec) -> dict:
 
 def _launch(spec, world) -> dict:
     """Run the variant in `world` fresh processes; slowest median, largest peak, rank 0's loss."""
-    port = free_port()
-    procs = []
-    with tempfile.TemporaryDirectory() as tmp:
-        for rank in range(world):
-            out = os.path.join(tmp, f"rank{rank}.json")
-            rank_spec = dict(spec, rank=rank, world=world, port=port)
-            env = dict(os.environ, OMP_NUM_THREADS=str(max(1, spec["threads"] // world)))
-            procs.append((out, subprocess.Popen([sys.executable, "-m", "megaclass.bench.ce", json.dumps(rank_spec), out],
-                                                env=env, stderr=subprocess.PIPE, text=True)))
-        results, errors = [], []
-        for out, proc in procs:
-            _, err = proc.communicate()
-            if proc.returncode:
-                errors.append(err.strip().splitlines()[-1] if err.strip() else f"exit code {proc.returncode}")
-            else:
-                with open(out) as f:
-                    results.append(json.load(f))
-    if errors:
-        return {"error": errors[0]}
+    # the workers inherit the environment (THP_MEM_ALLOC_ENABLE included): see the module docstring
+    results = launch("megaclass.bench.ce", spec, world, {"OMP_NUM_THREADS": str(max(1, spec["threads"] // world))})
+    if isinstance(results, str):
+        return {"error": results}
     merged = {key: max(r[key] for r in results)
               for key in ("median_s", "min_s", "peak_bytes", "peak_rss_bytes", "faults_per_step")}
     return merged | {key: results[0][key] for key in ("loss", "floor_ratio") if key in results[0]}
@@ -302,23 +273,11 @@ def run(args) -> int:
             print(f"running {label} ...", file=sys.stderr, flush=True)
             row.update(_launch(dict(spec, variant=name), world))
         results.append(row)
-    report = {"config": dict(spec, tp=args.tp), "machine": _machine(args.device), "results": results}
+    report = {"config": dict(spec, tp=args.tp), "machine": machine(args.device), "results": results}
     print(format_table(report))
     if args.json:
         atomic_write_text(args.json, json.dumps(report, indent=2))
     return 0
-
-
-def _machine(device) -> dict:
-    info = {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(), "torch": torch.__version__}
-    try:
-        with open("/proc/cpuinfo") as f:
-            info["cpu"] = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    if device == "cuda":
-        info["gpu"] = torch.cuda.get_device_name()
-    return info
 
 
 def format_table(report) -> str:
@@ -345,4 +304,4 @@ def format_table(report) -> str:
 
 
 if __name__ == "__main__":  # a worker: python -m megaclass.bench.ce SPEC_JSON OUT_JSON
-    atomic_write_text(sys.argv[2], json.dumps(_worker(json.loads(sys.argv[1]))))
+    worker_main(_worker)
