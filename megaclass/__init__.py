@@ -7,3 +7,21 @@ cross-rank combine) and every layer above it use it. `data`, `semantics` and `we
 engine; `io` (atomic writes) serves all.
 """
 __version__ = "0.1.0"
+
+import sys as _sys
+
+
+class _TorchBeforeExtension:
+    """Imports torch before `megaclass._C`: the library links against torch's shared libraries (libc10,
+    libtorch), which only `import torch` loads, so `import megaclass._C` works on its own, while
+    `import megaclass` stays free of torch (the CLI's start)."""
+
+    @staticmethod
+    def find_spec(name, path=None, target=None):
+        if name == "megaclass._C":
+            import torch  # noqa: F401
+        return None  # the ordinary finders locate the library
+
+
+if not any(getattr(f, "__qualname__", None) == "_TorchBeforeExtension" for f in _sys.meta_path):  # once
+    _sys.meta_path.insert(0, _TorchBeforeExtension)

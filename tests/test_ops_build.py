@@ -6,6 +6,7 @@ import ast
 import os
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -46,3 +47,31 @@ def test_built_extension_has_no_avx512_code():
     disassembly = subprocess.run(["objdump", "-d", "--no-show-raw-insn", ext.__file__], capture_output=True,
                                  text=True, check=True).stdout
     assert "%zmm" not in disassembly  # AVX-512 registers: SIGILL on an AVX2-only CPU
+
+
+def _fresh_python(code: str) -> subprocess.CompletedProcess:
+    """`code` in a new interpreter that has imported nothing of torch or megaclass yet."""
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONSTARTUP"}
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
+    return subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+
+
+def test_extension_imports_on_its_own():
+    import warnings
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        if kernels.extension() is None:
+            pytest.skip("megaclass._C is not built")
+    # the library links against libc10/libtorch, which only `import torch` loads: megaclass imports it first
+    result = _fresh_python("import megaclass._C as c, torch; print(c.__file__); "
+                           "print(all(hasattr(torch.ops.megaclass, op) for op in "
+                           "('lce_chunk_stats', 'lce_chunk_grad_', 'lce_chunk_stats_grad_')))")
+    assert result.returncode == 0, result.stderr
+    path, registered = result.stdout.split()
+    assert Path(path).parent == ROOT / "megaclass" and registered == "True"
+
+
+def test_importing_the_package_does_not_import_torch():
+    """`megaclass --help` and the data tools start without torch; only the extension pulls it in."""
+    result = _fresh_python("import sys, megaclass; print('torch' in sys.modules)")
+    assert result.returncode == 0 and result.stdout.strip() == "False", result.stderr

@@ -70,6 +70,11 @@ def register(subparsers) -> None:
                         help="wall: elapsed time (default); cpu: the process's CPU time, steadier on a shared "
                              "machine with --threads 1 (with more threads it also counts their spin-waits)")
     parser.add_argument("--chunk-size", type=int, default=None, help="rows per chunk of the op (default: its own)")
+    parser.add_argument("--init", choices=["host", "device"], default="host",
+                        help="host (default): inputs drawn on the CPU, the weight as ShardedLinearCrossEntropy "
+                             "initializes it (one weight for any --tp); device: drawn on --device by its own "
+                             "generator, the same distributions (no CPU draw of a C × D weight in every "
+                             "benchmark process; --tp 1 only)")
     parser.add_argument("--variants", default=None,
                         help="comma-separated subset of: " + ", ".join(VARIANTS) + " (default: all available)")
     parser.add_argument("--json", default=None, metavar="OUT", help="also write the results as JSON to OUT")
@@ -105,6 +110,14 @@ def _inputs(spec, rank, world):
     """hidden [N, D], this rank's weight shard [C_r, D] (shards of one weight for any world), target, s."""
     from megaclass.nn import ShardedLinearCrossEntropy
     device, dtype = torch.device(spec["device"]), DTYPES[spec["dtype"]]
+    if spec.get("init") == "device":  # the same distributions as below, drawn where they are used
+        gen = torch.Generator(device).manual_seed(0)
+        hidden = torch.randn(spec["n"], spec["d"], generator=gen, device=device, dtype=dtype).requires_grad_()
+        target = torch.randint(0, spec["c"], (spec["n"],), generator=gen, device=device)
+        s = torch.rand(spec["n"], generator=gen, device=device)
+        bound = 4.0 / spec["d"] ** 0.5  # nn.Linear's U(±1/√D), times 4 as below
+        weight = torch.empty(spec["c"], spec["d"], device=device, dtype=dtype).uniform_(-bound, bound, generator=gen)
+        return hidden, weight.requires_grad_(), target, s, 0
     gen = torch.Generator().manual_seed(0)
     hidden = torch.randn(spec["n"], spec["d"], generator=gen).to(device=device, dtype=dtype).requires_grad_()
     target = torch.randint(0, spec["c"], (spec["n"],), generator=gen).to(device)
@@ -247,6 +260,8 @@ def _launch(spec, world) -> dict:
 def run(args) -> int:
     if args.tp < 1 or args.n < 1 or args.d < 1 or args.c < args.tp or args.repeats < 1:
         raise SystemExit("megaclass bench ce: --n, --d, --repeats and --tp must be ≥ 1 and --c ≥ --tp")
+    if args.init == "device" and args.tp > 1:
+        raise SystemExit("megaclass bench ce: --init device draws one weight per process: use it with --tp 1")
     if args.device == "cuda" and not torch.cuda.is_available():
         raise SystemExit("megaclass bench ce: --device cuda but no CUDA GPU is visible")
     names = list(VARIANTS) if args.variants is None else [v.strip() for v in args.variants.split(",") if v.strip()]
@@ -255,6 +270,7 @@ def run(args) -> int:
         raise SystemExit(f"megaclass bench ce: unknown variant(s) {unknown}; choose from {list(VARIANTS)}")
     spec = {"n": args.n, "d": args.d, "c": args.c, "dtype": args.dtype, "device": args.device,
             "threads": args.threads, "repeats": args.repeats, "chunk_size": args.chunk_size, "clock": args.clock,
+            "init": args.init,
             "thp": os.environ.get("THP_MEM_ALLOC_ENABLE")}  # reported only: the workers inherit the environment
     runs = []  # (label, variant, world)
     for name in names:
