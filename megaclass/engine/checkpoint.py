@@ -25,7 +25,7 @@ import os
 import shutil
 
 from megaclass.engine.head import head_shard_state, load_head_shard, save_head_shard
-from megaclass.io import atomic_write_text
+from megaclass.io import atomic_write_text, replace_folder
 from megaclass.parallel import comm
 
 LATEST = "latest"
@@ -71,7 +71,7 @@ def save(root: str, step: int, engine, head, head_optimizer, class_range, num_cl
         if os.path.exists(final):  # `latest` may name it: keep it (as `old`) until the new one is in place
             shutil.rmtree(old, ignore_errors=True)
             os.replace(final, old)
-        os.replace(tmp, final)
+        replace_folder(tmp, final)  # durable before `latest` names it
         atomic_write_text(os.path.join(root, LATEST), tag)
         shutil.rmtree(old, ignore_errors=True)
         _prune(root, keep)
