@@ -15,11 +15,11 @@ from deepspeed.pipe import PipelineModule
 
 from megaclass.engine.config import ConfigError
 from megaclass.engine.data import RankBatches
-from megaclass.engine.head import sharded_topk
 from megaclass.engine.optim import build_optimizer, build_schedule
 from megaclass.engine.trainer import Trainer
 from megaclass.models.backbones import create
 from megaclass.models.pipeline import layer_specs, release_cache
+from megaclass.nn import sharded_topk
 from megaclass.parallel import comm
 
 

@@ -30,11 +30,10 @@ from torch.utils.data import DataLoader, Dataset
 from megaclass.engine import checkpoint
 from megaclass.engine.config import Config, ConfigError
 from megaclass.engine.data import RankBatches, SeededItems, epoch_order
-from megaclass.engine.head import clip_head_grad_, sharded_topk
 from megaclass.engine.monitor import Monitor, peak_memory_mb
 from megaclass.engine.optim import InPlaceSGD, build_optimizer, build_schedule
 from megaclass.models import build_backbone
-from megaclass.nn import ShardedLinearCrossEntropy
+from megaclass.nn import ShardedLinearCrossEntropy, clip_head_grad_, sharded_topk
 from megaclass.parallel import comm
 
 
