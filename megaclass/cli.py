@@ -8,6 +8,9 @@ import sys
 
 # name -> (module, one-line help)
 COMMANDS = {
+    "train": ("megaclass.train", "train one model (every rank runs it; `deepspeed --module megaclass.train`)"),
+    "experiment": ("megaclass.experiment", "baseline -> +Stage1 -> +Stage1+Stage2 (`deepspeed --module megaclass.experiment`)"),
+    "predict": ("megaclass.predict", "a checkpoint's top-k on the training images -> PRED.tsv for `weights`"),
     "bench": ("megaclass.bench.cli", "benchmark the fused op (`megaclass bench ce`) and more"),
     "semantics": ("megaclass.semantics.cli", "K nearest categories from WordNet + BERT -> knn.tsv"),
     "synth": ("megaclass.data.cli", "write the embedded synthetic WebVision-layout data set"),

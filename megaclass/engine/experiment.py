@@ -13,13 +13,10 @@ metrics CSV, TensorBoard, predictions).
 """
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import os
-import sys
 
-from megaclass.engine import distributed
 from megaclass.engine.config import Config
 from megaclass.engine.data import RunData, read_weight_table, start_run
 from megaclass.engine.pipeline import trainer_class
@@ -145,33 +142,3 @@ def run(cfg: Config, data: RunData) -> dict:
 
     on_rank0("writing the results", report, device)
     return results
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="python -m megaclass.engine.experiment",
-        description="Baseline -> +Stage1 -> +Stage1+Stage2 on a WebVision-layout data set; run it on every rank, "
-                    "e.g. `deepspeed --num_gpus 2 launch/experiment.py --config configs/demo.yaml`.")
-    parser.add_argument("--config", required=True, help="YAML run config (see configs/)")
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                        help="override a config value, e.g. --set data.root=/data/webvision (repeatable)")
-    parser.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)  # passed by the deepspeed launcher
-    args = parser.parse_args(argv)
-    try:
-        cfg, data = start_run(args.config, args.overrides)
-        if len(data.val_labels) == 0:
-            raise ValueError(f"{cfg.data.root}/info/val_filelist.txt: no validation images to evaluate on")
-    except (OSError, ValueError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    try:
-        run(cfg, data)
-    except StepFailed as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
-    distributed.finish()
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -131,13 +131,17 @@ class Trainer:
                           prefetch_factor=4 if workers else None)
 
     def resume(self) -> int:
+        """Load `run_dir/checkpoints/latest` when there is one (and train.resume); returns the step."""
         folder = checkpoint.latest_checkpoint(self.ckpt_root) if self.cfg.train.resume else None
-        if folder is not None:
-            self.step = checkpoint.load(folder, self.engine, self.head, self.head_optimizer, self.class_range,
-                                        self.data.num_classes)
-            self.checkpoint_step = self.step
-            for _ in range(self.step if self.head is not None else 0):
-                self.head_schedule.step()
+        return self.load(folder) if folder is not None else self.step
+
+    def load(self, folder: str) -> int:
+        """Collective: restore the engine, the head and their optimizers from the checkpoint `folder`."""
+        self.step = checkpoint.load(folder, self.engine, self.head, self.head_optimizer, self.class_range,
+                                    self.data.num_classes)
+        self.checkpoint_step = self.step
+        for _ in range(self.step if self.head is not None else 0):
+            self.head_schedule.step()
         return self.step
 
     def save(self) -> str:
