@@ -18,6 +18,7 @@ import torch
 from torch.utils.data import Dataset, Sampler
 
 from megaclass.data import ClassBalancedSampler, ImageDataset, WebVision, load_webvision
+from megaclass.seeding import derive_seed
 from megaclass.weighting.tables import read_weights
 
 if TYPE_CHECKING:
@@ -28,7 +29,7 @@ def epoch_order(num_items: int, seed: int, epoch: int, labels: torch.Tensor | No
     """The global image order of `epoch`: a seeded permutation, or with `labels` the data package's
     class-balanced draw (a class uniformly, then one of its images uniformly)."""
     if labels is None:
-        return torch.randperm(num_items, generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch))
+        return torch.randperm(num_items, generator=torch.Generator().manual_seed(derive_seed(seed, "epoch order", epoch)))
     sampler = ClassBalancedSampler(labels.tolist(), num_samples=num_items, seed=seed)
     sampler.set_epoch(epoch)
     return torch.tensor(list(sampler))
@@ -88,7 +89,7 @@ class SeededItems(Dataset):
     def __getitem__(self, key):
         epoch, index = key
         with torch.random.fork_rng(devices=[]):
-            item_seed = (self.seed * 1_000_003 + epoch) * 10_000_019 + max(index, 0)
+            item_seed = derive_seed(self.seed, "augmentation", epoch, max(index, 0))
             torch.manual_seed(item_seed)
             state = random.getstate()
             random.seed(item_seed)

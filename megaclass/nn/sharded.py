@@ -15,6 +15,7 @@ from torch import nn
 
 from megaclass.ops import linear_cross_entropy, linear_cross_entropy_gathered
 from megaclass.parallel import comm
+from megaclass.seeding import derive_seed
 
 _INIT_BLOCK = 4096
 """Rows drawn from one generator at initialization (any shard draws only the blocks it overlaps)."""
@@ -61,13 +62,13 @@ class ShardedLinearCrossEntropy(nn.Module):
         if seed is None:
             seed = int(torch.randint(0, 2**62, (1,)))
         bound = 1.0 / math.sqrt(self.in_features)
-        for name, param, salt in (("weight", self.weight, 0), ("bias", self.bias, 1)):
+        for name, param in (("weight", self.weight), ("bias", self.bias)):
             if param is None:
                 continue
             width = self.in_features if name == "weight" else 1
             first, last = self.class_start // _INIT_BLOCK, (max(self.class_end, 1) - 1) // _INIT_BLOCK
             for block in range(first, last + 1):
-                gen = torch.Generator().manual_seed((seed * 1_000_003 + 2 * block + salt) % 2**63)
+                gen = torch.Generator().manual_seed(derive_seed(seed, f"head {name}", block))
                 lo = block * _INIT_BLOCK
                 hi = min(self.num_classes, lo + _INIT_BLOCK)
                 values = torch.empty(hi - lo, width).uniform_(-bound, bound, generator=gen)
