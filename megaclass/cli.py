@@ -28,6 +28,9 @@ def main(argv: list[str] | None = None) -> int:
     if not argv or argv[0] in ("-h", "--help") or argv[0] not in COMMANDS:
         parser.parse_args(argv or ["--help"])
         return 2
+    from megaclass import log
+
+    log.setup()  # progress and warnings on stderr, rank-aware; a command's own output stays on stdout
     module = importlib.import_module(COMMANDS[argv[0]][0])
     full = argparse.ArgumentParser(prog="megaclass")
     module.register(full.add_subparsers(dest="command", required=True))

@@ -26,10 +26,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import platform
 import statistics
-import sys
 import time
 
 import torch
@@ -51,6 +51,8 @@ VARIANTS = {
 }
 TP_VARIANTS = ("megaclass", "megaclass-twin", "megaclass-fold")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+log = logging.getLogger(__name__)
 
 
 def register(subparsers) -> None:
@@ -274,7 +276,7 @@ def run(args) -> int:
         if why is not None:
             row["skipped"] = why
         else:
-            print(f"running {label} ...", file=sys.stderr, flush=True)
+            log.info("running %s ...", label)
             row.update(_launch(dict(spec, variant=name), world))
         results.append(row)
     report = {"config": dict(spec, tp=args.tp), "machine": _machine(args.device), "results": results}

@@ -136,8 +136,8 @@ class RunData:
         return [p for p, _ in self.train.items]
 
 
-def load_run_data(cfg, weights: str | None = None) -> RunData:
-    """Everything `cfg.data` names; `weights` overrides `cfg.data.weights`."""
+def load_run_data(cfg) -> RunData:
+    """Everything `cfg.data` names."""
     data = load_webvision(cfg.data.root)
     records = data.train[: cfg.data.limit_train] if cfg.data.limit_train else data.train
     items = [(r.path, r.label) for r in records]
@@ -146,9 +146,9 @@ def load_run_data(cfg, weights: str | None = None) -> RunData:
     small = cfg.data.image_size <= 64  # decode once: a small data set's steps would be JPEG-bound
     sets = [ImageDataset(cfg.data.root, its, cfg.data.image_size, train=train, preload=small)
             for its, train in ((items, True), (items, False), (data.val, False))]
-    weights = weights or cfg.data.weights
     paths = [p for p, _ in items]
-    sample_weights = read_weight_table(weights, paths, allow_extra=bool(cfg.data.limit_train)) if weights else None
+    sample_weights = (read_weight_table(cfg.data.weights, paths, allow_extra=bool(cfg.data.limit_train))
+                      if cfg.data.weights else None)
     return RunData(data, *sets, torch.tensor([label for _, label in items]),
                    torch.tensor([label for _, label in data.val], dtype=torch.long), sample_weights)
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import os
 
 from megaclass.engine.config import Config
@@ -24,6 +25,8 @@ from megaclass.engine.trainer import TrainData, device_of_rank
 from megaclass.io import atomic_output, atomic_write_text
 from megaclass.parallel import comm
 from megaclass.weighting.tables import write_predictions
+
+log = logging.getLogger(__name__)
 
 RUNS = (("baseline", "Baseline"), ("stage1", "+Stage1"), ("stage2", "+Stage1+Stage2"))
 
@@ -64,7 +67,7 @@ def _weights(cfg: Config, data: RunData, knn: str, predictions: str, stage: int,
     from megaclass.weighting.pipeline import compute_weights, save_weights
 
     result = compute_weights(cfg.data.root, knn, predictions, stage, data=data.webvision, progress=cfg.train.progress)
-    print(save_weights(result, cfg.data.root, out), flush=True)
+    log.info("%s", save_weights(result, cfg.data.root, out))
 
 
 def table(results: dict) -> str:
@@ -105,7 +108,7 @@ def run(cfg: Config, data: RunData) -> dict:
     os.makedirs(run_dir, exist_ok=True)
     paths = data.paths
     if rank0:
-        print(data.webvision.summary(), flush=True)
+        log.info("%s", data.webvision.summary())
 
     device = device_of_rank()
     knn = os.path.join(run_dir, "semantics", "knn.tsv")
@@ -119,7 +122,7 @@ def run(cfg: Config, data: RunData) -> dict:
         results[key] = trainer.evaluate(data.val, data.val_labels)
         curves[key] = {"train": rows, "val": trainer.eval_rows}
         if rank0:
-            print(f"{label}: top-1 {results[key]['top1']:.2f}%  top-5 {results[key]['top5']:.2f}%", flush=True)
+            log.info("%s: top-1 %.2f%%  top-5 %.2f%%", label, results[key]["top1"], results[key]["top5"])
         if index < 2:
             probs, classes = trainer.predict(data.train_eval, cfg.eval.topk, desc=f"predict {key}")
             stage = index + 1

@@ -18,6 +18,7 @@ function is the same head on the last stage, sharded over that stage's data-para
 from __future__ import annotations
 
 import dataclasses
+import logging
 import math
 import os
 import time
@@ -37,6 +38,8 @@ from megaclass.models import build_backbone
 from megaclass.nn import ShardedLinearCrossEntropy, clip_head_grad_, sharded_topk
 from megaclass.parallel import comm
 from megaclass.seeding import derive_seed
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(slots=True)
@@ -142,6 +145,7 @@ class Trainer:
         self.step = checkpoint.load(folder, self.engine, self.head, self.head_optimizer, self.class_range,
                                     self.data.num_classes)
         self.checkpoint_step = self.step
+        log.info("%s: loaded %s (step %d)", self.name, folder, self.step)
         for _ in range(self.step if self.head is not None else 0):
             self.head_schedule.step()
         return self.step
@@ -154,6 +158,7 @@ class Trainer:
                                  self.class_range, self.data.num_classes, writer=self.rank == 0,
                                  extra_meta={"model": self.cfg.model.name, "epoch": self.step / self.steps_per_epoch})
         self.checkpoint_step = self.step
+        log.info("%s: saved %s", self.name, folder)
         return folder
 
     def train_step(self, batches) -> float:
@@ -212,6 +217,9 @@ class Trainer:
                           progress=cfg.train.progress)
         batches = iter(self._loader(self.data.dataset, sampler, cfg.train.seed))
         global_batch = self.data_world * cfg.train.micro_batch_size * accum
+        log.info("%s: steps %d -> %d of %d (%d an epoch), %d ranks (%d data-parallel), global batch %d, %d classes",
+                 self.name, start, self.last_step, self.total_steps, self.steps_per_epoch, self.world, self.data_world,
+                 global_batch, self.data.num_classes)
         rows = []
         self.engine.train()
         try:
@@ -233,6 +241,8 @@ class Trainer:
                 if val is not None and cfg.eval.every_epochs and end_of_epoch == 0 and epoch % cfg.eval.every_epochs == 0:
                     result = {"epoch": epoch, **self.evaluate(*val)}
                     self.eval_rows.append(result)
+                    log.info("%s: epoch %d: validation top-1 %.2f%%  top-5 %.2f%%", self.name, epoch,
+                             result["top1"], result["top5"])
                     monitor.log_eval(self.step, **result)
                     self.engine.train()
         finally:
