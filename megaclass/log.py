@@ -73,6 +73,5 @@ def setup(level: int | str = logging.INFO, all_ranks: bool | None = None) -> log
         handler.megaclass = True
         handler.setFormatter(logging.Formatter(FORMAT, datefmt="%H:%M:%S"))
         logger.addHandler(handler)
-        logger.propagate = False  # one line per record, also where the root logger is configured
     handler.filters = [RankFilter(all_ranks)]
     return logger

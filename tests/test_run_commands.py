@@ -124,3 +124,23 @@ def test_megaclass_predict_names_a_checkpoint_it_cannot_find(tmp_path, capsys):
     config.write_text("model: {name: resnet_tiny}\n")
     assert main(["predict", "--config", str(config), "--checkpoint", str(tmp_path), "--out", str(tmp_path / "p.tsv")]) == 2
     assert f"--checkpoint {tmp_path}: neither a checkpoint" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("command", ["train", "experiment", "predict"])
+def test_run_commands_name_a_bad_config_key_before_joining_a_group(tmp_path, capsys, command):
+    """The console script and the `python -m megaclass.<command>` module read the same flags and stop
+    on a bad config with the key named, before any process group exists."""
+    import importlib
+
+    from megaclass.cli import main
+
+    config = tmp_path / "c.yaml"
+    config.write_text("model: {name: resnet_tiny}\ntrain: {epochs: -1}\n")
+    extra = ["--checkpoint", str(tmp_path), "--out", str(tmp_path / "p.tsv")] if command == "predict" else []
+    if command == "predict":
+        (tmp_path / "meta.json").write_text("{}")  # a checkpoint folder, so the config is what fails
+    assert main([command, "--config", str(config), *extra]) == 2
+    assert "train.epochs" in capsys.readouterr().err
+    module = importlib.import_module(f"megaclass.{command}")
+    assert module.main(["--local_rank=0", "--config", str(config), *extra]) == 2  # as `deepspeed --module` calls it
+    assert "train.epochs" in capsys.readouterr().err
