@@ -15,6 +15,7 @@ from engine_helpers import FlatLinear, random_items
 from megaclass.engine.config import config_from_dict
 from megaclass.engine.data import epoch_order
 from megaclass.engine.trainer import TrainData, Trainer
+from megaclass.seeding import derive_seed
 
 N, CLASSES, MICRO, ACCUM, STEPS, D = 48, 11, 4, 2, 3, 8  # 11 classes over 2 ranks: uneven shards (6 + 5)
 CLIP = 0.3  # below every step's gradient norm of the backbone and of the head (the reference checks)
@@ -75,7 +76,7 @@ def _reference(clip=0.0):
     torch.manual_seed(0)
     backbone = FlatLinear(48, D).double()
     with torch.random.fork_rng():
-        torch.manual_seed(3 + 1)  # Trainer seeds the head with train.seed + 1
+        torch.manual_seed(derive_seed(3, "head"))  # as Trainer seeds the head (train.seed = 3)
         from megaclass.nn import ShardedLinearCrossEntropy
 
         head = ShardedLinearCrossEntropy(D, CLASSES, bias=True).double()

@@ -5,7 +5,7 @@ dW = Gᵀ X) into preallocated outputs.
 Each variant runs in its own process: the median of --repeats timed runs (after one warm-up); its
 ratio to the floor ("× floor"), the median of --repeats (variant, floor) pairs timed alternately in
 that process, so that load drifting between processes does not bias it; and the
-peak memory it adds beyond its inputs ("peak MB", `common.MemoryProbe`; CPU: the RSS high-water mark, reset
+peak memory it adds beyond its inputs ("peak MB", `megaclass.memory.MemoryProbe`; CPU: the RSS high-water mark, reset
 once the inputs exist, minus the RSS then; CUDA: torch.cuda.max_memory_allocated minus the allocation once
 the inputs exist), the process's whole peak RSS ("RSS MB": torch, inputs and all), and the minor page faults
 per timed step ("faults", getrusage: steady under load, unlike the times). The loss is
@@ -27,16 +27,17 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import resource
 import statistics
-import sys
 import time
 
 import torch
 
-from megaclass.bench.common import MemoryProbe, launch, machine, worker_main
+from megaclass.bench.ranks import RankFailed, launch, machine
 from megaclass.io import atomic_write_text
+from megaclass.memory import MemoryProbe
 
 VARIANTS = {
     "megaclass": "megaclass.ops.linear_cross_entropy, kernels from megaclass._C, plain autograd (a fresh "
@@ -52,6 +53,8 @@ VARIANTS = {
 }
 TP_VARIANTS = ("megaclass", "megaclass-twin", "megaclass-fold")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+log = logging.getLogger(__name__)
 
 
 def register(subparsers) -> None:
@@ -189,7 +192,8 @@ def _step_fn(name, spec, hidden, weight, target, s, class_start):
     return step
 
 
-def _worker(spec) -> dict:
+def worker(spec) -> dict:
+    """One rank of one variant (run by `megaclass.bench.ranks.launch`)."""
     from megaclass.parallel import comm
     rank, world = spec.get("rank", 0), spec.get("world", 1)
     torch.set_num_threads(max(1, spec["threads"] // world))
@@ -249,9 +253,10 @@ def _worker(spec) -> dict:
 def _launch(spec, world) -> dict:
     """Run the variant in `world` fresh processes; slowest median, largest peak, rank 0's loss."""
     # the workers inherit the environment (THP_MEM_ALLOC_ENABLE included): see the module docstring
-    results = launch("megaclass.bench.ce", spec, world, {"OMP_NUM_THREADS": str(max(1, spec["threads"] // world))})
-    if isinstance(results, str):
-        return {"error": results}
+    try:
+        results = launch("megaclass.bench.ce:worker", spec, world, {"OMP_NUM_THREADS": str(max(1, spec["threads"] // world))})
+    except RankFailed as exc:
+        return {"error": str(exc)}
     merged = {key: max(r[key] for r in results)
               for key in ("median_s", "min_s", "peak_bytes", "peak_rss_bytes", "faults_per_step")}
     return merged | {key: results[0][key] for key in ("loss", "floor_ratio") if key in results[0]}
@@ -286,7 +291,7 @@ def run(args) -> int:
         if why is not None:
             row["skipped"] = why
         else:
-            print(f"running {label} ...", file=sys.stderr, flush=True)
+            log.info("running %s ...", label)
             row.update(_launch(dict(spec, variant=name), world))
         results.append(row)
     report = {"config": dict(spec, tp=args.tp), "machine": machine(args.device), "results": results}
@@ -318,6 +323,3 @@ def format_table(report) -> str:
                      f"{mem:>8} {r['peak_rss_bytes'] / 2**20:>8.0f} {loss:>12} {r.get('faults_per_step', 0):>7.0f}")
     return "\n".join(lines)
 
-
-if __name__ == "__main__":  # a worker: python -m megaclass.bench.ce SPEC_JSON OUT_JSON
-    worker_main(_worker)

@@ -11,23 +11,25 @@ a large vocabulary, its loss computed four ways:
 
 Each variant runs in its own process on the same model (seed 0) and tokens: the median of --repeats
 timed steps after one warm-up, and the peak memory the timed steps add beyond the model, its inputs
-and the previous step's state (`common.MemoryProbe`; the gradients are set to None before each step).
-The loss is printed for each: the variants must agree on it. CPU workers run with
-THP_MEM_ALLOC_ENABLE=1 (as `megaclass bench ce`).
+and the previous step's state (`megaclass.memory.MemoryProbe`; the gradients are set to None before each step).
+The loss is printed for each: the variants must agree on it. The workers inherit the environment
+(THP_MEM_ALLOC_ENABLE unset unless the caller sets it), as in `megaclass bench ce`.
 """
 from __future__ import annotations
 
 import argparse
 import json
-import os
+import logging
 import statistics
-import sys
 import time
 
 import torch
 
-from megaclass.bench.common import MemoryProbe, launch, machine, worker_main
+from megaclass.bench.ranks import RankFailed, launch, machine
 from megaclass.io import atomic_write_text
+from megaclass.memory import MemoryProbe
+
+log = logging.getLogger(__name__)
 
 VARIANTS = ("unpatched", "megaclass", "cce", "cce-op", "liger")
 FAMILIES = ("llama", "qwen2", "mistral", "gemma2", "gpt2")
@@ -139,7 +141,7 @@ def _apply(name, model, device):
     raise ValueError(f"unknown variant {name!r}")
 
 
-def _worker(spec) -> dict:
+def worker(spec) -> dict:
     torch.set_num_threads(spec["threads"])
     device, dtype = torch.device(spec["device"]), DTYPES[spec["dtype"]]
     torch.manual_seed(0)
@@ -183,7 +185,7 @@ def run(args) -> int:
         raise SystemExit(f"megaclass bench lm: unknown variant(s) {unknown}; choose from {list(VARIANTS)}")
     spec = {key: getattr(args, key) for key in ("family", "vocab", "hidden", "layers", "seq", "batch", "dtype",
                                                  "device", "repeats", "threads")}
-    env = {"OMP_NUM_THREADS": str(args.threads), "THP_MEM_ALLOC_ENABLE": os.environ.get("THP_MEM_ALLOC_ENABLE", "1")}
+    env = {"OMP_NUM_THREADS": str(args.threads)}
     results = []
     for name in names:
         row = {"variant": name}
@@ -191,9 +193,11 @@ def run(args) -> int:
         if why is not None:
             row["skipped"] = why
         else:
-            print(f"running {name} ...", file=sys.stderr, flush=True)
-            got = launch("megaclass.bench.lm", dict(spec, variant=name), 1, env)
-            row.update({"error": got} if isinstance(got, str) else got[0])
+            log.info("running %s ...", name)
+            try:
+                row.update(launch("megaclass.bench.lm:worker", dict(spec, variant=name), 1, env)[0])
+            except RankFailed as exc:
+                row["error"] = str(exc)
         results.append(row)
     report = {"config": spec, "machine": machine(args.device), "results": results}
     print(format_table(report))
@@ -221,6 +225,3 @@ def format_table(report) -> str:
                      f"{mem_ratio} | {r['loss']:.6f} |")
     return "\n".join(lines)
 
-
-if __name__ == "__main__":  # a worker: python -m megaclass.bench.lm SPEC_JSON OUT_JSON
-    worker_main(_worker)

@@ -25,6 +25,8 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from megaclass.semantics.synsets import SynsetsError, read_synsets
+
 log = logging.getLogger(__name__)
 
 SOURCES = ("google", "flickr")
@@ -95,21 +97,17 @@ def _note(skipped: Counter, examples: dict, reason: str, where: str, count: int 
     examples.setdefault(reason, where)
 
 
-def read_synsets(path: Path) -> list[tuple[str, str]]:
-    """`wnid text` lines -> [(wnid, text)]; line order is the class index."""
+def _read_class_list(path: Path) -> list[tuple[str, str]]:
+    """`info/synsets.txt` through the one strict reader (`megaclass.semantics.read_synsets`): a BOM,
+    tabs, a duplicate or an ill-formed wnid are handled as `megaclass semantics` handles them, as a
+    WebVisionFormatError naming the file and line. Whether each wnid is a WordNet noun is checked
+    where WordNet is used (semantics, stage 2), not here: training needs no WordNet."""
     if not path.is_file():
         raise WebVisionFormatError(f"{path}: missing (the class list of a WebVision-layout data set)")
-    synsets = []
-    for lineno, line in enumerate(path.read_text(encoding="utf-8", errors="replace").splitlines(), 1):
-        if not line.strip():
-            continue
-        wnid, _, text = line.strip().partition(" ")
-        if not wnid:
-            raise WebVisionFormatError(f"{path}:{lineno}: expected 'wnid text', got {line!r}")
-        synsets.append((wnid, text.strip()))
-    if not synsets:
-        raise WebVisionFormatError(f"{path}: no classes")
-    return synsets
+    try:
+        return read_synsets(path, check_wordnet=False)
+    except SynsetsError as exc:
+        raise WebVisionFormatError(str(exc)) from None
 
 
 def _read_filelist(path: Path, num_classes: int, skipped: Counter, examples: dict) -> list[tuple[str, int]]:
@@ -219,7 +217,7 @@ def load_webvision(root: str | os.PathLike, *, sources=SOURCES, check_images: bo
     """
     root = Path(root)
     info = root / "info"
-    synsets = read_synsets(info / "synsets.txt")
+    synsets = _read_class_list(info / "synsets.txt")
     skipped: Counter = Counter()
     examples: dict[str, str] = {}
     listings: dict[Path, set[str]] = {}

@@ -1,4 +1,4 @@
-"""The two per-chunk kernels of the fused op, and the choice between `megaclass._C` and their twin.
+"""The three per-chunk kernels of the fused op, and the choice between `megaclass._C` and their twin.
 
 Contract (the header of `csrc/megaclass_ops.cpp` is the authority; z' = softcap·tanh(z/softcap) when
 softcap > 0, else z; w = class_weight, or 1):
