@@ -221,3 +221,239 @@ def test_7_predictions_summing_above_1_or_naming_a_class_twice_are_errors(tmp_pa
         read_predictions(path, WNIDS)
     path.write_text("ok.jpg\tn01440764:0.333334 n01443537:0.333334 n01484850:0.333334\n")  # rounding: fine
     assert read_predictions(path, WNIDS).probs.shape == (1, 3)
+
+
+# -- 8: command-line numbers -------------------------------------------------------------------
+@pytest.mark.parametrize("argv, flag", [
+    (["semantics", "--synsets", "s.txt", "--k", "3", "--out", "o", "--block-size", "-5"], "--block-size"),
+    (["semantics", "--synsets", "s.txt", "--k", "3", "--out", "o", "--block-size", "0"], "--block-size"),
+    (["semantics", "--synsets", "s.txt", "--k", "0", "--out", "o"], "--k"),
+    (["semantics", "--synsets", "s.txt", "--k", "3", "--out", "o", "--alpha", "nan"], "--alpha"),
+    (["semantics", "--synsets", "s.txt", "--k", "3", "--out", "o", "--alpha", "1.5"], "--alpha"),
+    (["synth", "--out", "o", "--classes", "-3"], "--classes"),
+    (["synth", "--out", "o", "--seed", "-1"], "--seed"),
+    (["bench", "ce", "--n", "0"], "--n"),
+    (["bench", "ce", "--chunk-size", "-1"], "--chunk-size"),
+    (["bench", "ce", "--repeats", "inf"], "--repeats"),
+    (["bench", "knn", "--block-size", "0"], "--block-size"),
+    (["bench", "knn", "--rate-seconds=-inf"], "--rate-seconds"),
+    (["bench", "weights", "--images", "-10"], "--images"),
+    (["bench", "train", "--ranks", "0"], "--ranks"),
+])
+def test_8_bad_numbers_on_the_command_line_are_argparse_errors(tmp_path, monkeypatch, capsys, argv, flag):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as exit_:
+        main(argv)
+    assert exit_.value.code == 2
+    assert f"argument {flag}: must be" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
+
+
+def test_8_the_knn_search_refuses_a_block_size_below_1():
+    import torch
+
+    from megaclass.semantics.knn import embedding_knn
+
+    with pytest.raises(ValueError, match="block_size must be a positive integer, got -5"):
+        embedding_knn(torch.eye(4), 2, block_size=-5)
+
+
+# -- 9: config values checked where they are read, before any process group ----------------------
+@pytest.mark.parametrize("override, message", [
+    ("optim.lr=.inf", "optim.lr: must be a finite number, got inf"),
+    ("optim.lr=.nan", "optim.lr: must be a finite number, got nan"),
+    ("train.epochs=.inf", "train.epochs: must be a finite number"),
+    ("parallel.timeout_s=.inf", "parallel.timeout_s: must be a finite number"),
+    ("parallel.timeout_s=1.0e+300", "parallel.timeout_s: must be in (0, 31536000] seconds"),
+    ("optim.momentum=-1", "optim.momentum: must be in [0, 1), got -1.0"),
+    ("optim.momentum=.nan", "optim.momentum: must be a finite number"),
+    ("optim.betas=[0.9, 1.0]", "optim.betas[1]: must be in [0, 1), got 1.0"),
+    ("optim.betas=[-0.1, 0.999]", "optim.betas[0]: must be in [0, 1), got -0.1"),
+    ("optim.weight_decay=-1e-4", "optim.weight_decay: must be >= 0"),
+    ("head.lr_scale=.inf", "head.lr_scale: must be a finite number"),
+    ("train.seed=-1", "train.seed: must be in [0, 2**32)"),
+    ("optim.lr=" + "9" * 400, "optim.lr: must be a finite number"),
+    ("model.name=resnet_tinny", "model.name: unknown model 'resnet_tinny'"),
+    ("model.checkpoint=/nonexistent/backbone.pt", "model.checkpoint: no such file: /nonexistent/backbone.pt"),
+    ("optim.lr=[", "--set 'optim.lr=[': the value is not valid YAML"),
+])
+def test_9_config_numbers_names_and_files_are_checked_where_read(tmp_path, override, message):
+    from megaclass.engine.config import ConfigError, load_config
+
+    path = tmp_path / "run.yaml"
+    path.write_text("run_dir: x\n")
+    with pytest.raises(ConfigError) as err:
+        load_config(path, [override])
+    assert message in str(err.value)
+    assert str(path) in str(err.value) or message.startswith("--set")  # an override is named, not the file
+
+
+@pytest.mark.parametrize("content, message", [
+    (b"- model\n- data\n", "the top level must be a mapping of sections"),
+    (b"run_dir: caf\xe9\n", "not UTF-8 text (byte 12"),
+    (b"[" * 100_000, "run.yaml"),
+])
+def test_9_a_config_that_is_not_a_utf8_mapping_names_its_file(tmp_path, content, message):
+    from megaclass.engine.config import ConfigError, load_config
+
+    path = tmp_path / "run.yaml"
+    path.write_bytes(content)
+    for overrides in ([], ["train.epochs=2"]):
+        with pytest.raises(ConfigError, match="run.yaml") as err:
+            load_config(path, overrides)
+        assert message in str(err.value)
+
+
+@pytest.mark.parametrize("override", ["model.name=nope", "optim.lr=.inf", "run_dir=FILE/run"])
+def test_9_bad_config_values_fail_before_the_process_group_starts(tmp_path, override):
+    import torch.distributed as dist
+
+    from megaclass.engine.data import start_run
+
+    (tmp_path / "FILE").write_text("")
+    path = tmp_path / "run.yaml"
+    path.write_text(f"data: {{root: {tmp_path}}}\n")
+    with pytest.raises((ValueError, OSError), match="model.name|optim.lr|run_dir"):
+        start_run(str(path), [override.replace("FILE", str(tmp_path / "FILE"))])
+    assert not dist.is_initialized()
+
+
+# -- 10: damaged checkpoints ---------------------------------------------------------------------
+def _damaged_checkpoints(rank, world, root):
+    import shutil
+
+    import torch
+
+    from engine_helpers import FlatLinear, random_items
+    from megaclass.engine import checkpoint
+    from megaclass.engine.config import config_from_dict
+    from megaclass.engine.trainer import TrainData, Trainer
+
+    os.environ["LOCAL_RANK"] = str(rank)
+    cfg = config_from_dict({"run_dir": f"{root}/run", "data": {"num_workers": 0},
+                            "train": {"micro_batch_size": 4, "max_steps": 1, "progress": False}})
+    items = random_items(8, 5)
+    trainer = Trainer(cfg, TrainData(items, 5, items.labels), backbone=FlatLinear(48, 4))
+    trainer.fit()
+    ckpt_root = f"{root}/run/checkpoints"
+    good = checkpoint.latest_checkpoint(ckpt_root)
+
+    def truncate(path, keep=0.5):
+        data = open(path, "rb").read()
+        open(path, "wb").write(data[: int(len(data) * keep)])
+
+    cases = {
+        "head shard truncated": lambda f: truncate(glob_one(f"{f}/head/shard-*.pt")),
+        "model states empty": lambda f: truncate(f"{f}/ds/mp_rank_00_model_states.pt", 0),
+        "model states truncated": lambda f: truncate(f"{f}/ds/mp_rank_00_model_states.pt", 0.9),
+        "meta without num_classes": lambda f: open(f"{f}/meta.json", "w").write('{"step": 1, "world_size": 1}'),
+        "meta truncated": lambda f: truncate(f"{f}/meta.json"),
+        "ds removed": lambda f: shutil.rmtree(f"{f}/ds"),
+    }
+
+    def glob_one(pattern):
+        import glob
+
+        return glob.glob(pattern)[0]
+
+    errors = {}
+    for name, damage in cases.items():
+        folder = f"{root}/damaged/{name.replace(' ', '_')}"
+        shutil.copytree(good, folder)
+        damage(folder)
+        try:
+            checkpoint.load(folder, trainer.engine, trainer.head, trainer.head_optimizer, trainer.class_range, 5)
+            errors[name] = None
+        except Exception as exc:  # the test asserts the type and the message
+            errors[name] = (type(exc).__name__, str(exc))
+    step = checkpoint.load(good, trainer.engine, trainer.head, trainer.head_optimizer, trainer.class_range, 5)
+    trainer.close()
+    return errors, step
+
+
+def test_10_a_damaged_checkpoint_names_the_file_and_what_is_wrong(tmp_path):
+    from dist_utils import run_ranks
+
+    [(errors, step)] = run_ranks(_damaged_checkpoints, 1, str(tmp_path))
+    assert step == 1  # the undamaged checkpoint loads
+    expected = {
+        "head shard truncated": (r"head/shard-\d+\.pt", "not a complete torch.save file"),
+        "model states empty": ("ds/mp_rank_00_model_states.pt", "empty (0 bytes)"),
+        "model states truncated": ("ds/mp_rank_00_model_states.pt", "not a complete torch.save file"),
+        "meta without num_classes": ("meta.json", "'num_classes' missing"),
+        "meta truncated": ("meta.json", "not JSON"),
+        "ds removed": ("/ds", "missing"),
+    }
+    import re
+
+    for name, (where, what) in expected.items():
+        assert errors[name] is not None, name
+        kind, message = errors[name]
+        assert kind == "CheckpointError" and re.search(where, message) and what in message, (name, message)
+
+
+@pytest.mark.parametrize("tag", ["../../other/checkpoints/step-00000001", "/abs/step-00000001", "..", "", "linked"])
+def test_10_latest_must_name_a_folder_of_its_own_checkpoints(tmp_path, tag):
+    from megaclass.engine import checkpoint
+
+    other = tmp_path / "other" / "checkpoints" / "step-00000001"
+    other.mkdir(parents=True)
+    (other / "meta.json").write_text('{"step": 1, "world_size": 1, "num_classes": 5}')
+    root = tmp_path / "runs" / "mine" / "checkpoints"
+    root.mkdir(parents=True)
+    (root / "linked").symlink_to(other)  # a step folder of this run that is another run's
+    (root / "latest").write_text(tag)
+    with pytest.raises(checkpoint.CheckpointError, match="latest: names .* not a checkpoint folder of"):
+        checkpoint.latest_checkpoint(str(root))
+
+
+# -- 11: outputs checked before the work ---------------------------------------------------------
+@pytest.mark.parametrize("argv, flag", [
+    (["weights", "--data", "NOWHERE", "--knn", "k", "--predictions", "p", "--stage", "1", "--out", "DIR"], "--out"),
+    (["weights", "--data", "NOWHERE", "--knn", "k", "--predictions", "p", "--stage", "1", "--out", "FILE/w.tsv"],
+     "--out"),
+    (["bench", "ce", "--json", "FILE/x.json"], "--json"),
+    (["bench", "ce", "--json", "DIR"], "--json"),
+    (["bench", "knn", "--out", "FILE/x.json"], "--out"),
+    (["bench", "weights", "--out", "FILE/x.json"], "--out"),
+    (["bench", "train", "--out", "FILE/x.json"], "--out"),
+    (["semantics", "--synsets", "NOWHERE", "--k", "3", "--out", "FILE/o"], "--out"),
+    (["semantics", "--synsets", "NOWHERE", "--k", "3", "--out", "o", "--cache", "FILE"], "--cache"),
+    (["semantics", "--select-webvision2", "FILE/s.txt"], "--select-webvision2"),
+    (["synth", "--out", "FILE/data"], "--out"),
+    (["synth", "--out", "FILE"], "--out"),
+])
+def test_11_every_command_checks_its_outputs_before_the_work(tmp_path, monkeypatch, capsys, argv, flag):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "FILE").write_text("a file, not a folder")
+    (tmp_path / "DIR").mkdir()
+    with pytest.raises(SystemExit) as exit_:
+        main(argv)
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and f"argument {flag}: " in err and ("FILE" in err or "DIR" in err), err
+
+
+def test_11_check_writable_refuses_a_read_only_folder_and_creates_nothing(tmp_path):
+    from megaclass.io import check_writable
+
+    assert check_writable(tmp_path / "new" / "deeper" / "w.tsv", "--out") == tmp_path / "new" / "deeper" / "w.tsv"
+    assert list(tmp_path.iterdir()) == []  # nothing created by the check
+    if os.geteuid() == 0:
+        pytest.skip("root writes into read-only folders")
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    locked.chmod(0o555)
+    try:
+        with pytest.raises(PermissionError, match="--out .*locked/w.tsv: cannot create files in"):
+            check_writable(locked / "w.tsv", "--out")
+    finally:
+        locked.chmod(0o755)
+
+
+def test_9_a_float_in_yaml_exponent_notation_is_a_number(tmp_path):
+    from megaclass.engine.config import load_config
+
+    path = tmp_path / "run.yaml"
+    path.write_text("optim: {weight_decay: 5e-4, lr: 1E-2}\n")  # PyYAML reads both as strings
+    cfg = load_config(path)
+    assert (cfg.optim.weight_decay, cfg.optim.lr) == (5e-4, 1e-2)

@@ -88,7 +88,8 @@ class SeededItems(Dataset):
     def __getitem__(self, key):
         epoch, index = key
         with torch.random.fork_rng(devices=[]):
-            item_seed = (self.seed * 1_000_003 + epoch) * 10_000_019 + max(index, 0)
+            # mod 2**64: torch's seed range (the same value wherever it was already in range)
+            item_seed = ((self.seed * 1_000_003 + epoch) * 10_000_019 + max(index, 0)) % 2**64
             torch.manual_seed(item_seed)
             state = random.getstate()
             random.seed(item_seed)
@@ -159,8 +160,11 @@ def start_run(config: str, overrides: list[str]) -> tuple[Config, RunData]:
     from megaclass.engine import distributed
     from megaclass.engine.config import ConfigError, load_config
 
+    from megaclass.io import check_writable
+
     cfg = load_config(config, overrides)
     if not cfg.data.root:
         raise ConfigError("data.root: not set; pass --set data.root=<WebVision-layout directory>")
+    check_writable(cfg.run_dir, "run_dir", folder=True)  # checkpoints, logs, results: known before the group starts
     distributed.init(cfg)
     return cfg, load_run_data(cfg)
