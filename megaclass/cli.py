@@ -8,6 +8,9 @@ import sys
 
 # name -> (module, one-line help)
 COMMANDS = {
+    "train": ("megaclass.train", "train one model (every rank runs it; `deepspeed --module megaclass.train`)"),
+    "experiment": ("megaclass.experiment", "baseline -> +Stage1 -> +Stage1+Stage2 (`deepspeed --module megaclass.experiment`)"),
+    "predict": ("megaclass.predict", "a checkpoint's top-k on the training images -> PRED.tsv for `weights`"),
     "bench": ("megaclass.bench.cli", "benchmark the fused op (`megaclass bench ce`) and more"),
     "semantics": ("megaclass.semantics.cli", "K nearest categories from WordNet + BERT -> knn.tsv"),
     "synth": ("megaclass.data.cli", "write the embedded synthetic WebVision-layout data set"),
@@ -25,6 +28,9 @@ def main(argv: list[str] | None = None) -> int:
     if not argv or argv[0] in ("-h", "--help") or argv[0] not in COMMANDS:
         parser.parse_args(argv or ["--help"])
         return 2
+    from megaclass import log
+
+    log.setup()  # progress and warnings on stderr, rank-aware; a command's own output stays on stdout
     module = importlib.import_module(COMMANDS[argv[0]][0])
     full = argparse.ArgumentParser(prog="megaclass")
     module.register(full.add_subparsers(dest="command", required=True))

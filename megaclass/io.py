@@ -1,7 +1,10 @@
-"""Atomic file output: readers never see a half-written file, and a killed writer leaves the old one.
+"""Durable atomic file output: readers never see a half-written file, and neither a killed writer nor a
+node that loses power leaves anything but the old file or the whole new one.
 
-Everything megaclass writes (tables, caches, checkpoints, plots, benchmark results) goes through here,
-and every command checks its outputs with `check_writable` before it starts the work.
+Everything megaclass writes (tables, caches, checkpoints, plots, benchmark results) goes through here.
+A rename alone survives a killed process, not a crash of the machine: the file system may commit the
+rename before the data. So the new file is fsynced before the rename and its folder after it.
+Every command checks its outputs with `check_writable` before it starts the work.
 """
 from __future__ import annotations
 
@@ -12,10 +15,20 @@ from pathlib import Path
 from typing import Iterator
 
 
+def fsync_path(path: str | Path) -> None:
+    """Flush a file's or a folder's contents (for a folder: its entries) to stable storage."""
+    fd = os.open(path, os.O_RDONLY | (os.O_DIRECTORY if os.path.isdir(path) else 0))
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 @contextlib.contextmanager
 def atomic_output(path: str | Path) -> Iterator[Path]:
-    """Yield a temp path in `path`'s folder; on success it is renamed over `path`, on error removed.
-    Unique temp names, so concurrent writers of the same file never collide."""
+    """Yield a temp path in `path`'s folder; on success it is fsynced, renamed over `path` and the
+    folder fsynced; on error removed. Unique temp names, so concurrent writers of the same file never
+    collide."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=path.suffix, dir=path.parent)
@@ -23,10 +36,24 @@ def atomic_output(path: str | Path) -> Iterator[Path]:
     os.close(fd)
     try:
         yield Path(tmp)
+        fsync_path(tmp)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+    fsync_path(path.parent)
+
+
+def replace_folder(src: str | Path, dst: str | Path) -> None:
+    """Rename the finished folder `src` to `dst` durably: every file and folder below `src` is
+    fsynced first (what other libraries wrote there, e.g. DeepSpeed's checkpoint files, included),
+    then the rename, then `dst`'s parent folder."""
+    for folder, _, files in os.walk(src):
+        for name in files:
+            fsync_path(os.path.join(folder, name))
+        fsync_path(folder)
+    os.replace(src, dst)
+    fsync_path(os.path.dirname(os.path.abspath(dst)))
 
 
 def atomic_write_bytes(path: str | Path, data: bytes) -> None:

@@ -10,7 +10,7 @@ from torch import nn
 
 from megaclass.engine import checkpoint
 from megaclass.engine.config import config_from_dict
-from megaclass.engine.head import head_shard_state, load_head_shard, save_head_shard
+from megaclass.nn.checkpoint import head_shard_state, load_head_shard, save_head_shard
 from megaclass.engine.trainer import TrainData, Trainer
 
 N, CLASSES = 32, 7
@@ -117,6 +117,31 @@ def test_head_shards_reshard_from_two_ranks_to_three(tmp_path):
         assert torch.equal(shard.weight.detach(), weight[lo:hi]) and torch.equal(shard.bias.detach(), bias[lo:hi])
         assert torch.equal(opt.state[shard.weight]["momentum_buffer"], momentum_w[lo:hi])
         assert torch.equal(opt.state[shard.bias]["momentum_buffer"], momentum_b[lo:hi])
+
+
+def test_head_shards_slice_the_state_they_record_as_per_row_and_old_shards_still_load(tmp_path):
+    """A state tensor is re-sharded because the shard says it is per-row, not because its first
+    dimension happens to equal the shard's row count (here 5 rows and a [5] per-column statistic)."""
+    classes, dim = 10, 5
+    g = torch.Generator().manual_seed(1)
+    weight, momentum = torch.randn(classes, dim, generator=g), torch.randn(classes, dim, generator=g)
+    column = [torch.randn(dim, generator=g) for _ in range(2)]
+    for part, ((lo, hi), shard) in enumerate(zip([(0, 5), (5, 10)], _shards(weight, torch.zeros(classes), [(0, 5), (5, 10)]))):
+        opt = torch.optim.SGD(shard.parameters(), lr=0.1, momentum=0.9)
+        opt.state[shard.weight] = {"momentum_buffer": momentum[lo:hi].clone(), "column": column[part].clone()}
+        state = head_shard_state(shard, opt, (lo, hi), classes)
+        assert state["per_row"]["weight"] == ["momentum_buffer"]
+        save_head_shard(str(tmp_path / "new" / f"shard-{lo:09d}.pt"), state)
+        state.pop("per_row")  # as written before shards recorded it
+        save_head_shard(str(tmp_path / "old" / f"shard-{lo:09d}.pt"), state)
+    target = _Shard(torch.zeros(3, dim), torch.zeros(3))
+    opt = torch.optim.SGD(target.parameters(), lr=0.1, momentum=0.9)
+    load_head_shard(str(tmp_path / "new"), target, opt, (0, 3), classes)
+    assert torch.equal(opt.state[target.weight]["momentum_buffer"], momentum[:3])
+    assert torch.equal(opt.state[target.weight]["column"], column[0])  # whole, not its first 3 entries
+    old = torch.optim.SGD(target.parameters(), lr=0.1, momentum=0.9)
+    load_head_shard(str(tmp_path / "old"), target, old, (0, 3), classes)
+    assert torch.equal(old.state[target.weight]["momentum_buffer"], momentum[:3])
 
 
 def test_head_shards_that_do_not_cover_the_classes_are_an_error(tmp_path):

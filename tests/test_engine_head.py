@@ -79,7 +79,7 @@ def test_run_data_loads_the_layout_and_fails_naming_the_file(tmp_path):
 def test_head_gradient_clipping_scales_to_the_norm():
     from torch import nn
 
-    from megaclass.engine.head import clip_head_grad_
+    from megaclass.nn import clip_head_grad_
 
     head = nn.Linear(3, 2)
     head.weight.grad = torch.tensor([[3.0, 0.0, 0.0], [0.0, 4.0, 0.0]])

@@ -1,9 +1,9 @@
 """Top-k prediction over a class-sharded head equals softmax top-k over all classes.
-(Its own light module: spawned ranks import only torch and megaclass.engine.head.)"""
+(Its own light module: spawned ranks import only torch and megaclass.nn.)"""
 import torch
 from dist_utils import run_ranks
 
-from megaclass.engine.head import sharded_topk
+from megaclass.nn import sharded_topk
 from megaclass.nn import shard_range
 
 CLASSES, D, ROWS, K = 13, 6, 9, 5

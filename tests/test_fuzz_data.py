@@ -457,3 +457,22 @@ def test_9_a_float_in_yaml_exponent_notation_is_a_number(tmp_path):
     path.write_text("optim: {weight_decay: 5e-4, lr: 1E-2}\n")  # PyYAML reads both as strings
     cfg = load_config(path)
     assert (cfg.optim.weight_decay, cfg.optim.lr) == (5e-4, 1e-2)
+
+
+# -- 7 (with the shared synsets reader): a bad synsets.txt is blamed, not the predictions -------
+@pytest.mark.parametrize("synsets, ok", [
+    ("\ufeffn01440764 class 0\nn01443537 class 1\nn01484850 class 2\n", True),  # a BOM: read as the wnid
+    ("n01440764\tclass 0\nn01443537\tclass 1\nn01484850\tclass 2\n", True),  # tabs separate like spaces
+    ("n01440764 class 0\nn01443537 class 1\nn01440764 class 2\n", False),  # a duplicate shifts class indices
+    ("n01440764 class 0\nn0144353 class 1\nn01484850 class 2\n", False),  # not a wnid
+])
+def test_7_megaclass_weights_names_the_synsets_file_for_a_bad_one(tmp_path, capsys, synsets, ok):
+    root = _dataset(tmp_path / "data", [])
+    (root / "info" / "synsets.txt").write_text(synsets, encoding="utf-8")
+    code, out = _weights_run(tmp_path, root)
+    err = capsys.readouterr().err
+    if ok:
+        assert code == 0 and len(out.read_text().splitlines()) == 6
+    else:
+        assert code == 2 and ("synsets.txt:3" in err or "synsets.txt:2" in err), err
+        assert "pred.tsv" not in err and not out.exists()

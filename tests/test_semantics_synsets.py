@@ -94,3 +94,21 @@ def test_webvision2_selection(tmp_path):
     write_synsets(path, chosen)
     entries = read_synsets(path)
     assert [w for w, _ in entries] == chosen and entries[0] == ("n01440764", "tench, Tinca tinca")
+
+
+def test_a_bom_tabs_and_bad_bytes_are_handled_by_the_reader_the_data_set_uses(tmp_path):
+    """The data set reads synsets.txt with the same reader: a BOM (also one left where files were
+    joined) and tabs are read as `megaclass semantics` reads them; bad lines name file and line."""
+    from megaclass.data.webvision import WebVisionFormatError, _read_class_list
+
+    path = tmp_path / "synsets.txt"
+    path.write_bytes("\ufeffn01440764\ttench, Tinca tinca\n\ufeffn01443537 goldfish\n".encode())
+    assert read_synsets(path, check_wordnet=False) == _read_class_list(path) == [
+        ("n01440764", "tench, Tinca tinca"), ("n01443537", "goldfish")]
+    path.write_bytes(b"n01440764 tench\nn01443537 gold\xfffish\nn01440764\tagain\ncat\n")
+    with pytest.raises(WebVisionFormatError) as info:
+        _read_class_list(path)
+    message = str(info.value)
+    assert f"{path}:2: not UTF-8" in message
+    assert f"{path}:3: duplicate wnid n01440764 (first on line 1)" in message
+    assert f"{path}:4: 'cat' is not a wnid" in message

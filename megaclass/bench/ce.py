@@ -26,20 +26,18 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import platform
-import resource
 import statistics
-import subprocess
-import sys
-import tempfile
 import time
 
 import torch
 
 from megaclass.argtypes import output_file, positive_int
 from megaclass.io import atomic_write_text
-from megaclass.parallel.comm import free_port
+from megaclass.bench.ranks import RankFailed, launch
+from megaclass.memory import peak_rss_bytes, rss_bytes
 
 VARIANTS = {
     "megaclass": "megaclass.ops.linear_cross_entropy, kernels from megaclass._C",
@@ -54,6 +52,8 @@ VARIANTS = {
 }
 TP_VARIANTS = ("megaclass", "megaclass-twin", "megaclass-fold")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+log = logging.getLogger(__name__)
 
 
 def register(subparsers) -> None:
@@ -101,11 +101,6 @@ def available(name: str, device: str) -> str | None:
 
 # ---------------------------------------------------------------------------------------------------
 # one variant in one process (a rank of --tp)
-
-
-def _rss_bytes() -> int:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
 def _inputs(spec, rank, world):
@@ -183,7 +178,8 @@ def _step_fn(name, spec, hidden, weight, target, s, class_start):
     return step
 
 
-def _worker(spec) -> dict:
+def worker(spec) -> dict:
+    """One rank of one variant (run by `megaclass.bench.ranks.launch`)."""
     from megaclass.parallel import comm
     rank, world = spec.get("rank", 0), spec.get("world", 1)
     torch.set_num_threads(max(1, spec["threads"] // world))
@@ -198,7 +194,7 @@ def _worker(spec) -> dict:
         base = torch.cuda.memory_allocated()
         torch.cuda.reset_peak_memory_stats()
     else:
-        base = _rss_bytes()
+        base = rss_bytes()
     step = _step_fn(spec["variant"], spec, hidden, weight, target, s, class_start)
     clock = time.process_time if spec["clock"] == "cpu" else time.perf_counter
     times = []
@@ -213,7 +209,7 @@ def _worker(spec) -> dict:
             torch.cuda.synchronize()
         if i:  # the first run warms up (allocator, compilation, thread pools)
             times.append(clock() - start)
-    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # the whole process, inputs included
+    rss = peak_rss_bytes()  # the whole process, inputs included
     peak = torch.cuda.max_memory_allocated() - base if cuda else rss - base
     result = {"median_s": statistics.median(times), "min_s": min(times), "peak_bytes": max(0, peak),
               "peak_rss_bytes": rss, "loss": float(loss.detach().float())}
@@ -246,26 +242,11 @@ def _worker(spec) -> dict:
 
 def _launch(spec, world) -> dict:
     """Run the variant in `world` fresh processes; slowest median, largest peak, rank 0's loss."""
-    port = free_port()
-    procs = []
-    with tempfile.TemporaryDirectory() as tmp:
-        for rank in range(world):
-            out = os.path.join(tmp, f"rank{rank}.json")
-            rank_spec = dict(spec, rank=rank, world=world, port=port)
-            env = dict(os.environ, OMP_NUM_THREADS=str(max(1, spec["threads"] // world)),
-                       THP_MEM_ALLOC_ENABLE=spec["thp"])
-            procs.append((out, subprocess.Popen([sys.executable, "-m", "megaclass.bench.ce", json.dumps(rank_spec), out],
-                                                env=env, stderr=subprocess.PIPE, text=True)))
-        results, errors = [], []
-        for out, proc in procs:
-            _, err = proc.communicate()
-            if proc.returncode:
-                errors.append(err.strip().splitlines()[-1] if err.strip() else f"exit code {proc.returncode}")
-            else:
-                with open(out) as f:
-                    results.append(json.load(f))
-    if errors:
-        return {"error": errors[0]}
+    env = {"OMP_NUM_THREADS": str(max(1, spec["threads"] // world)), "THP_MEM_ALLOC_ENABLE": spec["thp"]}
+    try:
+        results = launch("megaclass.bench.ce:worker", spec, world, env)
+    except RankFailed as exc:
+        return {"error": str(exc)}
     merged = {key: max(r[key] for r in results) for key in ("median_s", "min_s", "peak_bytes", "peak_rss_bytes")}
     return merged | {key: results[0][key] for key in ("loss", "floor_ratio") if key in results[0]}
 
@@ -296,7 +277,7 @@ def run(args) -> int:
         if why is not None:
             row["skipped"] = why
         else:
-            print(f"running {label} ...", file=sys.stderr, flush=True)
+            log.info("running %s ...", label)
             row.update(_launch(dict(spec, variant=name), world))
         results.append(row)
     report = {"config": dict(spec, tp=args.tp), "machine": _machine(args.device), "results": results}
@@ -339,7 +320,3 @@ def format_table(report) -> str:
         lines.append(f"{r['variant']:<28} {r['median_s'] * 1e3:>10.1f} {ratio:>8} {r['peak_bytes'] / 2**20:>9.1f} "
                      f"{mem:>8} {r['peak_rss_bytes'] / 2**20:>8.0f} {loss:>12}")
     return "\n".join(lines)
-
-
-if __name__ == "__main__":  # a worker: python -m megaclass.bench.ce SPEC_JSON OUT_JSON
-    atomic_write_text(sys.argv[2], json.dumps(_worker(json.loads(sys.argv[1]))))

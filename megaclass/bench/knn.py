@@ -26,6 +26,7 @@ import numpy as np
 import torch
 
 from megaclass.argtypes import nonnegative_int, output_file, positive_float, positive_int
+from megaclass.memory import peak_rss_bytes
 
 
 def register(subparsers) -> None:
@@ -83,10 +84,6 @@ def gemm_rate(rows: int, dim: int, seconds: float = 3.0) -> float:
     return best
 
 
-def peak_rss_gb(who: int = resource.RUSAGE_SELF) -> float:
-    return resource.getrusage(who).ru_maxrss / 2**20  # Linux reports KiB
-
-
 def bench_embeddings(embeddings: torch.Tensor, k: int, block: int, check_rows: int, rate_seconds: float) -> dict:
     from megaclass.semantics import embedding_knn
 
@@ -110,7 +107,7 @@ def bench_embeddings(embeddings: torch.Tensor, k: int, block: int, check_rows: i
         "floor_s": round(floor, 4), "time_s": round(took, 4),
         "ratio_to_floor": round(took / floor, 3), "target_ratio": 1.3,
         "state_and_scratch_mb": round((classes * k * 12 + block * block * 4 * 2) / 2**20, 1),
-        "peak_rss_gb": round(peak_rss_gb(), 2),
+        "peak_rss_gb": round(peak_rss_bytes() / 2**30, 2),
         "checked_rows": rows,
         "checked_rows_agree": bool(torch.allclose(scores[:rows], ref_scores, atol=1e-5)),
     }
@@ -130,7 +127,7 @@ def bench_semantics(synsets: Path, k: int = 10) -> dict:
             after = resource.getrusage(resource.RUSAGE_CHILDREN)
             cpu = after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime
             result[f"{run}_cpu_s"] = round(cpu, 1)
-        result["peak_rss_gb"] = round(peak_rss_gb(resource.RUSAGE_CHILDREN), 2)
+        result["peak_rss_gb"] = round(peak_rss_bytes(children=True) / 2**30, 2)
         result["classes"] = sum(1 for _ in open(Path(tmp) / "knn.tsv")) // k
     result.update(target_time_s=360, target_peak_gb=6)
     return result

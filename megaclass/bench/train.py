@@ -43,43 +43,42 @@ def _batches(args, classes, rank, seed=0):
     return [(images[i], labels[i], weights[i]) for i in range(n)]
 
 
-def _worker(rank, world, port, variant, classes, args, queue):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
+def worker(spec: dict) -> dict:
+    """One rank of one variant (run by `megaclass.bench.ranks.launch`)."""
+    import argparse
+    import importlib
+
+    rank, world, variant, classes = spec["rank"], spec["world"], spec["variant"], spec["classes"]
+    args = argparse.Namespace(**spec["args"])
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(spec["port"]), RANK=str(rank), LOCAL_RANK=str(rank),
                       WORLD_SIZE=str(world), LOCAL_WORLD_SIZE=str(world))
-    try:
-        import torch
+    import torch
 
-        import importlib
+    for module in ("megaclass.engine.trainer", "megaclass.models"):  # DeepSpeed, timm, torchvision:
+        importlib.import_module(module)  # the same libraries in both variants before `before`
+    from megaclass.engine import distributed
+    from megaclass.engine.config import config_from_dict
+    from megaclass.memory import peak_memory_bytes
 
-        for module in ("megaclass.engine.trainer", "megaclass.models"):  # DeepSpeed, timm, torchvision:
-            importlib.import_module(module)  # the same libraries in both variants before `before`
-        from megaclass.engine import distributed
-        from megaclass.engine.config import config_from_dict
-        from megaclass.engine.monitor import peak_memory_mb
-
-        cfg = config_from_dict({"model": {"name": args.model}, "train": {"micro_batch_size": args.batch, "progress": False},
-                                "optim": {"name": "sgd", "lr": 0.01, "schedule": "constant"}, "data": {"num_workers": 0}})
-        distributed.init(cfg)
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
-        batches = _batches(args, classes, rank)
-        device = torch.device("cuda", rank) if torch.cuda.is_available() else torch.device("cpu")
-        before = peak_memory_mb(device)
-        step = (_megaclass_step if variant == "megaclass" else _ddp_step)(cfg, classes, device, world)
-        times = []
-        for i, batch in enumerate(batches):
-            t0 = time.perf_counter()
-            step(batch)
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
-            if i >= args.warmup:
-                times.append(time.perf_counter() - t0)
-        peak = peak_memory_mb(device)
-        queue.put((rank, None, {"step_s": statistics.median(times), "peak_mb": peak,
-                                "train_mb": peak - before if device.type == "cpu" else peak}))
-    except BaseException as exc:  # report, never hang the parent
-        import traceback
-
-        queue.put((rank, f"{type(exc).__name__}: {exc}\n{traceback.format_exc()}", None))
+    cfg = config_from_dict({"model": {"name": args.model}, "train": {"micro_batch_size": args.batch, "progress": False},
+                            "optim": {"name": "sgd", "lr": 0.01, "schedule": "constant"}, "data": {"num_workers": 0}})
+    distributed.init(cfg)
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
+    batches = _batches(args, classes, rank)
+    device = torch.device("cuda", rank) if torch.cuda.is_available() else torch.device("cpu")
+    before = peak_memory_bytes(device) / 2**20
+    step = (_megaclass_step if variant == "megaclass" else _ddp_step)(cfg, classes, device, world)
+    times = []
+    for i, batch in enumerate(batches):
+        t0 = time.perf_counter()
+        step(batch)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        if i >= args.warmup:
+            times.append(time.perf_counter() - t0)
+    peak = peak_memory_bytes(device) / 2**20
+    distributed.finish()
+    return {"step_s": statistics.median(times), "peak_mb": peak, "train_mb": peak - before if device.type == "cpu" else peak}
 
 
 def _megaclass_step(cfg, classes, device, world):
@@ -128,24 +127,10 @@ def _ddp_step(cfg, classes, device, world):
 
 def measure(variant: str, classes: int, args) -> dict:
     """Run one variant on `args.ranks` fresh processes; the slowest rank's time, the largest memory."""
-    import torch.multiprocessing as mp
+    from megaclass.bench.ranks import launch
 
-    from megaclass.parallel.comm import free_port
-
-    ctx = mp.get_context("spawn")
-    queue, port = ctx.SimpleQueue(), free_port()
-    procs = [ctx.Process(target=_worker, args=(r, args.ranks, port, variant, classes, args, queue))
-             for r in range(args.ranks)]
-    for p in procs:
-        p.start()
-    results, errors = [], []
-    for _ in procs:
-        rank, error, value = queue.get()
-        (errors.append(f"rank {rank}: {error}") if error else results.append(value))
-    for p in procs:
-        p.join()
-    if errors:
-        raise RuntimeError(f"{variant} at {classes} classes failed:\n" + "\n".join(errors))
+    spec = {"variant": variant, "classes": classes, "args": {k: v for k, v in vars(args).items() if k != "func"}}
+    results = launch("megaclass.bench.train:worker", spec, args.ranks)
     step = max(r["step_s"] for r in results)
     return {"images_per_s": args.ranks * args.batch / step, "peak_mb": max(r["peak_mb"] for r in results),
             "train_mb": max(r["train_mb"] for r in results)}

@@ -95,27 +95,13 @@ class Concept:
     homonyms: list[int] = field(default_factory=list)  # class indices sharing a name
 
 
-def ilsvrc_wnids() -> list[str]:
-    """The 1,000 ILSVRC-2012 wnids, from the list that timm ships."""
-    import importlib.util
-
-    spec = importlib.util.find_spec("timm")
-    path = Path(spec.origin).parent / "data" / "_info" / "imagenet_synsets.txt"
-    return [line.strip() for line in path.read_text().splitlines() if line.strip()]
-
-
-def _hypernyms(synset) -> list:
-    """Hypernyms in offset order: NLTK returns them in set order, which changes with the string-hash seed."""
-    return sorted(synset.hypernyms(), key=lambda h: h.offset())
-
-
 def _concept(wnid: str) -> Concept:
-    from megaclass.semantics.wordnet import synset_of
+    from megaclass.semantics.wordnet import hypernyms, synset_of
 
     syn = synset_of(wnid)
     names = [n.replace("_", " ") for n in syn.lemma_names()]
     related = []
-    for hyper in _hypernyms(syn) + [h for p in _hypernyms(syn) for h in _hypernyms(p)]:
+    for hyper in hypernyms(syn) + [h for p in hypernyms(syn) for h in hypernyms(p)]:
         related += [n.replace("_", " ") for n in hyper.lemma_names()[:2]]
     for hypo in sorted(syn.hyponyms(), key=lambda h: h.offset())[:6]:
         related.append(hypo.lemma_names()[0].replace("_", " "))
@@ -130,16 +116,17 @@ def choose_categories(cfg: SynthConfig, rng: np.random.Generator) -> tuple[list[
     About a quarter of the classes come in homonym pairs, about 40 % in sibling groups of 2–3, the
     rest are single; outliers are ILSVRC categories that are neither classes nor their siblings.
     """
-    from megaclass.semantics.wordnet import synset_of, wnid_of
+    from megaclass.semantics.synsets import imagenet1k_wnids
+    from megaclass.semantics.wordnet import hypernyms, synset_of, wnid_of
 
-    pool = ilsvrc_wnids()
+    pool = imagenet1k_wnids()
     synsets = {w: synset_of(w) for w in pool}
     by_name: dict[str, list[str]] = {}
     by_parent: dict[str, list[str]] = {}
     for w, syn in synsets.items():
         for name in syn.lemma_names():
             by_name.setdefault(name.lower(), []).append(w)
-        for hyper in _hypernyms(syn):
+        for hyper in hypernyms(syn):
             by_parent.setdefault(wnid_of(hyper), []).append(w)
     pairs = sorted({tuple(sorted(set(ws)))[:2] for ws in by_name.values() if len(set(ws)) >= 2})
     parents = sorted(p for p, ws in by_parent.items() if len(ws) >= 2)
@@ -151,8 +138,8 @@ def choose_categories(cfg: SynthConfig, rng: np.random.Generator) -> tuple[list[
             break
         kids = [w for w in by_parent[parents[i]] if w not in chosen]
         chosen += list(rng.choice(kids, size=min(len(kids), int(rng.integers(2, 4))), replace=False))
-    taken_parents = {wnid_of(h) for w in chosen for h in _hypernyms(synsets[w])}
-    free = [w for w in pool if w not in chosen and not {wnid_of(h) for h in _hypernyms(synsets[w])} & taken_parents]
+    taken_parents = {wnid_of(h) for w in chosen for h in hypernyms(synsets[w])}
+    free = [w for w in pool if w not in chosen and not {wnid_of(h) for h in hypernyms(synsets[w])} & taken_parents]
     order = rng.permutation(len(free))
     chosen = sorted(chosen[: cfg.classes] + [free[i] for i in order[: max(0, cfg.classes - len(chosen))]])
     outlier_ids = [free[i] for i in order if free[i] not in chosen][: cfg.outlier_concepts]
@@ -160,7 +147,7 @@ def choose_categories(cfg: SynthConfig, rng: np.random.Generator) -> tuple[list[
     classes = [_concept(w) for w in chosen]
     index = {w: i for i, w in enumerate(chosen)}
     groups: dict[str, int] = {}
-    parent_of = {w: wnid_of(_hypernyms(synsets[w])[0]) if synsets[w].hypernyms() else w for w in chosen}
+    parent_of = {w: wnid_of(hypernyms(synsets[w])[0]) if synsets[w].hypernyms() else w for w in chosen}
     for i, w in enumerate(chosen):
         if sum(parent_of[w] == parent_of[v] for v in chosen) > 1:
             classes[i].group = groups.setdefault(parent_of[w], len(groups))

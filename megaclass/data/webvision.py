@@ -33,6 +33,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from megaclass.data.paths import inside, plain_relative, real_root
+from megaclass.semantics.synsets import SynsetsError, read_synsets
 
 log = logging.getLogger(__name__)
 
@@ -107,21 +108,17 @@ def _note(skipped: Counter, examples: dict, reason: str, where: str, count: int 
     examples.setdefault(reason, where)
 
 
-def read_synsets(path: Path) -> list[tuple[str, str]]:
-    """`wnid text` lines -> [(wnid, text)]; line order is the class index."""
+def _read_class_list(path: Path) -> list[tuple[str, str]]:
+    """`info/synsets.txt` through the one strict reader (`megaclass.semantics.read_synsets`): a BOM,
+    tabs, a duplicate or an ill-formed wnid are handled as `megaclass semantics` handles them, as a
+    WebVisionFormatError naming the file and line. Whether each wnid is a WordNet noun is checked
+    where WordNet is used (semantics, stage 2), not here: training needs no WordNet."""
     if not path.is_file():
         raise WebVisionFormatError(f"{path}: missing (the class list of a WebVision-layout data set)")
-    synsets = []
-    for lineno, line in enumerate(path.read_text(encoding="utf-8", errors="replace").splitlines(), 1):
-        if not line.strip():
-            continue
-        wnid, _, text = line.strip().partition(" ")
-        if not wnid:
-            raise WebVisionFormatError(f"{path}:{lineno}: expected 'wnid text', got {line!r}")
-        synsets.append((wnid, text.strip()))
-    if not synsets:
-        raise WebVisionFormatError(f"{path}: no classes")
-    return synsets
+    try:
+        return read_synsets(path, check_wordnet=False)
+    except SynsetsError as exc:
+        raise WebVisionFormatError(str(exc)) from None
 
 
 def _read_filelist(path: Path, num_classes: int, skipped: Counter, examples: dict, seen: dict[str, tuple[int, str]],
@@ -318,7 +315,7 @@ def load_webvision(root: str | os.PathLike, *, sources=SOURCES, check_images: bo
     root = Path(root)
     info = root / "info"
     base = _Root(root)
-    synsets = read_synsets(_info_file(base, info / "synsets.txt"))
+    synsets = _read_class_list(_info_file(base, info / "synsets.txt"))
     skipped: Counter = Counter()
     examples: dict[str, str] = {}
     seen: dict[str, tuple[int, str]] = {}

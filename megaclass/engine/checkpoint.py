@@ -14,7 +14,7 @@ moves the old folder to `.old-step-…/`; if the save dies before the new folder
 `latest_checkpoint` falls back to that old folder. Every rank writes into the same folder, so
 `run_dir` must be on a file system all nodes share.
 
-Head shards re-shard on load (see `head.load_head_shard`), so a run can resume on another number of
+Head shards re-shard on load (see `megaclass.nn.checkpoint.load_head_shard`), so a run can resume on another number of
 ranks; the backbone's DeepSpeed checkpoint is world-size independent only at ZeRO stage 0, so `load`
 refuses other stages at a new world size (convert with DeepSpeed's universal checkpoints first).
 
@@ -33,8 +33,8 @@ import zipfile
 
 import torch
 
-from megaclass.engine.head import head_shard_state, load_head_shard, save_head_shard
-from megaclass.io import atomic_write_text
+from megaclass.nn.checkpoint import head_shard_state, load_head_shard, save_head_shard
+from megaclass.io import atomic_write_text, replace_folder
 from megaclass.parallel import comm
 
 LATEST = "latest"
@@ -94,7 +94,7 @@ def save(root: str, step: int, engine, head, head_optimizer, class_range, num_cl
         if os.path.exists(final):  # `latest` may name it: keep it (as `old`) until the new one is in place
             shutil.rmtree(old, ignore_errors=True)
             os.replace(final, old)
-        os.replace(tmp, final)
+        replace_folder(tmp, final)  # durable before `latest` names it
         atomic_write_text(os.path.join(root, LATEST), tag)
         shutil.rmtree(old, ignore_errors=True)
         _prune(root, keep)

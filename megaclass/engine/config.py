@@ -280,9 +280,6 @@ class Config:
             ds["zero_allow_untested_optimizer"] = True
         return _merge(ds, self.deepspeed)
 
-    def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
-
 
 def _merge(base: dict, extra: dict) -> dict:
     out = dict(base)

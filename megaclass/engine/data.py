@@ -18,6 +18,7 @@ import torch
 from torch.utils.data import Dataset, Sampler
 
 from megaclass.data import ClassBalancedSampler, ImageDataset, WebVision, load_webvision
+from megaclass.seeding import derive_seed
 from megaclass.weighting.tables import read_weights
 
 if TYPE_CHECKING:
@@ -28,7 +29,7 @@ def epoch_order(num_items: int, seed: int, epoch: int, labels: torch.Tensor | No
     """The global image order of `epoch`: a seeded permutation, or with `labels` the data package's
     class-balanced draw (a class uniformly, then one of its images uniformly)."""
     if labels is None:
-        return torch.randperm(num_items, generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch))
+        return torch.randperm(num_items, generator=torch.Generator().manual_seed(derive_seed(seed, "epoch order", epoch)))
     sampler = ClassBalancedSampler(labels.tolist(), num_samples=num_items, seed=seed)
     sampler.set_epoch(epoch)
     return torch.tensor(list(sampler))
@@ -88,8 +89,7 @@ class SeededItems(Dataset):
     def __getitem__(self, key):
         epoch, index = key
         with torch.random.fork_rng(devices=[]):
-            # mod 2**64: torch's seed range (the same value wherever it was already in range)
-            item_seed = ((self.seed * 1_000_003 + epoch) * 10_000_019 + max(index, 0)) % 2**64
+            item_seed = derive_seed(self.seed, "augmentation", epoch, max(index, 0))
             torch.manual_seed(item_seed)
             state = random.getstate()
             random.seed(item_seed)
@@ -136,8 +136,8 @@ class RunData:
         return [p for p, _ in self.train.items]
 
 
-def load_run_data(cfg, weights: str | None = None) -> RunData:
-    """Everything `cfg.data` names; `weights` overrides `cfg.data.weights`."""
+def load_run_data(cfg) -> RunData:
+    """Everything `cfg.data` names."""
     data = load_webvision(cfg.data.root)
     records = data.train[: cfg.data.limit_train] if cfg.data.limit_train else data.train
     items = [(r.path, r.label) for r in records]
@@ -146,9 +146,9 @@ def load_run_data(cfg, weights: str | None = None) -> RunData:
     small = cfg.data.image_size <= 64  # decode once: a small data set's steps would be JPEG-bound
     sets = [ImageDataset(cfg.data.root, its, cfg.data.image_size, train=train, preload=small)
             for its, train in ((items, True), (items, False), (data.val, False))]
-    weights = weights or cfg.data.weights
     paths = [p for p, _ in items]
-    sample_weights = read_weight_table(weights, paths, allow_extra=bool(cfg.data.limit_train)) if weights else None
+    sample_weights = (read_weight_table(cfg.data.weights, paths, allow_extra=bool(cfg.data.limit_train))
+                      if cfg.data.weights else None)
     return RunData(data, *sets, torch.tensor([label for _, label in items]),
                    torch.tensor([label for _, label in data.val], dtype=torch.long), sample_weights)
 

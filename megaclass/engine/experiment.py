@@ -13,13 +13,11 @@ metrics CSV, TensorBoard, predictions).
 """
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
+import logging
 import os
-import sys
 
-from megaclass.engine import distributed
 from megaclass.engine.config import Config
 from megaclass.engine.data import RunData, read_weight_table, start_run
 from megaclass.engine.pipeline import trainer_class
@@ -27,6 +25,8 @@ from megaclass.engine.trainer import TrainData, device_of_rank
 from megaclass.io import atomic_output, atomic_write_text
 from megaclass.parallel import comm
 from megaclass.weighting.tables import write_predictions
+
+log = logging.getLogger(__name__)
 
 RUNS = (("baseline", "Baseline"), ("stage1", "+Stage1"), ("stage2", "+Stage1+Stage2"))
 
@@ -67,7 +67,7 @@ def _weights(cfg: Config, data: RunData, knn: str, predictions: str, stage: int,
     from megaclass.weighting.pipeline import compute_weights, save_weights
 
     result = compute_weights(cfg.data.root, knn, predictions, stage, data=data.webvision, progress=cfg.train.progress)
-    print(save_weights(result, cfg.data.root, out), flush=True)
+    log.info("%s", save_weights(result, cfg.data.root, out))
 
 
 def table(results: dict) -> str:
@@ -108,7 +108,7 @@ def run(cfg: Config, data: RunData) -> dict:
     os.makedirs(run_dir, exist_ok=True)
     paths = data.paths
     if rank0:
-        print(data.webvision.summary(), flush=True)
+        log.info("%s", data.webvision.summary())
 
     device = device_of_rank()
     knn = os.path.join(run_dir, "semantics", "knn.tsv")
@@ -122,7 +122,7 @@ def run(cfg: Config, data: RunData) -> dict:
         results[key] = trainer.evaluate(data.val, data.val_labels)
         curves[key] = {"train": rows, "val": trainer.eval_rows}
         if rank0:
-            print(f"{label}: top-1 {results[key]['top1']:.2f}%  top-5 {results[key]['top5']:.2f}%", flush=True)
+            log.info("%s: top-1 %.2f%%  top-5 %.2f%%", label, results[key]["top1"], results[key]["top5"])
         if index < 2:
             probs, classes = trainer.predict(data.train_eval, cfg.eval.topk, desc=f"predict {key}")
             stage = index + 1
@@ -145,33 +145,3 @@ def run(cfg: Config, data: RunData) -> dict:
 
     on_rank0("writing the results", report, device)
     return results
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="python -m megaclass.engine.experiment",
-        description="Baseline -> +Stage1 -> +Stage1+Stage2 on a WebVision-layout data set; run it on every rank, "
-                    "e.g. `deepspeed --num_gpus 2 launch/experiment.py --config configs/demo.yaml`.")
-    parser.add_argument("--config", required=True, help="YAML run config (see configs/)")
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                        help="override a config value, e.g. --set data.root=/data/webvision (repeatable)")
-    parser.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)  # passed by the deepspeed launcher
-    args = parser.parse_args(argv)
-    try:
-        cfg, data = start_run(args.config, args.overrides)
-        if len(data.val_labels) == 0:
-            raise ValueError(f"{cfg.data.root}/info/val_filelist.txt: no validation images to evaluate on")
-    except (OSError, ValueError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    try:
-        run(cfg, data)
-    except StepFailed as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
-    distributed.finish()
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

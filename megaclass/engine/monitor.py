@@ -1,23 +1,14 @@
-"""What a run reports: a tqdm bar on rank 0, per-step rows in `metrics.csv` and TensorBoard, and
-peak memory (CUDA: max allocated; CPU: the process's peak resident set)."""
+"""What a run reports: a tqdm bar on rank 0, per-step rows in `<name>.csv` and TensorBoard (peak
+memory among them, from `megaclass.memory`)."""
 from __future__ import annotations
 
 import csv
 import os
-import resource
 import sys
 
-import torch
 from tqdm import tqdm
 
 from megaclass.io import atomic_output
-
-
-def peak_memory_mb(device: torch.device) -> float:
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**20
-    kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
-    return kb / 1024
 
 
 class Monitor:

@@ -14,8 +14,6 @@ import torch
 from deepspeed.pipe import PipelineModule
 
 from megaclass.engine.config import ConfigError
-from megaclass.engine.data import RankBatches
-from megaclass.engine.head import sharded_topk
 from megaclass.engine.optim import build_optimizer, build_schedule
 from megaclass.engine.trainer import Trainer
 from megaclass.models.backbones import create
@@ -79,37 +77,26 @@ class PipelineTrainer(Trainer):
                            else self.data.sample_weights[index])
                 yield images.to(self.device, self.input_dtype), (labels.to(self.device), weights.to(self.device))
 
-        torch.manual_seed(self.cfg.train.seed * 7_919 + self.step)
+        torch.manual_seed(self.dropout_seed())
         loss = self.engine.train_batch(data_iter=micro_batches())
         if self.is_last_stage:
             self._step_head()
         self.step += 1
         return float(loss)
 
-    @torch.no_grad()
-    def predict(self, dataset, k, desc="predict"):
-        """Top-k (probs [N, k], classes [N, k]) on every rank: each replica's first stage reads its
-        slice of every global batch, the last stage gathers the features over its data-parallel group
-        and scores them against its head shard, and the last rank broadcasts the result."""
-        micro = self.cfg.train.micro_batch_size  # the pipeline's activation shapes stay those of training
-        sampler = RankBatches(len(dataset), self.data_rank, self.data_world, micro)
-        probs = torch.zeros(len(dataset), k)
-        classes = torch.full((len(dataset), k), -1, dtype=torch.long)  # -1: no prediction (unreadable image)
-        self.engine.eval()
-        group = self.head.process_group if self.is_last_stage else None
-        for images, labels, index in self._loader(dataset, sampler, seed=0):
-            batch = iter([(images.to(self.device, self.input_dtype), (labels, torch.ones(len(labels))))])
-            self.engine.total_loss = None  # DeepSpeed 0.19 keeps train_batch's scalar and adds features to it
-            _, features = self.engine.eval_batch(batch, return_logits=True, compute_loss=False, reduce_output=None,
-                                                 num_micro_batches=1)
-            if not self.is_last_stage:
-                continue
-            features = features.float()
-            everyone = comm.all_gather_stacked(features, group).reshape(-1, features.shape[1])
-            all_index = comm.all_gather_stacked(index.to(self.device), group).reshape(-1).cpu()
-            p, c = sharded_topk(everyone, self.head.weight, self.head.bias, self.class_range[0], k, group)
-            keep = all_index >= 0
-            probs[all_index[keep]], classes[all_index[keep]] = p[keep].cpu(), c[keep].cpu()
+    def _predict_batch_size(self) -> int:
+        return self.cfg.train.micro_batch_size  # the pipeline's activation shapes stay those of training
+
+    def _embed(self, images, labels):
+        """Through the pipeline's stages; the features come out on the last stage alone."""
+        batch = iter([(images, (labels, torch.ones(len(labels))))])
+        self.engine.total_loss = None  # DeepSpeed 0.19 keeps train_batch's scalar and adds features to it
+        _, features = self.engine.eval_batch(batch, return_logits=True, compute_loss=False, reduce_output=None,
+                                             num_micro_batches=1)
+        return features if self.is_last_stage else None
+
+    def _share(self, probs, classes):
+        """The last stage scored them: its last rank broadcasts the result."""
         last = self.world - 1  # global rank of a last-stage rank
         return comm.broadcast_(probs, last), comm.broadcast_(classes, last)
 

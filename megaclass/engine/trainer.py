@@ -18,6 +18,7 @@ function is the same head on the last stage, sharded over that stage's data-para
 from __future__ import annotations
 
 import dataclasses
+import logging
 import math
 import os
 import time
@@ -30,12 +31,15 @@ from torch.utils.data import DataLoader, Dataset
 from megaclass.engine import checkpoint
 from megaclass.engine.config import Config, ConfigError
 from megaclass.engine.data import RankBatches, SeededItems, epoch_order
-from megaclass.engine.head import clip_head_grad_, sharded_topk
-from megaclass.engine.monitor import Monitor, peak_memory_mb
+from megaclass.engine.monitor import Monitor
 from megaclass.engine.optim import InPlaceSGD, build_optimizer, build_schedule
+from megaclass.memory import peak_memory_bytes
 from megaclass.models import build_backbone
-from megaclass.nn import ShardedLinearCrossEntropy
+from megaclass.nn import ShardedLinearCrossEntropy, clip_head_grad_, sharded_topk
 from megaclass.parallel import comm
+from megaclass.seeding import derive_seed
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(slots=True)
@@ -94,7 +98,7 @@ class Trainer:
         """The class-sharded head over `process_group` (None: all ranks), its optimizer and schedule."""
         cfg = self.cfg
         with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(cfg.train.seed + 1)
+            torch.manual_seed(derive_seed(cfg.train.seed, "head"))
             self.head = ShardedLinearCrossEntropy(num_features, self.data.num_classes, process_group, bias=cfg.head.bias,
                                                   label_smoothing=cfg.head.label_smoothing,
                                                   chunk_size=cfg.head.chunk_size).to(self.device)
@@ -132,13 +136,18 @@ class Trainer:
                           prefetch_factor=4 if workers else None)
 
     def resume(self) -> int:
+        """Load `run_dir/checkpoints/latest` when there is one (and train.resume); returns the step."""
         folder = checkpoint.latest_checkpoint(self.ckpt_root) if self.cfg.train.resume else None
-        if folder is not None:
-            self.step = checkpoint.load(folder, self.engine, self.head, self.head_optimizer, self.class_range,
-                                        self.data.num_classes)
-            self.checkpoint_step = self.step
-            for _ in range(self.step if self.head is not None else 0):
-                self.head_schedule.step()
+        return self.load(folder) if folder is not None else self.step
+
+    def load(self, folder: str) -> int:
+        """Collective: restore the engine, the head and their optimizers from the checkpoint `folder`."""
+        self.step = checkpoint.load(folder, self.engine, self.head, self.head_optimizer, self.class_range,
+                                    self.data.num_classes)
+        self.checkpoint_step = self.step
+        log.info("%s: loaded %s (step %d)", self.name, folder, self.step)
+        for _ in range(self.step if self.head is not None else 0):
+            self.head_schedule.step()
         return self.step
 
     def save(self) -> str:
@@ -149,6 +158,7 @@ class Trainer:
                                  self.class_range, self.data.num_classes, writer=self.rank == 0,
                                  extra_meta={"model": self.cfg.model.name, "epoch": self.step / self.steps_per_epoch})
         self.checkpoint_step = self.step
+        log.info("%s: saved %s", self.name, folder)
         return folder
 
     def train_step(self, batches) -> float:
@@ -158,7 +168,7 @@ class Trainer:
             images, labels, index = next(batches)
             images, labels = images.to(self.device, self.input_dtype, non_blocking=True), labels.to(self.device)
             weights = None if self.data.sample_weights is None else self.data.sample_weights[index].to(self.device)
-            torch.manual_seed(self.cfg.train.seed * 7_919 + self.step * accum + micro)  # dropout: repeatable on resume
+            torch.manual_seed(self.dropout_seed(micro))
             # the head's loss is the mean over the gathered global batch, so these features get the exact
             # gradient of the global loss; DeepSpeed then averages the backbone's over the P ranks: scale by P
             features = comm.scale_grad(self.engine(images).float(), self.data_world)
@@ -169,6 +179,11 @@ class Trainer:
         self._step_head()
         self.step += 1
         return total / accum
+
+    def dropout_seed(self, micro: int = 0) -> int:
+        """The random state of micro-step `step · grad_accum + micro` (dropout): a resumed run redraws
+        what an unbroken one drew. The pipeline seeds once per step, at its first micro-step."""
+        return derive_seed(self.cfg.train.seed, "dropout", self.step * self.cfg.train.grad_accum + micro)
 
     def _head_grad_into(self) -> tuple | None:
         """Where the head's weight gradient of this micro-batch goes instead of a fresh weight.grad (a
@@ -202,6 +217,9 @@ class Trainer:
                           progress=cfg.train.progress)
         batches = iter(self._loader(self.data.dataset, sampler, cfg.train.seed))
         global_batch = self.data_world * cfg.train.micro_batch_size * accum
+        log.info("%s: steps %d -> %d of %d (%d an epoch), %d ranks (%d data-parallel), global batch %d, %d classes",
+                 self.name, start, self.last_step, self.total_steps, self.steps_per_epoch, self.world, self.data_world,
+                 global_batch, self.data.num_classes)
         rows = []
         self.engine.train()
         try:
@@ -210,7 +228,7 @@ class Trainer:
                 loss = self.train_step(batches)
                 seconds = time.perf_counter() - t0
                 row = {"epoch": self.step / self.steps_per_epoch, "loss": loss, "lr": self.engine.get_lr()[0],
-                       "images_per_s": global_batch / seconds, "peak_mem_mb": peak_memory_mb(self.device)}
+                       "images_per_s": global_batch / seconds, "peak_mem_mb": peak_memory_bytes(self.device) / 2**20}
                 if not math.isfinite(loss):
                     raise FloatingPointError(f"loss became {loss} at step {self.step}; lower optim.lr")
                 monitor.advance(loss=loss, img_s=row["images_per_s"])
@@ -223,6 +241,8 @@ class Trainer:
                 if val is not None and cfg.eval.every_epochs and end_of_epoch == 0 and epoch % cfg.eval.every_epochs == 0:
                     result = {"epoch": epoch, **self.evaluate(*val)}
                     self.eval_rows.append(result)
+                    log.info("%s: epoch %d: validation top-1 %.2f%%  top-5 %.2f%%", self.name, epoch,
+                             result["top1"], result["top5"])
                     monitor.log_eval(self.step, **result)
                     self.engine.train()
         finally:
@@ -236,10 +256,10 @@ class Trainer:
         """Top-k (probs [N, k], classes [N, k]) of every item of `dataset`, on every rank; an item the
         dataset could not read (it served another in its place) keeps class -1, probability 0.
 
-        Each rank embeds its slice of every global batch; the features are gathered and each rank
-        scores them against its classes (`sharded_topk`)."""
-        micro = self.cfg.eval.batch_size
-        sampler = RankBatches(len(dataset), self.rank, self.world, micro)
+        Each data-parallel replica embeds its slice of every global batch (`_embed`); the ranks that
+        hold the head gather the features over its group and score them against their classes
+        (`sharded_topk`); `_share` gives every rank the result."""
+        sampler = RankBatches(len(dataset), self.data_rank, self.data_world, self._predict_batch_size())
         probs = torch.zeros(len(dataset), k)
         classes = torch.full((len(dataset), k), -1, dtype=torch.long)  # -1: no prediction (unreadable image)
         self.engine.eval()
@@ -248,18 +268,30 @@ class Trainer:
             from tqdm import tqdm
 
             bar = tqdm(total=len(sampler), desc=desc, unit="batch", dynamic_ncols=True)
-        for images, _, index in self._loader(dataset, sampler, seed=0):
-            features = self.engine(images.to(self.device, self.input_dtype)).float()
-            everyone = comm.all_gather_stacked(features).reshape(-1, features.shape[1])
-            all_index = comm.all_gather_stacked(index.to(self.device)).reshape(-1).cpu()
-            p, c = sharded_topk(everyone, self.head.weight, self.head.bias, self.class_range[0], k)
-            keep = all_index >= 0
-            probs[all_index[keep]] = p[keep].cpu()
-            classes[all_index[keep]] = c[keep].cpu()
+        for images, labels, index in self._loader(dataset, sampler, seed=0):
+            features = self._embed(images.to(self.device, self.input_dtype), labels)
+            if features is not None:
+                group = self.head.process_group
+                everyone = comm.all_gather_stacked(features.float(), group).reshape(-1, features.shape[1])
+                all_index = comm.all_gather_stacked(index.to(self.device), group).reshape(-1).cpu()
+                p, c = sharded_topk(everyone, self.head.weight, self.head.bias, self.class_range[0], k, group)
+                keep = all_index >= 0
+                probs[all_index[keep]], classes[all_index[keep]] = p[keep].cpu(), c[keep].cpu()
             if bar is not None:
                 bar.update(1)
         if bar is not None:
             bar.close()
+        return self._share(probs, classes)
+
+    def _predict_batch_size(self) -> int:
+        return self.cfg.eval.batch_size
+
+    def _embed(self, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor | None:
+        """This rank's features [n, D] of a prediction batch, or None where it holds no head."""
+        return self.engine(images)
+
+    def _share(self, probs: torch.Tensor, classes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Every rank scored the whole batch: nothing to share."""
         return probs, classes
 
     def evaluate(self, dataset: Dataset, labels: torch.Tensor) -> dict:

@@ -1,4 +1,6 @@
-"""Modules built on the fused op."""
-from megaclass.nn.sharded import ShardedLinearCrossEntropy, shard_range
+"""Modules built on the fused op: the class-sharded classifier, its top-k, clipping and checkpoint shards."""
+from megaclass.nn.checkpoint import head_shard_state, load_head_shard, save_head_shard
+from megaclass.nn.sharded import ShardedLinearCrossEntropy, clip_head_grad_, shard_range, sharded_topk
 
-__all__ = ["ShardedLinearCrossEntropy", "shard_range"]
+__all__ = ["ShardedLinearCrossEntropy", "clip_head_grad_", "head_shard_state", "load_head_shard", "save_head_shard",
+           "shard_range", "sharded_topk"]

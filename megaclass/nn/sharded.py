@@ -3,6 +3,8 @@
 Rank r of P holds classes [start_r, end_r): the first `num_classes % P` ranks hold one extra class
 (`shard_range`). Initialization depends only on (seed, global class id), so the shards of a P-rank
 group are exactly the rows of the one-rank weight drawn after the same `torch.manual_seed`.
+Beside the module: its gradient clipping over all shards (`clip_head_grad_`) and its top-k
+prediction (`sharded_topk`); its checkpoint shards are in `megaclass.nn.checkpoint`.
 """
 from __future__ import annotations
 
@@ -13,6 +15,7 @@ from torch import nn
 
 from megaclass.ops import linear_cross_entropy, linear_cross_entropy_gathered
 from megaclass.parallel import comm
+from megaclass.seeding import derive_seed
 
 _INIT_BLOCK = 4096
 """Rows drawn from one generator at initialization (any shard draws only the blocks it overlaps)."""
@@ -59,13 +62,13 @@ class ShardedLinearCrossEntropy(nn.Module):
         if seed is None:
             seed = int(torch.randint(0, 2**62, (1,)))
         bound = 1.0 / math.sqrt(self.in_features)
-        for name, param, salt in (("weight", self.weight, 0), ("bias", self.bias, 1)):
+        for name, param in (("weight", self.weight), ("bias", self.bias)):
             if param is None:
                 continue
             width = self.in_features if name == "weight" else 1
             first, last = self.class_start // _INIT_BLOCK, (max(self.class_end, 1) - 1) // _INIT_BLOCK
             for block in range(first, last + 1):
-                gen = torch.Generator().manual_seed((seed * 1_000_003 + 2 * block + salt) % 2**63)
+                gen = torch.Generator().manual_seed(derive_seed(seed, f"head {name}", block))
                 lo = block * _INIT_BLOCK
                 hi = min(self.num_classes, lo + _INIT_BLOCK)
                 values = torch.empty(hi - lo, width).uniform_(-bound, bound, generator=gen)
@@ -99,3 +102,49 @@ class ShardedLinearCrossEntropy(nn.Module):
         return (f"in_features={self.in_features}, num_classes={self.num_classes}, "
                 f"classes=[{self.class_start}, {self.class_end}) of rank {self.rank}/{self.world}, "
                 f"bias={self.bias is not None}, label_smoothing={self.label_smoothing}")
+
+
+def clip_head_grad_(head: nn.Module, max_norm: float, group=None) -> float:
+    """Scale the head's gradients so that their norm over all shards of `group` is at most
+    `max_norm`; returns that norm (the same on every rank)."""
+    grads = [p.grad for p in head.parameters() if p.grad is not None]
+    square = torch.zeros((), dtype=torch.float32, device=grads[0].device if grads else "cpu")
+    for g in grads:  # a norm reduction, not g.pow(2): no temporary the size of the head
+        square += torch.linalg.vector_norm(g, dtype=torch.float32).square()
+    norm = float(comm.all_reduce_(square, group).sqrt())
+    if norm > max_norm:
+        for g in grads:
+            g.mul_(max_norm / (norm + 1e-6))
+    return norm
+
+
+@torch.no_grad()
+def sharded_topk(features: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, class_start: int,
+                 k: int, group=None, chunk_rows: int = 1024) -> tuple[torch.Tensor, torch.Tensor]:
+    """Top-k softmax probabilities over the classes of all ranks.
+
+    features: [n, D] identical on every rank of `group`; weight: [C_local, D] rows of classes
+    [class_start, class_start + C_local). Returns (probs [n, k], classes [n, k]) on every rank, best
+    first. Logits are formed a chunk of rows at a time; per rank only its top-k and its logsumexp
+    travel (an all-gather of [n, k] candidates), never [n, C]."""
+    k_local = min(k, weight.shape[0])
+    values, classes, lses = [], [], []
+    for rows in features.split(chunk_rows):
+        logits = torch.nn.functional.linear(rows.to(weight.dtype), weight, bias).float()
+        lses.append(torch.logsumexp(logits, dim=1))
+        v, i = logits.topk(k_local, dim=1)
+        values.append(v)
+        classes.append(i + class_start)
+    v, c, lse = torch.cat(values), torch.cat(classes), torch.cat(lses)
+    if k_local < k:  # a rank with fewer than k classes pads with impossible candidates
+        pad = k - k_local
+        v = torch.cat([v, v.new_full((v.shape[0], pad), float("-inf"))], dim=1)
+        c = torch.cat([c, c.new_full((c.shape[0], pad), -1)], dim=1)
+    all_v = comm.all_gather_stacked(v, group)          # [P, n, k]
+    all_c = comm.all_gather_stacked(c, group)
+    all_lse = comm.all_gather_stacked(lse, group)      # [P, n]
+    lse_global = torch.logsumexp(all_lse, dim=0)        # [n]
+    cand_v = all_v.permute(1, 0, 2).reshape(v.shape[0], -1)
+    cand_c = all_c.permute(1, 0, 2).reshape(v.shape[0], -1)
+    best_v, pos = cand_v.topk(k, dim=1)
+    return (best_v - lse_global[:, None]).exp(), cand_c.gather(1, pos)

@@ -1,4 +1,4 @@
-"""The two per-chunk kernels of the fused op, and the choice between `megaclass._C` and their twin.
+"""The three per-chunk kernels of the fused op, and the choice between `megaclass._C` and their twin.
 
 Contract (the header of `csrc/megaclass_ops.cpp` is the authority):
 

@@ -85,7 +85,9 @@ def linear_cross_entropy(hidden, weight, target, sample_weight=None, *, bias=Non
     process_group: the group the classes are split over; None = one rank holding all C classes
     label_smoothing: ε as in `F.cross_entropy` (the uniform part spread over all C classes)
     reduction:     "mean" (Σ ℓ_i / number of non-ignored rows; 0 when all are ignored), "sum", "none" ([N])
-    chunk_size:    rows per chunk (the working set is chunk_size × C_local); None = about 128 MB of logits on CPU
+    chunk_size:    rows per chunk (the working set is chunk_size × C_local); None = the whole batch as one chunk
+                   when its logits fit in WHOLE_BATCH_BYTES (512 MiB), else chunks of CHUNK_BYTES of logits
+                   (128 MiB on CPU, 512 MiB elsewhere), at least MIN_CHUNK_ROWS rows
     hidden_grad:   (extension) "full": hidden gets the gradient summed over all shards (one all-reduce);
                    "partial": only this shard's part, for callers whose hidden is an all-gather that
                    sums the gradient itself in backward (e.g. `comm.gather_rows`)

@@ -47,8 +47,9 @@ def register(subparsers) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO,
-                        format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    from megaclass import log
+
+    log.setup(logging.WARNING if args.quiet else logging.INFO)
     if args.synsets is None and args.select_webvision2 is None:
         return _usage_error("give --synsets FILE --k K --out DIR, or --select-webvision2 OUT_FILE")
     missing = [flag for flag, value in (("--k", args.k), ("--out", args.out)) if value is None]

@@ -1,9 +1,11 @@
 """Category sets: synsets files, timm's ImageNet lists, a WebVision-2.0-style selection, class text.
 
 A synsets file has one class per line, `wnid` then optional text (WebVision's `info/synsets.txt`:
-`n01440764 tench, Tinca tinca`; timm's `imagenet_synsets.txt`: the wnid alone). Line order is the
-class index, so duplicate ids are an error rather than silently dropped (dropping one would shift
-every later class index). Blank lines are skipped.
+`n01440764 tench, Tinca tinca`; timm's `imagenet_synsets.txt`: the wnid alone), separated by spaces
+or tabs. Line order is the class index, so duplicate ids are an error rather than silently dropped
+(dropping one would shift every later class index). Blank lines and a UTF-8 byte-order mark are
+skipped. `read_synsets` is the one reader: the data set (`megaclass.data`), the semantics and the
+weighting all read class lists through it.
 """
 from __future__ import annotations
 
@@ -13,7 +15,7 @@ from pathlib import Path
 from typing import Iterable, Sequence
 
 from megaclass.io import atomic_write_text
-from megaclass.semantics.wordnet import synset_of, wnid_of, wordnet
+from megaclass.semantics.wordnet import hypernyms, synset_of, wnid_of, wordnet
 
 WNID = re.compile(r"^[nvasr]\d{8}$")
 
@@ -30,13 +32,18 @@ def read_synsets(path: str | Path, check_wordnet: bool = True) -> list[tuple[str
     """
     path = Path(path)
     try:
-        lines = path.read_text(encoding="utf-8-sig").splitlines()  # -sig: tolerate a BOM
-    except (OSError, UnicodeDecodeError) as exc:
+        raw = path.read_bytes()
+    except OSError as exc:
         raise SynsetsError(f"cannot read synsets file {path}: {exc}") from exc
     entries: list[tuple[str, str]] = []
     line_of: dict[str, int] = {}
     problems = []
-    for number, line in enumerate(lines, 1):
+    for number, data in enumerate(raw.splitlines(), 1):
+        try:
+            line = data.decode("utf-8").lstrip("\ufeff")  # a BOM: at the start, or where files were joined
+        except UnicodeDecodeError as exc:
+            problems.append(f"{path}:{number}: not UTF-8 ({exc.reason} at byte {exc.start})")
+            continue
         fields = line.strip().split(maxsplit=1)
         if not fields:
             continue
@@ -80,7 +87,8 @@ def timm_info_dir() -> Path:
 
 
 def imagenet1k_wnids() -> list[str]:
-    """The 1,000 ILSVRC-2012 classes (also WebVision 1.0's), in timm's (= class index) order."""
+    """The 1,000 ILSVRC-2012 classes (also WebVision 1.0's), in timm's (= class index) order; the
+    one loader of that list (the synthetic data set draws its categories from it too)."""
     return [w for w, _ in read_synsets(timm_info_dir() / "imagenet_synsets.txt", check_wordnet=False)]
 
 
@@ -89,13 +97,9 @@ def imagenet22k_wnids() -> list[str]:
     return [w for w, _ in read_synsets(timm_info_dir() / "imagenet22k_synsets.txt", check_wordnet=False)]
 
 
-def _hypernyms(synset) -> list:
-    return synset.hypernyms() + synset.instance_hypernyms()
-
-
 def ancestors(synset) -> set:
     """Every hypernym (class and instance links) of `synset` up to the root, excluding itself."""
-    return set(synset.closure(_hypernyms))
+    return set(synset.closure(lambda s: hypernyms(s, instances=True)))
 
 
 def select_webvision2(total: int = 5000, seed: int = 0) -> list[str]:
@@ -155,7 +159,7 @@ def class_texts(wnids: Sequence[str], names: Iterable[str] | None = None) -> lis
         synset = synset_of(wnid)
         text = f"{name.strip() or ', '.join(lemma_names(synset))}: {synset.definition()}"
         # NLTK returns hypernyms in set order, which changes between processes: sort for stable text.
-        kinds = [", ".join(lemma_names(h)) for h in sorted(_hypernyms(synset), key=lambda h: h.name())]
+        kinds = [", ".join(lemma_names(h)) for h in sorted(hypernyms(synset, instances=True), key=lambda h: h.name())]
         if kinds:
             text += "; a kind of " + "; ".join(kinds)
         texts.append(text)

@@ -122,3 +122,12 @@ def synset_of(wnid: str):
 
 def wnid_of(synset) -> str:
     return f"{synset.pos()}{synset.offset():08d}"
+
+
+def hypernyms(synset, instances: bool = False) -> list:
+    """The direct hypernyms of `synset` in offset order (NLTK returns them in set order, which
+    changes with the string-hash seed). instances=True adds the instance links (a named entity's
+    class, e.g. a particular city's "city"), which `ancestors` and class texts follow; the synthetic
+    data set's sibling groups use the class links alone."""
+    found = synset.hypernyms() + (synset.instance_hypernyms() if instances else [])
+    return sorted(found, key=lambda h: h.offset())

@@ -34,13 +34,15 @@ def _run(args) -> int:
     from megaclass.weighting.pipeline import WeightingInputError, compute_weights, save_weights
     from megaclass.weighting.tables import TableError
 
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from megaclass import log
+
+    log.setup()
     try:
         result = compute_weights(args.data, args.knn, args.predictions, args.stage, progress=True)
     except (OSError, ValueError, KnnFileError, TableError, WeightingInputError) as exc:
         print(f"megaclass weights: {exc}", file=sys.stderr)
         return 2
-    print(result.data.summary())
+    logging.getLogger("megaclass.weighting").info("%s", result.data.summary())
     line = save_weights(result, args.data, args.out, plot=not args.no_plot)
     print(line, *(f"{k}={v}" for k, v in result.notes.items()))
     return 0

@@ -1,10 +1,7 @@
-"""The class-sharded classifier outside the DeepSpeed engine: its shard range, its optimizer-aware
-checkpoint shards (re-shardable to another number of ranks), and sharded top-k prediction.
-
-The head is kept out of the engine's module on purpose: DeepSpeed averages every gradient of its
-module over the data-parallel group, but each rank's head rows are its own classes, so they must
-never be averaged. Owning the head (and its optimizer) here keeps its optimizer state sharded by
-construction.
+"""Checkpoint shards of a `ShardedLinearCrossEntropy` and its optimizer state, re-shardable on load
+to another number of ranks: one file per rank, `shard-<class_start>.pt`, holding its rows
+[class_start, class_end), their optimizer state keyed by parameter name, and the names of the state
+tensors that are per-row (`per_row`), so that loading slices exactly those.
 """
 from __future__ import annotations
 
@@ -15,21 +12,6 @@ import torch
 from torch import nn
 
 from megaclass.io import atomic_output
-from megaclass.parallel import comm
-
-
-def clip_head_grad_(head: nn.Module, max_norm: float, group=None) -> float:
-    """Scale the head's gradients so that their norm over all shards of `group` is at most
-    `max_norm`; returns that norm (the same on every rank)."""
-    grads = [p.grad for p in head.parameters() if p.grad is not None]
-    square = torch.zeros((), dtype=torch.float32, device=grads[0].device if grads else "cpu")
-    for g in grads:  # a norm reduction, not g.pow(2): no temporary the size of the head
-        square += torch.linalg.vector_norm(g, dtype=torch.float32).square()
-    norm = float(comm.all_reduce_(square, group).sqrt())
-    if norm > max_norm:
-        for g in grads:
-            g.mul_(max_norm / (norm + 1e-6))
-    return norm
 
 
 def _head_params(head: nn.Module) -> dict[str, torch.Tensor]:
@@ -55,8 +37,12 @@ def head_shard_state(head: nn.Module, optimizer: torch.optim.Optimizer, class_ra
     index = {id(p): name for name, p in params.items()}
     optim_state = {index[id(p)]: {k: (_on_cpu(v) if torch.is_tensor(v) else v) for k, v in optimizer.state[p].items()}
                    for group in optimizer.param_groups for p in group["params"] if id(p) in index and p in optimizer.state}
+    # per-row: a state tensor shaped like its parameter (SGD's momentum, Adam's moments), sliced on re-sharding;
+    # everything else (Adam's step) is copied whole
+    per_row = {name: sorted(k for k, v in optimizer.state[params[name]].items()
+                            if torch.is_tensor(v) and v.shape == params[name].shape) for name in optim_state}
     return {"class_start": class_range[0], "class_end": class_range[1], "num_classes": num_classes,
-            "params": {k: _on_cpu(v) for k, v in params.items()}, "optim": optim_state}
+            "params": {k: _on_cpu(v) for k, v in params.items()}, "optim": optim_state, "per_row": per_row}
 
 
 def save_head_shard(path: str, state: dict) -> None:
@@ -64,10 +50,6 @@ def save_head_shard(path: str, state: dict) -> None:
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     with atomic_output(path) as tmp:
         torch.save(state, tmp)
-
-
-def _rows(tensor: torch.Tensor, num_rows: int) -> bool:
-    return torch.is_tensor(tensor) and tensor.dim() >= 1 and tensor.shape[0] == num_rows
 
 
 def load_head_shard(folder: str, head: nn.Module, optimizer: torch.optim.Optimizer | None,
@@ -93,13 +75,15 @@ def load_head_shard(folder: str, head: nn.Module, optimizer: torch.optim.Optimiz
         src = slice(lo - shard["class_start"], hi - shard["class_start"])
         dst = slice(lo - start, hi - start)
         n_src = shard["class_end"] - shard["class_start"]
+        per_row = shard.get("per_row")  # absent in checkpoints written before it was recorded: by first dimension
         for name, param in params.items():
             if name not in shard["params"]:
                 raise ValueError(f"{path}: head checkpoint has no {name!r} (head.bias differs from the saved run?)")
             with torch.no_grad():
                 param[dst].copy_(shard["params"][name][src])
             for key, value in shard["optim"].get(name, {}).items():
-                if _rows(value, n_src):
+                if (key in per_row.get(name, ()) if per_row is not None else
+                        torch.is_tensor(value) and value.dim() >= 1 and value.shape[0] == n_src):
                     buf = optim_rows.setdefault(name, {}).setdefault(
                         key, torch.zeros((end - start, *value.shape[1:]), dtype=value.dtype))
                     buf[dst] = value[src]
@@ -115,35 +99,3 @@ def load_head_shard(folder: str, head: nn.Module, optimizer: torch.optim.Optimiz
             state.update({k: v.to(param.device) for k, v in optim_rows.get(name, {}).items()})
             if state:
                 optimizer.state[param] = state
-
-
-@torch.no_grad()
-def sharded_topk(features: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, class_start: int,
-                 k: int, group=None, chunk_rows: int = 1024) -> tuple[torch.Tensor, torch.Tensor]:
-    """Top-k softmax probabilities over the classes of all ranks.
-
-    features: [n, D] identical on every rank of `group`; weight: [C_local, D] rows of classes
-    [class_start, class_start + C_local). Returns (probs [n, k], classes [n, k]) on every rank, best
-    first. Logits are formed a chunk of rows at a time; per rank only its top-k and its logsumexp
-    travel (an all-gather of [n, k] candidates), never [n, C]."""
-    k_local = min(k, weight.shape[0])
-    values, classes, lses = [], [], []
-    for rows in features.split(chunk_rows):
-        logits = torch.nn.functional.linear(rows.to(weight.dtype), weight, bias).float()
-        lses.append(torch.logsumexp(logits, dim=1))
-        v, i = logits.topk(k_local, dim=1)
-        values.append(v)
-        classes.append(i + class_start)
-    v, c, lse = torch.cat(values), torch.cat(classes), torch.cat(lses)
-    if k_local < k:  # a rank with fewer than k classes pads with impossible candidates
-        pad = k - k_local
-        v = torch.cat([v, v.new_full((v.shape[0], pad), float("-inf"))], dim=1)
-        c = torch.cat([c, c.new_full((c.shape[0], pad), -1)], dim=1)
-    all_v = comm.all_gather_stacked(v, group)          # [P, n, k]
-    all_c = comm.all_gather_stacked(c, group)
-    all_lse = comm.all_gather_stacked(lse, group)      # [P, n]
-    lse_global = torch.logsumexp(all_lse, dim=0)        # [n]
-    cand_v = all_v.permute(1, 0, 2).reshape(v.shape[0], -1)
-    cand_c = all_c.permute(1, 0, 2).reshape(v.shape[0], -1)
-    best_v, pos = cand_v.topk(k, dim=1)
-    return (best_v - lse_global[:, None]).exp(), cand_c.gather(1, pos)

@@ -1,0 +1,59 @@
+"""The seed's experiment, baseline -> +Stage1 -> +Stage1+Stage2, on every rank:
+
+    one process:        megaclass experiment --config configs/demo.yaml --set data.root=DIR
+    one node, N ranks:  deepspeed --num_gpus N --module megaclass.experiment --config configs/demo.yaml --set data.root=DIR
+    torchrun / MPI:     torchrun --nproc_per_node N -m megaclass.experiment ...; mpirun -n N python -m megaclass.experiment ...
+
+Writes `run_dir/results.json`, `weights_stage1.tsv`, `weights_stage2.tsv`, `curves.png` and one folder
+per run; see megaclass/engine/experiment.py for the steps.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+from megaclass.train import add_arguments
+
+log = logging.getLogger("megaclass.experiment")  # not __name__: "__main__" under python -m
+
+
+def register(subparsers) -> None:
+    parser = subparsers.add_parser("experiment", help="baseline -> +Stage1 -> +Stage1+Stage2 (every rank runs it)",
+                                   description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_arguments(parser)
+    parser.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from megaclass import log as logs
+    from megaclass.engine import distributed
+    from megaclass.engine.data import start_run
+    from megaclass.engine.experiment import StepFailed, run as run_experiment
+
+    logs.setup()
+    try:
+        cfg, data = start_run(args.config, args.overrides)
+        if len(data.val_labels) == 0:
+            raise ValueError(f"{cfg.data.root}/info/val_filelist.txt: no validation images to evaluate on")
+    except (OSError, ValueError) as exc:
+        log.error("%s", exc)
+        return 2
+    try:
+        run_experiment(cfg, data)
+    except StepFailed as exc:
+        log.error("%s", exc)
+        return 1
+    distributed.finish()
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m megaclass.experiment", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_arguments(parser)
+    return run(parser.parse_args(argv))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
