@@ -4,6 +4,7 @@ node that loses power leaves anything but the old file or the whole new one.
 Everything megaclass writes (tables, caches, checkpoints, plots, benchmark results) goes through here.
 A rename alone survives a killed process, not a crash of the machine: the file system may commit the
 rename before the data. So the new file is fsynced before the rename and its folder after it.
+Every command checks its outputs with `check_writable` before it starts the work.
 """
 from __future__ import annotations
 
@@ -62,3 +63,26 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> None:
 
 def atomic_write_text(path: str | Path, text: str) -> None:
     atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def check_writable(path: str | os.PathLike, what: str, folder: bool = False) -> Path:
+    """Raise OSError naming `what` and `path` unless `path` (a file, or with `folder` a folder) could be
+    written now: a file path must not be a folder, and the nearest folder that exists on the way to it
+    must be a folder in which a file can be created (probed with a temp file that is removed at once;
+    nothing else is created). Call it before the work, so a long run cannot fail at its last step."""
+    path = Path(path)
+    if path.is_dir() and not folder:
+        raise IsADirectoryError(f"{what} {path}: is a folder; give a file path")
+    if path.exists() and folder and not path.is_dir():
+        raise NotADirectoryError(f"{what} {path}: exists and is not a folder")
+    probe = path if folder else path.parent
+    while not probe.exists() and probe != probe.parent:  # where os.makedirs would start creating
+        probe = probe.parent
+    if not probe.is_dir():
+        raise NotADirectoryError(f"{what} {path}: {probe} is a file, not a folder")
+    try:
+        with tempfile.TemporaryFile(dir=probe):
+            pass
+    except OSError as exc:
+        raise PermissionError(f"{what} {path}: cannot create files in {probe} ({exc.strerror})") from None
+    return path

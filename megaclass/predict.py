@@ -17,6 +17,7 @@ import logging
 import os
 import sys
 
+from megaclass.argtypes import output_file, positive_int
 from megaclass.train import add_arguments
 
 log = logging.getLogger("megaclass.predict")  # not __name__: "__main__" under python -m
@@ -27,8 +28,8 @@ def _add_predict_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--checkpoint", required=True, metavar="DIR",
                         help="a checkpoint folder, a checkpoints folder or a run folder (its latest checkpoint)")
     parser.add_argument("--data", metavar="ROOT", default=None, help="WebVision-layout data root (default: data.root)")
-    parser.add_argument("--out", required=True, metavar="PRED_TSV", help="where to write the predictions (atomically)")
-    parser.add_argument("--topk", type=int, default=None, metavar="K", help="classes per image (default: eval.topk)")
+    parser.add_argument("--out", required=True, type=output_file, metavar="PRED_TSV", help="where to write the predictions (atomically)")
+    parser.add_argument("--topk", type=positive_int, default=None, metavar="K", help="classes per image (default: eval.topk)")
 
 
 def register(subparsers) -> None:

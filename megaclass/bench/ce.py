@@ -35,6 +35,7 @@ import time
 
 import torch
 
+from megaclass.argtypes import output_file, positive_int
 from megaclass.bench.ranks import RankFailed, launch, machine
 from megaclass.io import atomic_write_text
 from megaclass.memory import MemoryProbe
@@ -60,19 +61,19 @@ log = logging.getLogger(__name__)
 def register(subparsers) -> None:
     parser = subparsers.add_parser("ce", help="fused linear + weighted cross-entropy against its peers and the GEMM floor",
                                    description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--n", type=int, default=2048, help="rows N of hidden (default 2048)")
-    parser.add_argument("--d", type=int, default=256, help="features D (default 256)")
-    parser.add_argument("--c", type=int, default=50_000, help="classes C over all ranks (default 50000)")
+    parser.add_argument("--n", type=positive_int, default=2048, help="rows N of hidden (default 2048)")
+    parser.add_argument("--d", type=positive_int, default=256, help="features D (default 256)")
+    parser.add_argument("--c", type=positive_int, default=50_000, help="classes C over all ranks (default 50000)")
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="fp32", help="input dtype (default fp32)")
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu", help="device (default cpu)")
-    parser.add_argument("--tp", type=int, default=1, help="ranks the classes are split over (default 1)")
-    parser.add_argument("--threads", type=int, default=torch.get_num_threads(),
+    parser.add_argument("--tp", type=positive_int, default=1, help="ranks the classes are split over (default 1)")
+    parser.add_argument("--threads", type=positive_int, default=torch.get_num_threads(),
                         help=f"CPU threads in all (split over --tp ranks; default {torch.get_num_threads()})")
-    parser.add_argument("--repeats", type=int, default=5, help="timed runs per variant; the median is reported")
+    parser.add_argument("--repeats", type=positive_int, default=5, help="timed runs per variant; the median is reported")
     parser.add_argument("--clock", choices=["wall", "cpu"], default="wall",
                         help="wall: elapsed time (default); cpu: the process's CPU time, steadier on a shared "
                              "machine with --threads 1 (with more threads it also counts their spin-waits)")
-    parser.add_argument("--chunk-size", type=int, default=None, help="rows per chunk of the op (default: its own)")
+    parser.add_argument("--chunk-size", type=positive_int, default=None, help="rows per chunk of the op (default: its own)")
     parser.add_argument("--init", choices=["host", "device"], default="host",
                         help="host (default): inputs drawn on the CPU, the weight as ShardedLinearCrossEntropy "
                              "initializes it (one weight for any --tp); device: drawn on --device by its own "
@@ -80,7 +81,7 @@ def register(subparsers) -> None:
                              "benchmark process; --tp 1 only)")
     parser.add_argument("--variants", default=None,
                         help="comma-separated subset of: " + ", ".join(VARIANTS) + " (default: all available)")
-    parser.add_argument("--json", default=None, metavar="OUT", help="also write the results as JSON to OUT")
+    parser.add_argument("--json", type=output_file, default=None, metavar="OUT", help="also write the results as JSON to OUT")
     parser.set_defaults(func=run)
 
 

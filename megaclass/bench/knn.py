@@ -25,6 +25,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from megaclass.argtypes import nonnegative_int, output_file, positive_float, positive_int
 from megaclass.memory import peak_rss_bytes
 
 
@@ -32,16 +33,16 @@ def register(subparsers) -> None:
     parser = subparsers.add_parser(
         "knn", help="K-nearest-category search at 100k+ classes against the GEMM floor",
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--classes", type=int, default=100_000, help="classes C (default 100000)")
-    parser.add_argument("--dim", type=int, default=384, help="embedding width D (default 384, MiniLM's)")
-    parser.add_argument("--k", type=int, default=10, help="neighbours per class (default 10)")
-    parser.add_argument("--block-size", type=int, default=4096, help="rows/columns per block (default 4096)")
+    parser.add_argument("--classes", type=positive_int, default=100_000, help="classes C (default 100000)")
+    parser.add_argument("--dim", type=positive_int, default=384, help="embedding width D (default 384, MiniLM's)")
+    parser.add_argument("--k", type=positive_int, default=10, help="neighbours per class (default 10)")
+    parser.add_argument("--block-size", type=positive_int, default=4096, help="rows/columns per block (default 4096)")
     parser.add_argument("--embeddings", type=Path, default=None, metavar="FILE.npy",
                         help="precomputed embeddings [C, D] (rows are L2-normalized here) instead of "
                              "random ones; overrides --classes/--dim")
-    parser.add_argument("--rate-seconds", type=float, default=3.0,
+    parser.add_argument("--rate-seconds", type=positive_float, default=3.0,
                         help="seconds spent measuring the GEMM rate, before and again after the run (default 3)")
-    parser.add_argument("--check-rows", type=int, default=256,
+    parser.add_argument("--check-rows", type=nonnegative_int, default=256,
                         help="rows checked against a direct dense top-k (default 256)")
     parser.add_argument("--parts", default="embeddings", type=_parts,
                         help="comma-separated, any of: embeddings (C random or given embeddings vs the GEMM "
@@ -53,7 +54,7 @@ def register(subparsers) -> None:
                         help="for the imagenet22k part: time this synsets file instead of timm's 22k list")
     parser.add_argument("--cache", type=Path, default=None, metavar="DIR",
                         help="embeddings cache for alpha-sweep (default: none, encode afresh)")
-    parser.add_argument("--out", type=Path, default=None, metavar="FILE.json", help="also write the results here")
+    parser.add_argument("--out", type=output_file, default=None, metavar="FILE.json", help="also write the results here")
     parser.set_defaults(func=run)
 
 

@@ -25,6 +25,7 @@ import time
 
 import torch
 
+from megaclass.argtypes import output_file, positive_int
 from megaclass.bench.ranks import RankFailed, launch, machine
 from megaclass.io import atomic_write_text
 from megaclass.memory import MemoryProbe
@@ -41,18 +42,18 @@ def register(subparsers) -> None:
                                          "cut-cross-entropy, Liger-Kernel",
                               description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--family", choices=FAMILIES, default="llama", help="model family (default llama)")
-    p.add_argument("--vocab", type=int, default=128_256, help="vocabulary size (default 128256, Llama 3's)")
-    p.add_argument("--hidden", type=int, default=512, help="hidden size (default 512)")
-    p.add_argument("--layers", type=int, default=2, help="decoder layers (default 2)")
-    p.add_argument("--seq", type=int, default=1024, help="tokens per sequence (default 1024)")
-    p.add_argument("--batch", type=int, default=2, help="sequences per step (default 2)")
+    p.add_argument("--vocab", type=positive_int, default=128_256, help="vocabulary size (default 128256, Llama 3's)")
+    p.add_argument("--hidden", type=positive_int, default=512, help="hidden size (default 512)")
+    p.add_argument("--layers", type=positive_int, default=2, help="decoder layers (default 2)")
+    p.add_argument("--seq", type=positive_int, default=1024, help="tokens per sequence (default 1024)")
+    p.add_argument("--batch", type=positive_int, default=2, help="sequences per step (default 2)")
     p.add_argument("--dtype", choices=sorted(DTYPES), default="fp32", help="model dtype (default fp32)")
     p.add_argument("--device", choices=["cpu", "cuda"], default="cpu", help="device (default cpu)")
-    p.add_argument("--repeats", type=int, default=3, help="timed steps per variant; the median is reported")
-    p.add_argument("--threads", type=int, default=torch.get_num_threads(),
+    p.add_argument("--repeats", type=positive_int, default=3, help="timed steps per variant; the median is reported")
+    p.add_argument("--threads", type=positive_int, default=torch.get_num_threads(),
                    help=f"CPU threads per variant (default {torch.get_num_threads()})")
     p.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated subset of: " + ", ".join(VARIANTS))
-    p.add_argument("--json", default=None, metavar="OUT", help="also write the results as JSON to OUT")
+    p.add_argument("--json", type=output_file, default=None, metavar="OUT", help="also write the results as JSON to OUT")
     p.set_defaults(func=run)
 
 

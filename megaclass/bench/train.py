@@ -14,20 +14,21 @@ import os
 import statistics
 import time
 
+from megaclass.argtypes import nonnegative_int, output_file, positive_int
 from megaclass.io import atomic_write_text
 
 
 def register(subparsers) -> None:
     p = subparsers.add_parser("train", help="training images/s and peak memory against plain DDP",
                               description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--classes", type=int, nargs="+", default=[10_000, 200_000], help="class counts to compare")
-    p.add_argument("--ranks", type=int, default=2, help="processes (ranks) per variant")
+    p.add_argument("--classes", type=positive_int, nargs="+", default=[10_000, 200_000], help="class counts to compare")
+    p.add_argument("--ranks", type=positive_int, default=2, help="processes (ranks) per variant")
     p.add_argument("--model", default="resnet10t", help="backbone (megaclass.models name or timm name)")
-    p.add_argument("--image-size", type=int, default=32, help="square image side")
-    p.add_argument("--batch", type=int, default=64, help="images per rank per step")
-    p.add_argument("--steps", type=int, default=6, help="timed steps (after --warmup)")
-    p.add_argument("--warmup", type=int, default=2, help="untimed steps first")
-    p.add_argument("--out", default=None, help="also write the table as JSON here")
+    p.add_argument("--image-size", type=positive_int, default=32, help="square image side")
+    p.add_argument("--batch", type=positive_int, default=64, help="images per rank per step")
+    p.add_argument("--steps", type=positive_int, default=6, help="timed steps (after --warmup)")
+    p.add_argument("--warmup", type=nonnegative_int, default=2, help="untimed steps first")
+    p.add_argument("--out", type=output_file, default=None, help="also write the table as JSON here")
     p.set_defaults(func=run)
 
 

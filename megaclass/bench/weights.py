@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from megaclass.argtypes import nonnegative_int, output_file, positive_int
 from megaclass.io import atomic_write_text
 
 TARGET_IMAGES = 1_000_000
@@ -29,13 +30,13 @@ TARGET_SECONDS = 600
 def register(subparsers) -> None:
     parser = subparsers.add_parser("weights", help="keywords + stage-2 scores throughput",
                                    description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--images", type=int, default=TARGET_IMAGES, help="images N (default 1000000)")
-    parser.add_argument("--classes", type=int, default=5000, help="classes C (default 5000, WebVision 2.0's)")
-    parser.add_argument("--k", type=int, default=5, help="predictions per image (default 5)")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the generated metadata (default 0)")
+    parser.add_argument("--images", type=positive_int, default=TARGET_IMAGES, help="images N (default 1000000)")
+    parser.add_argument("--classes", type=positive_int, default=5000, help="classes C (default 5000, WebVision 2.0's)")
+    parser.add_argument("--k", type=positive_int, default=5, help="predictions per image (default 5)")
+    parser.add_argument("--seed", type=nonnegative_int, default=0, help="seed of the generated metadata (default 0)")
     parser.add_argument("--encoder-dtype", choices=("float32", "bfloat16"), default="float32",
                         help="MiniLM precision (bfloat16: autocast, faster on CPUs with AVX512-BF16)")
-    parser.add_argument("--out", type=Path, default=None, metavar="FILE.json", help="also write the results here")
+    parser.add_argument("--out", type=output_file, default=None, metavar="FILE.json", help="also write the results here")
     parser.set_defaults(func=run)
 
 

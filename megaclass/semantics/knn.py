@@ -39,6 +39,11 @@ class KnnFileError(ValueError):
     """A knn.tsv file is malformed; the message names the file and line."""
 
 
+def _check_block_size(block_size) -> None:
+    if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size < 1:
+        raise ValueError(f"block_size must be a positive integer, got {block_size!r}")
+
+
 def topk_blockwise(score_block: ScoreBlock, n: int, k: int, block_size: int = DEFAULT_BLOCK,
                    progress: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """The k best columns of every row of a SYMMETRIC n × n score matrix, the diagonal excluded.
@@ -50,6 +55,7 @@ def topk_blockwise(score_block: ScoreBlock, n: int, k: int, block_size: int = DE
     """
     if not 1 <= k < n:
         raise ValueError(f"k must be in [1, {n - 1}] for {n} classes, got {k}")
+    _check_block_size(block_size)
     # The running best lists and their small merges live in numpy: single-threaded, so thousands of tiny
     # merges do not each wait on a thread pool (which costs milliseconds apiece on a busy machine).
     best_val = np.full((n, k), -np.inf, dtype=np.float32)
@@ -110,6 +116,7 @@ def topk_blockwise(score_block: ScoreBlock, n: int, k: int, block_size: int = DE
 def embedding_knn(embeddings: torch.Tensor, k: int, block_size: int = DEFAULT_BLOCK,
                   progress: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """Cosine neighbours from precomputed L2-normalized embeddings [C, D] -> (indices, scores) [C, k]."""
+    _check_block_size(block_size)
     out = torch.empty(block_size, block_size, dtype=embeddings.dtype)
 
     def score_block(rows: slice, cols: slice) -> torch.Tensor:
@@ -173,6 +180,7 @@ def nearest_categories(wnids: Sequence[str], k: int, alpha: float = DEFAULT_ALPH
     """
     if not 0.0 <= alpha <= 1.0:
         raise ValueError(f"alpha must be in [0, 1], got {alpha}")
+    _check_block_size(block_size)  # before the embeddings are computed
     repeated = sorted(w for w, n in Counter(wnids).items() if n > 1)
     if repeated:
         raise ValueError(f"wnids repeat {', '.join(repeated)}; each class must appear once")

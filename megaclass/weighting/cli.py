@@ -4,6 +4,8 @@ from __future__ import annotations
 import logging
 import sys
 
+from megaclass.argtypes import output_file
+
 
 def register(subparsers) -> None:
     parser = subparsers.add_parser(
@@ -22,7 +24,7 @@ def register(subparsers) -> None:
                              "`<image path><TAB><wnid>:<prob> <wnid>:<prob> …` (top k, best first)")
     parser.add_argument("--stage", required=True, type=int, choices=(1, 2),
                         help="1: rank + predictions vs KNN; 2: stage 1's evidence + keyword text")
-    parser.add_argument("--out", required=True, metavar="OUT_TSV", help="where to write the weights (atomically)")
+    parser.add_argument("--out", required=True, type=output_file, metavar="OUT_TSV", help="where to write the weights (atomically); the PNG goes beside it")
     parser.add_argument("--no-plot", action="store_true", help="skip the PNG")
     parser.set_defaults(func=_run)
 

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 
+from megaclass.data.paths import resolve_inside
 from megaclass.io import atomic_output
 from megaclass.weighting.metrics import roc_auc
 
@@ -59,10 +60,13 @@ def plot_weights(out_png: str | Path, root: str | Path, records: Sequence, weigh
         picks = list(order[:per_side]) + list(order[::-1][:per_side][::-1])
         for col, i in enumerate(picks):
             axi = fig.add_subplot(grid[row, 1 + col])
+            path = resolve_inside(root, records[i].path)  # never a file outside the data root
             try:
-                with Image.open(Path(root) / records[i].path) as img:
+                if path is None:
+                    raise OSError("outside the data root")
+                with Image.open(path) as img:
                     axi.imshow(np.asarray(img.convert("RGB")))
-            except OSError:
+            except (OSError, ValueError, SyntaxError, EOFError, Image.DecompressionBombError):
                 axi.text(0.5, 0.5, "unreadable", ha="center", va="center")
             colour = "black" if clean is None or not known[i] else ("tab:green" if clean[i] else "tab:red")
             for spine in axi.spines.values():

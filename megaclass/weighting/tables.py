@@ -16,6 +16,10 @@ import numpy as np
 from megaclass.io import atomic_write_text
 
 
+SUM_TOLERANCE = 1e-4  # float32 softmax: each probability within a few ulps (~1e-7) of its exact value
+PRINT_ROUNDING = 5e-7  # write_predictions prints 6 decimals: each value rounded by up to half a unit
+
+
 class TableError(ValueError):
     """A predictions or weights file is malformed; the message names the file and line."""
 
@@ -45,7 +49,8 @@ def read_predictions(path: str | os.PathLike, wnids: Sequence[str]) -> Predictio
     """Read PRED_TSV against the class list `wnids` (line order of synsets.txt).
 
     Raises TableError (file:line) for a missing tab, an item that is not `wnid:prob`, a wnid that is
-    not a class, a probability outside [0, 1], or an image listed twice.
+    not a class, a probability outside [0, 1], a class named twice in a row, probabilities summing
+    above 1 (beyond `SUM_TOLERANCE` + the rounding of k printed values), or an image listed twice.
     """
     path = Path(path)
     class_of = {w: i for i, w in enumerate(wnids)}
@@ -79,7 +84,13 @@ def read_predictions(path: str | os.PathLike, wnids: Sequence[str]) -> Predictio
                     raise TableError(f"{where}: probability {prob!r} is not a number") from None
                 if not 0.0 <= p <= 1.0 + 1e-4:
                     raise TableError(f"{where}: probability {prob} outside [0, 1]")
+                if any(c == class_of[wnid] for c, _ in items):
+                    raise TableError(f"{where}: class {wnid} named twice (a top-k list names each class once)")
                 items.append((class_of[wnid], p))
+            total = math.fsum(p for _, p in items)
+            if total > 1.0 + SUM_TOLERANCE + PRINT_ROUNDING * len(items):
+                raise TableError(f"{where}: probabilities sum to {total:.6f} > 1 (softmax probabilities of "
+                                 f"distinct classes sum to at most 1)")
             row[image] = len(lists)
             lists.append(items)
     if not lists:
