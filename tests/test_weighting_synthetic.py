@@ -1,34 +1,18 @@
 """Both stages end to end (`megaclass weights`) on a small synthetic data set.
 
-Predictions come from an independent, controlled source rather than a trained model: for each
-training image, the class it really shows is the top-1 with probability 0.7 (an outlier or the
-other 0.3: a random class), and a noisy image's wrong label is the top-1 with probability 0.3 (a
-network that memorized it); top-1 gets 0.6, four random classes 0.1 each.
+Predictions come from an independent, controlled source rather than a trained model
+(`megaclass.bench.suite.simulated_predictions`): the class an image really shows is the top-1 with
+probability 0.7, and a noisy image's wrong label is the top-1 with probability 0.3 (memorized).
 """
 import numpy as np
 import pytest
 
+from megaclass.bench.suite import simulated_predictions as controlled_predictions
 from megaclass.cli import main
 from megaclass.data import load_webvision
 from megaclass.data.synth import SynthConfig, generate, read_truth
 from megaclass.semantics import nearest_categories, write_knn_tsv
 from megaclass.weighting import read_weights, roc_auc, write_predictions
-
-
-def controlled_predictions(wv, truth, seed=0):
-    rng = np.random.default_rng(seed)
-    index = {w: i for i, w in enumerate(wv.wnids)}
-    classes = np.zeros((len(wv.train), 5), dtype=np.int64)
-    for i, r in enumerate(wv.train):
-        t = truth[r.path]
-        shown = index.get(t.true_wnid, -1)
-        top = shown if shown >= 0 and rng.random() < 0.7 else int(rng.integers(wv.num_classes))
-        if not t.clean and rng.random() < 0.3:
-            top = r.label
-        rest = [c for c in rng.permutation(wv.num_classes) if c != top][:4]
-        classes[i] = [top, *rest]
-    probs = np.tile([0.6, 0.1, 0.1, 0.1, 0.1], (len(wv.train), 1))
-    return classes, probs
 
 
 @pytest.fixture(scope="module")
