@@ -1,10 +1,10 @@
-"""Stage 1 on hand-computed cases, and the file formats it reads and writes."""
-import math
-
+"""Stage 1 on hand-computed cases, EM against a mixture with a known truth, and the file formats."""
 import numpy as np
 import pytest
 
-from megaclass.weighting.stage1 import Stage1Config, _non_increasing, agreement, knn_arrays, rank_prior, stage1_weights
+from megaclass.weighting.estimate import MonotoneRate, em, log_odds_ratio
+from megaclass.weighting.metrics import roc_auc
+from megaclass.weighting.stage1 import CELLS, knn_arrays, prediction_cells, stage1_weights
 from megaclass.weighting.tables import TableError, read_predictions, read_weights, write_predictions, write_weights
 
 WNIDS = ["n00000001", "n00000002", "n00000003", "n00000004"]
@@ -12,65 +12,93 @@ KNN = {"n00000001": [("n00000002", 0.8), ("n00000003", 0.3), ("n09999999", 0.9)]
        "n00000002": [("n00000001", 0.8)]}
 
 
-def test_knn_arrays_and_agreement_by_hand():
+def test_knn_arrays_and_prediction_cells_by_hand():
     neighbors, scores = knn_arrays(WNIDS, KNN)
     assert neighbors.tolist() == [[1, 2, -1], [0, -1, -1], [-1, -1, -1], [-1, -1, -1]]
     np.testing.assert_allclose(scores, [[0.8, 0.3, 0], [0.8, 0, 0], [0, 0, 0], [0, 0, 0]], rtol=1e-6)
-    labels = np.array([0, 0, 1, 3])
-    classes = np.array([[1, 0, 3], [2, 1, -1], [0, 1, 2], [-1, -1, -1]])
-    probs = np.array([[0.5, 0.3, 0.2], [0.9, 0.1, 0.0], [0.6, 0.3, 0.1], [0, 0, 0]], dtype=np.float32)
-    # 0.5·0.8 (neighbour) + 0.3·1 (label) + 0.2·0 (far) ; 0.9·0.3 + 0.1·0.8 ; 0.6·0.8 + 0.3·1 ; nothing
-    np.testing.assert_allclose(agreement(labels, classes, probs, neighbors, scores), [0.7, 0.35, 0.78, 0.0], rtol=1e-6)
+    labels = np.array([0, 0, 0, 1, 1, 3])
+    classes = np.array([[0, 1, 3], [1, 0, 3], [2, 3, -1], [3, 1, 0], [2, 3, 0], [-1, -1, -1]])
+    probs = np.array([[0.5, 0.3, 0.2], [0.6, 0.3, 0.1], [0.9, 0.1, 0], [0.5, 0.3, 0.2], [0.6, 0.3, 0.1], [0, 0, 0]])
+    cell, p_label = prediction_cells(labels, classes, probs, neighbors)
+    # top-1 on the label; on neighbour 1, label 2nd; on neighbour 2, label absent; on class 3 (not a
+    # neighbour of 1), label 2nd; on class 2, label absent; no predictions
+    assert cell.tolist() == [0, 1, 2, 3, 4, -1]
+    np.testing.assert_allclose(p_label, [0.5, 0.3, 0.0, 0.3, 0.0, 0.0])
+    assert CELLS[1] == "neighbour, label in top k"
 
 
-def test_pool_adjacent_violators_by_hand():
-    np.testing.assert_allclose(_non_increasing(np.array([0.5, 0.7, 0.3]), np.array([1.0, 1.0, 2.0])), [0.6, 0.6, 0.3])
-    np.testing.assert_allclose(_non_increasing(np.array([0.2, 0.4, 0.6]), np.ones(3)), [0.4, 0.4, 0.4])
-    np.testing.assert_allclose(_non_increasing(np.array([0.9, 0.1, 0.5]), np.array([1.0, 3.0, 1.0])),
-                               [0.9, 0.2, 0.2])
+def test_monotone_rate_by_hand():
+    # x 1, 2, 2, 3 with responsibilities 0.9, 0.2, 0.4, 0.5, non-increasing fit: x=1 alone (0.9); the
+    # x=2 pair (mean 0.3) and x=3 (0.5) violate and pool: (0.2 + 0.4 + 0.5)/3. Each block then gets
+    # one pseudo-image at the prior 0.6: (0.9 + 0.6)/2 and (1.1 + 0.6)/4.
+    got = MonotoneRate(np.array([2.0, 1.0, 3.0, 2.0]), increasing=False)(np.array([0.2, 0.9, 0.5, 0.4]), 0.6)
+    np.testing.assert_allclose(got, [1.7 / 4, 1.5 / 2, 1.7 / 4, 1.7 / 4])
+    groups = MonotoneRate(np.array([1.0, 2.0, 1.0, 2.0]), True, groups=np.array([0, 0, 1, 1]))
+    np.testing.assert_allclose(groups(np.array([0.8, 0.2, 0.1, 0.3]), 0.5),
+                               [1.5 / 3, 1.5 / 3, 0.6 / 2, 0.8 / 2])  # group 0 pools, group 1 is already increasing
+    np.testing.assert_allclose(log_odds_ratio(np.array([0.75, np.nan]), 0.5), [np.log(3), np.nan])
 
 
-def test_rank_prior_never_rises_with_rank():
+def mixture(n, rng):
+    """Images from stage 1's own model with a known truth: P(clean | rank) falls with rank from 1 at
+    the top, the cell depends on clean/noisy only, and 'neighbour, label absent' is never produced by a
+    clean image: an anchor on each side, which is what identifies a mixture seen through two views."""
+    ranks = rng.integers(1, 101, size=n)
+    clean = rng.random(n) < 1.0 - 0.6 * (ranks - 1) / 99
+    theta = {True: [0.7, 0.05, 0.0, 0.1, 0.15], False: [0.2, 0.05, 0.3, 0.1, 0.35]}
+    cell = np.where(clean, rng.choice(5, size=n, p=theta[True]), rng.choice(5, size=n, p=theta[False]))
+    true_log_odds = np.log(np.maximum(theta[True], 1e-12)) - np.log(theta[False])
+    # the images' predictions realize those cells for label 0 with neighbour 1 (class 2 is "other")
+    neighbors = np.array([[1], [0], [-1]])
+    rows = {0: [0, 1], 1: [1, 0], 2: [1, 2], 3: [2, 0], 4: [2, 1]}
+    classes = np.array([rows[c] for c in cell])
+    probs = np.tile([0.6, 0.4], (n, 1))
+    return ranks, clean, cell, classes, probs, neighbors, true_log_odds
+
+
+def test_em_recovers_a_known_mixture():
     rng = np.random.default_rng(0)
-    ranks = rng.integers(1, 200, size=2000).astype(float)
-    agree = np.clip(0.9 - ranks / 400 + rng.normal(0, 0.3, size=2000), 0, 1)
-    prior = rank_prior(["google"] * 2000, ranks, agree, np.ones(2000, bool), bins=10)
-    order = np.argsort(ranks, kind="stable")
-    assert np.all(np.diff(prior[order]) <= 1e-12)
-    assert prior[order][0] > prior[order][-1] + 0.2
+    ranks, clean, cell, classes, probs, neighbors, true_log_odds = mixture(20_000, rng)
+    details = {}
+    w = stage1_weights(np.zeros(len(ranks), dtype=np.int64), ["google"] * len(ranks), ranks.tolist(), classes, probs,
+                       neighbors, details=details)
+    assert abs(details["clean_rate"] - clean.mean()) < 0.03, (details["clean_rate"], clean.mean())
+    fitted = [details["cell_log_odds"][name] for name in CELLS]
+    for i in (3, 4):  # the non-anchor cells: log(θ_clean / θ_noisy), minus the same shared offset
+        assert abs((fitted[i] - fitted[0]) - (true_log_odds[i] - true_log_odds[0])) < 0.5, (fitted, true_log_odds)
+    assert fitted[2] < -3  # the anchor cell: (almost) only noisy images
+    # The true posterior (the generator's P(clean | rank, cell)) is the best any score can do.
+    p_rank = np.minimum(1.0 - 0.6 * (ranks - 1) / 99, 1 - 1e-9)
+    odds = p_rank / (1 - p_rank) * np.exp(np.clip(true_log_odds[cell], -30, 30))
+    assert roc_auc(w, clean) > roc_auc(odds, clean) - 0.005
 
 
-def test_stage1_formula_by_hand():
-    """One rank bin per source: π = the source's mean agreement; w = σ(logit π + logit a − logit ā)."""
-    neighbors, scores = knn_arrays(WNIDS, KNN)
-    labels = np.array([0, 0, 1, 1])
-    sources = ["google", "google", "flickr", "flickr"]
-    classes = np.array([[0, 1], [3, 2], [1, 0], [2, 3]])
-    probs = np.array([[0.9, 0.1], [0.6, 0.4], [0.5, 0.5], [0.7, 0.3]])
-    a = [0.9 + 0.1 * 0.8, 0.4 * 0.3, 0.5 + 0.5 * 0.8, 0.0]
-    mean = sum(a) / 4
-    pi = [(a[0] + a[1]) / 2] * 2 + [(a[2] + a[3]) / 2] * 2
-    eps = 0.02
-
-    def logit(p):
-        p = min(max(p, eps), 1 - eps)
-        return math.log(p / (1 - p))
-
-    expected = [1 / (1 + math.exp(-(logit(pi[i]) + logit(a[i]) - logit(mean)))) for i in range(4)]
-    got = stage1_weights(labels, sources, [1, 2, 4, 3], classes, probs, neighbors, scores,
-                         Stage1Config(rank_bins=1, eps=eps))
-    np.testing.assert_allclose(got, expected, rtol=1e-6)  # knn scores are float32
-    # An unknown rank takes its source's mean agreement too; here the same number.
-    unknown = stage1_weights(labels, sources, [1, 2, None, 3], classes, probs, neighbors, scores,
-                             Stage1Config(rank_bins=1, eps=eps))
-    np.testing.assert_allclose(unknown[2], expected[2], rtol=1e-6)
+def test_weights_never_rise_with_rank_and_a_missing_prediction_adds_no_evidence():
+    rng = np.random.default_rng(1)
+    ranks, clean, cell, classes, probs, neighbors, _ = mixture(4000, rng)
+    classes[:50] = -1  # no predictions for the first 50 images
+    w = stage1_weights(np.zeros(len(ranks), dtype=np.int64), ["google"] * len(ranks), ranks.tolist(), classes, probs,
+                       neighbors)
+    for c in range(5):
+        of = (cell == c) & (classes[:, 0] >= 0)
+        order = np.argsort(ranks[of], kind="stable")
+        assert np.all(np.diff(w[of][order]) <= 1e-12)
+    # without predictions only the rank speaks: the weight lies between the best and worst cell's
+    of = np.arange(len(ranks)) < 50
+    same_rank = [w[(ranks == r) & ~of] for r in ranks[of]]
+    assert all(s.min() <= x <= s.max() for x, s in zip(w[of], same_rank) if len(s) > 1)
 
 
-def test_image_without_prediction_keeps_its_rank_prior():
-    neighbors, scores = knn_arrays(WNIDS, KNN)
-    got = stage1_weights(np.array([0, 0, 0]), ["google"] * 3, [1, 1, 1], np.array([[0], [1], [-1]]),
-                         np.array([[1.0], [0.5], [0.0]]), neighbors, scores, Stage1Config(rank_bins=1))
-    np.testing.assert_allclose(got[2], (1.0 + 0.4) / 2, rtol=1e-6)  # π = mean agreement of the two voters
+def test_em_fixed_point_satisfies_its_equations():
+    """At convergence, r = σ(logit ρ + Σ evidence fitted to r itself), checked with one more step by hand."""
+    rng = np.random.default_rng(2)
+    x = rng.random(500)
+    truth = rng.random(500) < x
+    fit = MonotoneRate(x + truth * 0.5, True)
+    r, (evidence,), _ = em([lambda r: log_odds_ratio(fit(r, r.mean()), r.mean())], np.full(500, 0.5))
+    rho = r.mean()
+    again = 1 / (1 + np.exp(-(np.log(rho / (1 - rho)) + log_odds_ratio(fit(r, rho), rho))))
+    np.testing.assert_allclose(again, r, atol=1e-4)
 
 
 def test_tables_round_trip_and_errors(tmp_path):
@@ -85,6 +113,8 @@ def test_tables_round_trip_and_errors(tmp_path):
 
     write_weights(tmp_path / "w.tsv", paths, [0.25, 1.0])
     assert read_weights(tmp_path / "w.tsv") == {paths[0]: 0.25, paths[1]: 1.0}
+    write_weights(tmp_path / "w.tsv", paths, [1 / 3, 1 - 1e-12])  # exact round trip, no 6-digit rounding
+    assert read_weights(tmp_path / "w.tsv") == {paths[0]: 1 / 3, paths[1]: 1 - 1e-12}
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []  # no temp file left
 
     bad = tmp_path / "bad.tsv"

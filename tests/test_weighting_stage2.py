@@ -2,10 +2,11 @@
 import math
 
 import numpy as np
+import pytest
 
 from megaclass.weighting.keywords import KeywordExtractor
-from megaclass.weighting.stage1 import Stage1Config, knn_arrays
-from megaclass.weighting.stage2 import Stage2Config, image_keywords, stage2_weights, text_margin, text_vectors
+from megaclass.weighting.metrics import roc_auc
+from megaclass.weighting.stage2 import image_keywords, stage2_weights, text_margin, text_vectors
 from megaclass.weighting.text import KeywordEmbeddings, inverse_document_frequency, select_vocabulary
 
 
@@ -16,26 +17,50 @@ def test_text_margin_by_hand():
     preds = np.array([[1, 2], [0, 1], [0, 2], [2, -1]])
     # image 0: cos(label 0) = 1, best other of {1: 0, 2: 0.6} = 0.6 -> 0.4
     # image 1: cos(label 0) = 0, other {1: 1} (0 is the label itself) -> -1
-    # image 2: no text -> 0;  image 3: no alternative to its label -> 0
-    np.testing.assert_allclose(text_margin(images, labels, preds, classes), [0.4, -1.0, 0.0, 0.0])
+    # image 2: no text -> none (NaN);  image 3: no alternative to its label -> none
+    np.testing.assert_allclose(text_margin(images, labels, preds, classes), [0.4, -1.0, np.nan, np.nan])
 
 
-def test_stage2_adds_capped_text_evidence_to_stage1():
-    neighbors, scores = knn_arrays(["n00000001", "n00000002"], {"n00000001": [("n00000002", 0.5)]})
-    labels, sources, ranks = np.array([0, 0, 1]), ["google"] * 3, [1, 2, 3]
-    preds, probs = np.array([[0, 1], [1, 0], [1, 0]]), np.array([[0.8, 0.2], [0.7, 0.3], [0.9, 0.1]])
+def text_case(n, rng):
+    """Stage-1 weights and pages from a known truth: a clean page describes the label (margin around
+    +0.2), a noisy one another class (around -0.2), a quarter of the pages say nothing."""
+    clean = rng.random(n) < 0.6
+    w1 = 1 / (1 + np.exp(-(np.where(clean, 1.0, -1.0) + rng.normal(0, 1.5, n))))
+    angle = np.where(clean, 0.2, -0.2) + rng.normal(0, 0.15, n)
+    # 2-d text vectors: cos to class 0 (the label) minus cos to class 1 (the alternative) is the margin
+    theta = np.pi / 4 - np.arcsin(np.clip(angle / np.sqrt(2), -1, 1))
+    images = np.stack([np.cos(theta), np.sin(theta)], 1)
+    silent = rng.random(n) < 0.25
+    images[silent] = 0
     classes = np.array([[1.0, 0.0], [0.0, 1.0]])
-    images = np.array([[1.0, 0.0], [0.0, 1.0], [0.8, 0.6]])
-    # Stage 1 by hand. Agreement a: image 0: 0.8·1 (label) + 0.2·0.5 (KNN neighbour 1) = 0.9; image 1:
-    # 0.7·0.5 + 0.3·1 = 0.65; image 2: 0.9·1 + 0.1·0 (class 1 has no neighbours) = 0.9. With one rank
-    # bin, π = ā for every image, so w1 = σ(logit ā + logit a − logit ā) = a.
-    w1 = [0.9, 0.65, 0.9]
-    margins = [1.0, -1.0, 0.6 - 0.8]
-    expected = [1 / (1 + math.exp(-(math.log(w / (1 - w)) + max(-4.0, min(4.0, m / 0.1)))))
-                for w, m in zip(w1, margins)]  # text evidence +4 (capped), −4 (capped), −2
-    got = stage2_weights(labels, sources, ranks, preds, probs, neighbors, scores, images, classes,
-                         Stage2Config(tau=0.1, max_evidence=4.0), Stage1Config(rank_bins=1))
-    np.testing.assert_allclose(got, expected, rtol=1e-9)
+    preds = np.tile([1, 0], (n, 1))
+    return clean, w1, images, classes, preds, silent
+
+
+def test_a_page_that_says_nothing_keeps_its_stage1_weight_and_text_adds_evidence():
+    rng = np.random.default_rng(0)
+    clean, w1, images, classes, preds, silent = text_case(6000, rng)
+    labels = np.zeros(len(w1), dtype=np.int64)
+    np.testing.assert_allclose(text_margin(images, labels, preds, classes)[~silent][:3],
+                               (images[~silent, 0] - images[~silent, 1])[:3], atol=1e-12)
+    details = {}
+    s = stage2_weights(w1, labels, preds, images, classes, details)
+    assert np.array_equal(s[silent], w1[silent])  # exactly, not approximately
+    assert abs(details["pages_with_margin"] - (~silent).mean()) < 1e-12
+    # the larger the margin, the higher the weight at equal stage-1 weight
+    margin = images[:, 0] - images[:, 1]
+    logit_gain = np.log(s / (1 - s)) - np.log(w1 / (1 - w1))
+    order = np.argsort(margin[~silent])
+    assert np.all(np.diff(logit_gain[~silent][order]) >= -1e-9)
+    speaking = ~silent
+    assert roc_auc(s[speaking], clean[speaking]) > roc_auc(w1[speaking], clean[speaking]) + 0.05
+    assert roc_auc(s[silent], clean[silent]) == roc_auc(w1[silent], clean[silent])
+
+
+def test_stage2_rejects_weights_that_are_not_posteriors():
+    with pytest.raises(ValueError, match="strictly between 0 and 1"):
+        stage2_weights(np.array([0.5, 1.0]), np.zeros(2, dtype=np.int64), np.array([[1], [1]]), np.ones((2, 2)),
+                       np.ones((2, 2)))
 
 
 def test_query_words_are_removed():

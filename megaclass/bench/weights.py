@@ -15,12 +15,11 @@ from __future__ import annotations
 import argparse
 import json
 import time
-from pathlib import Path
 
 import numpy as np
 import torch
 
-from megaclass.argtypes import nonnegative_int, output_file, positive_int
+from megaclass.argtypes import nonnegative_int, output_file, output_folder, positive_int
 from megaclass.io import atomic_write_text
 
 TARGET_IMAGES = 1_000_000
@@ -37,6 +36,11 @@ def register(subparsers) -> None:
     parser.add_argument("--encoder-dtype", choices=("float32", "bfloat16"), default="float32",
                         help="MiniLM precision (bfloat16: autocast, faster on CPUs with AVX512-BF16)")
     parser.add_argument("--out", type=output_file, default=None, metavar="FILE.json", help="also write the results here")
+    parser.add_argument("--suite", type=output_folder, default=None, metavar="DIR",
+                        help="instead of the throughput: stage 1 and 2 beside naive baselines on every noise model "
+                             "of `megaclass synth --noise` (megaclass/bench/suite.py) -> DIR/suite.{json,md,png}")
+    parser.add_argument("--suite-classes", type=positive_int, default=None, help="--suite: classes per data set (default synth's)")
+    parser.add_argument("--suite-per-class", type=positive_int, default=None, help="--suite: images per class (default synth's)")
     parser.set_defaults(func=run)
 
 
@@ -70,6 +74,17 @@ def vocabulary_at(keyword_lists: list[list[str]], min_df: int, n_target: int) ->
 
 
 def run(args) -> int:
+    if args.suite is not None:
+        from dataclasses import replace
+
+        from megaclass.bench.suite import markdown, run_suite
+        from megaclass.data.synth import SynthConfig
+
+        sizes = {k: v for k, v in (("classes", args.suite_classes), ("per_class", args.suite_per_class)) if v}
+        table = run_suite(args.suite, replace(SynthConfig(seed=args.seed), **sizes))
+        print(markdown(table))
+        print(f"wrote {args.suite}/suite.json, suite.md, suite.png")
+        return 0
     from megaclass.semantics import TextEncoder, imagenet22k_wnids
     from megaclass.semantics.wordnet import wordnet
     from megaclass.weighting.keywords import KeywordExtractor

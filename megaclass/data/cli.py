@@ -8,7 +8,7 @@ from megaclass.argtypes import nonnegative_int, output_folder, positive_int
 
 
 def register(subparsers) -> None:
-    from megaclass.data.synth import SynthConfig
+    from megaclass.data.synth import NOISE_MODELS, SynthConfig
 
     defaults = SynthConfig()
     parser = subparsers.add_parser(
@@ -27,6 +27,8 @@ def register(subparsers) -> None:
     parser.add_argument("--image-size", type=positive_int, default=defaults.image_size,
                         help=f"image side in pixels (default {defaults.image_size})")
     parser.add_argument("--seed", type=nonnegative_int, default=defaults.seed, help="random seed; same seed, same data set")
+    parser.add_argument("--noise", default=defaults.noise, choices=sorted(NOISE_MODELS),
+                        help="noise model (default web): " + "; ".join(f"{k}: {v}" for k, v in NOISE_MODELS.items()))
     parser.set_defaults(func=_run)
 
 
@@ -35,7 +37,7 @@ def _run(args) -> int:
 
     try:
         cfg = SynthConfig(classes=args.classes, per_class=args.per_class, val_per_class=args.val_per_class,
-                          image_size=args.image_size, seed=args.seed)
+                          image_size=args.image_size, seed=args.seed, noise=args.noise)
         summary = generate(args.out, cfg)
     except (ValueError, OSError) as exc:
         print(f"megaclass synth: {exc}", file=sys.stderr)

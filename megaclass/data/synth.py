@@ -14,6 +14,9 @@ Noise model (README.md, "The synthetic data set", gives the reasoning):
   still contain the query word. Otherwise the text is only the query word, camera file names, URLs
   and filler.
 
+`noise` picks one of NOISE_MODELS (`megaclass synth --noise MODEL`); "web" is the mix above, the others
+isolate one kind of web noise each (docs/weighting.md, "The noise-model suite").
+
 Images are `image_size`² JPEGs drawn from a per-concept prototype (smooth random colour field plus a
 blob); siblings share most of their prototype, so they look alike. Each image adds a shift, contrast
 change, a random background field and pixel noise. Everything is a function of the seed.
@@ -34,6 +37,15 @@ import numpy as np
 TRUTH_FILE = "truth_train.tsv"
 CONFIG_FILE = "synth.json"
 NOISE_KINDS = ("confusable", "unrelated", "outlier")
+NOISE_MODELS = {
+    "web": "the default mix: WordNet confusions, unrelated classes, open-set outliers; noise rises with rank",
+    "uniform": "a wrong image shows a class drawn uniformly from the other classes",
+    "wordnet": "a wrong image shows a WordNet neighbour (sibling or homonym) of its label",
+    "homonym": "a wrong image shows the other sense of a shared name where the label has one, else a sibling",
+    "outlier-query": "a wrong image shows an open-set outlier and its page always keeps the query word",
+    "flat-rank": "the web mix at a wrong-label rate that does not depend on the rank",
+    "no-text": "the web mix, and 60 % of the pages carry no text at all (no title, description or tags)",
+}
 
 FILLER = ("photo image picture wallpaper hd free download best new beautiful amazing stock vintage "
           "nikon canon travel summer holiday view day great top cool nice lovely flickr my").split()
@@ -65,6 +77,9 @@ class SynthConfig:
     """P(metadata describes the image), Google and Flickr"""
     outlier_concepts: int = 24
     """open-set categories that outlier images show"""
+    noise: str = "web"
+    """the noise model, one of NOISE_MODELS; anything but "web" overrides noise_mix (and, for
+    flat-rank, the rank dependence; for outlier-query and no-text, the page text)"""
 
     def __post_init__(self):
         if not 2 <= self.classes <= 900:
@@ -80,6 +95,24 @@ class SynthConfig:
                 raise ValueError(f"{name} must hold probabilities, got {getattr(self, name)}")
         if abs(sum(self.noise_mix) - 1) > 1e-6 or min(self.noise_mix) < 0:
             raise ValueError(f"noise_mix must be three non-negative shares summing to 1, got {self.noise_mix}")
+        if self.noise not in NOISE_MODELS:
+            raise ValueError(f"noise must be one of {', '.join(NOISE_MODELS)}, got {self.noise!r}")
+
+    @property
+    def mix(self) -> tuple[float, float, float]:
+        """The shares of NOISE_KINDS this noise model uses."""
+        return {"uniform": (0.0, 1.0, 0.0), "wordnet": (1.0, 0.0, 0.0), "homonym": (1.0, 0.0, 0.0),
+                "outlier-query": (0.0, 0.0, 1.0)}.get(self.noise, self.noise_mix)
+
+    @property
+    def query_word_rate(self) -> float:
+        """P(the page of an image showing another concept still carries the query word)."""
+        return 1.0 if self.noise == "outlier-query" else 0.5
+
+    @property
+    def textless_rate(self) -> float:
+        """P(a page has no text at all)."""
+        return 0.6 if self.noise == "no-text" else 0.0
 
 
 @dataclass(slots=True)
@@ -201,7 +234,7 @@ def _words(rng, items: list[str], k: int) -> list[str]:
     return [items[i] for i in rng.choice(len(items), size=min(k, len(items)), replace=False)] if items else []
 
 
-def _text(rng, shown: Concept | None, query: str, source: str) -> dict:
+def _text(rng, shown: Concept | None, query: str, source: str, query_word_rate: float = 0.5) -> dict:
     """Metadata for one image. `shown` None means uninformative: only the query word and filler."""
     year = str(int(rng.integers(2005, 2018)))
     if shown is None:
@@ -217,8 +250,10 @@ def _text(rng, shown: Concept | None, query: str, source: str) -> dict:
         description = " ".join(_words(rng, shown.gloss, 4) + [rng.choice(STOP)] + related[1:]
                                + [rng.choice(["&quot;" + rng.choice(FILLER) + "&quot;", "", year, "photo.jpg"])])
         tags = [n.lower() for n in _words(rng, shown.names, 2) + related] + [rng.choice(FILLER), year]
-        if query.lower() not in " ".join(shown.names).lower() and rng.random() < 0.5:
+        if query.lower() not in " ".join(shown.names).lower() and rng.random() < query_word_rate:
             title = f"{query} {title}"  # the engine matched the query word somewhere on the page
+    if query_word_rate >= 1.0 and query.lower() not in str(title).lower():
+        title = f"{query} {title}"  # every page the engine returned matched the query word
     entry = {"title": str(title), "description": str(description).strip()}
     if source == "flickr":
         entry["tags"] = [str(t) for t in tags]
@@ -227,11 +262,12 @@ def _text(rng, shown: Concept | None, query: str, source: str) -> dict:
 
 def _what_is_shown(rng, c: int, classes: list[Concept], outliers: int, cfg: SynthConfig) -> tuple[str, int]:
     """A wrong image under label c: (kind, concept index; outliers follow the classes)."""
-    kind = NOISE_KINDS[rng.choice(3, p=cfg.noise_mix)]
+    kind = NOISE_KINDS[rng.choice(3, p=cfg.mix)]
     siblings = [i for i, k in enumerate(classes) if k.group >= 0 and k.group == classes[c].group and i != c]
     confusable = classes[c].homonyms + siblings
     if kind == "confusable" and confusable:
-        pick = classes[c].homonyms if classes[c].homonyms and rng.random() < 0.6 else confusable
+        share = 1.0 if cfg.noise == "homonym" else 0.6
+        pick = classes[c].homonyms if classes[c].homonyms and rng.random() < share else confusable
         return kind, int(rng.choice(pick))
     if kind == "outlier":
         return kind, len(classes) + int(rng.integers(outliers))
@@ -303,6 +339,9 @@ def _generate(out: Path, cfg: SynthConfig, progress: bool) -> dict:
             start, end = noise[source]
             for rank in range(1, n + 1):
                 p_wrong = start + (end - start) * min(1.0, (rank - 1) / max(1.0, depth[source] - 1))
+                if cfg.noise == "flat-rank":  # the same overall rate, spread evenly over the ranks
+                    p_wrong = float(np.mean([start + (end - start) * min(1.0, (q - 1) / max(1.0, depth[source] - 1))
+                                             for q in range(1, n + 1)]))
                 kind, proto = _what_is_shown(rng, c, classes, len(outliers), cfg) if rng.random() < p_wrong \
                     else ("clean", c)
                 shown = concepts[proto]
@@ -310,7 +349,10 @@ def _generate(out: Path, cfg: SynthConfig, progress: bool) -> dict:
                 path = f"{source}/{query_dir}/{image_id}.jpg"
                 _save_jpeg(_render(protos[proto], rng), out / path)
                 text_of = shown if rng.random() < informative[source] else None
-                entry = {"id": image_id, "rank": rank, **_text(rng, text_of, queries[c], source)}
+                entry = {"id": image_id, "rank": rank, **_text(rng, text_of, queries[c], source, cfg.query_word_rate)}
+                if cfg.textless_rate and rng.random() < cfg.textless_rate:
+                    entry.update(title="", description="")
+                    entry.pop("tags", None)
                 for key, p_missing in (("description", 0.03), ("title", 0.01), ("rank", 0.005)):
                     if rng.random() < p_missing:
                         entry.pop(key, None)

@@ -88,10 +88,10 @@ class DataConfig:
     """Per-image loss weights TSV (`<image path>\\t<weight>`); None = every weight 1."""
     weight_knee: float | None = None
     """Loss weights at or above this value count fully (1), those below it in proportion (w / knee);
-    None: the weights as given. A stage's weight is a posterior P(the label is right): far below the
-    knee it marks a likely wrong label, while between the knee and 1 it mostly marks an image the
-    previous model found hard — grading those by the posterior halves the weight of the very images
-    the next model has to learn. The experiment configs use 0.1 (odds 1:9 against the label)."""
+    None (the default, and what every shipped config uses): the weights as given. The weighting's
+    weights are posteriors P(the label is right) estimated from the training data
+    (docs/weighting.md), so using them as they are weights each image's loss by its chance of being
+    right; a knee is a hand-set constant and is kept only for weights from elsewhere."""
     normalize_weights: bool = True
     """Scale the loss weights to mean 1 over the training set: only their ratios matter then, and the
     learning rate keeps its meaning (with "mean" reduction, weights averaging 0.5 would halve it)."""

@@ -19,7 +19,7 @@ import logging
 import os
 
 from megaclass.engine.config import Config
-from megaclass.engine.data import RunData, read_weight_table, start_run
+from megaclass.engine.data import RunData, read_weight_table
 from megaclass.engine.pipeline import trainer_class
 from megaclass.engine.trainer import TrainData, device_of_rank
 from megaclass.io import atomic_output, atomic_write_text
@@ -62,11 +62,14 @@ def _semantics(cfg: Config, data: RunData, knn: str) -> None:
     write_knn_tsv(knn, wnids, neighbors, scores)
 
 
-def _weights(cfg: Config, data: RunData, knn: str, predictions: str, stage: int, out: str) -> None:
-    """Stage-`stage` weights of every training image -> `out` (TSV) and a PNG of examples beside it."""
+def _weights(cfg: Config, data: RunData, knn: str, predictions: str, stage: int, out: str,
+             stage1_tsv: str | None = None) -> None:
+    """Stage-`stage` weights of every training image -> `out` (TSV) and a PNG of examples beside it;
+    stage 2 adds its text evidence to the stage-1 weights in `stage1_tsv`."""
     from megaclass.weighting.pipeline import compute_weights, save_weights
 
-    result = compute_weights(cfg.data.root, knn, predictions, stage, data=data.webvision, progress=cfg.train.progress)
+    result = compute_weights(cfg.data.root, knn, predictions, stage, data=data.webvision, progress=cfg.train.progress,
+                             stage1_tsv=stage1_tsv)
     log.info("%s", save_weights(result, cfg.data.root, out))
 
 
@@ -118,11 +121,14 @@ def run(cfg: Config, data: RunData) -> dict:
     for index, (key, label) in enumerate(RUNS):
         stage_cfg = dataclasses.replace(cfg, run_dir=os.path.join(run_dir, key))
         trainer = trainer_class(cfg)(stage_cfg, TrainData(data.train, data.webvision.num_classes, data.labels, weights), name=key)
-        rows = trainer.fit(val=(data.val, data.val_labels))
-        results[key] = trainer.evaluate(data.val, data.val_labels)
+        # The validation set is only ever scored: without it every weight and model come out the same.
+        has_val = len(data.val_labels) > 0
+        rows = trainer.fit(val=(data.val, data.val_labels) if has_val else None)
         curves[key] = {"train": rows, "val": trainer.eval_rows}
-        if rank0:
-            log.info("%s: top-1 %.2f%%  top-5 %.2f%%", label, results[key]["top1"], results[key]["top5"])
+        if has_val:
+            results[key] = trainer.evaluate(data.val, data.val_labels)
+            if rank0:
+                log.info("%s: top-1 %.2f%%  top-5 %.2f%%", label, results[key]["top1"], results[key]["top5"])
         if index < 2:
             probs, classes = trainer.predict(data.train_eval, cfg.eval.topk, desc=f"predict {key}")
             stage = index + 1
@@ -131,7 +137,8 @@ def run(cfg: Config, data: RunData) -> dict:
 
             def weigh():
                 write_predictions(predictions, paths, data.webvision.wnids, classes.numpy(), probs.numpy())
-                _weights(cfg, data, knn, predictions, stage, weights_path)
+                _weights(cfg, data, knn, predictions, stage, weights_path,
+                         os.path.join(run_dir, "weights_stage1.tsv") if stage == 2 else None)
 
             on_rank0(f"stage-{stage} weights", weigh, device)
             weights = read_weight_table(weights_path, paths, allow_extra=bool(cfg.data.limit_train))

@@ -7,6 +7,12 @@ symmetric and lie in [0, 1] (wup) or [-1, 1] (cos, in practice ~[0, 1]); see REA
 alpha = 0.5 is the default. Neighbours are found a block of rows × a block of columns at a time, upper
 triangle only (the score is symmetric, so each block serves its rows and, through the entries above
 the columns' current k-th best, its columns): memory is O(block²) plus the [C, K] answer, never C × C.
+
+Neighbours by meaning, not by a shared word: two classes that share a name — a lemma of one is a
+lemma of the other, or a word of one of its multi-word lemmas (crane the bird / crane the machine;
+bow the weapon / bow tie) — have close texts because of that word alone. Such a pair is never a
+neighbour unless WordNet relates the two senses: wup ≥ 1/2, i.e. their deepest common hypernym lies
+at least halfway down their root paths (lesser panda / giant panda, 0.93; crane / crane, 0.36).
 """
 from __future__ import annotations
 
@@ -23,14 +29,17 @@ from megaclass.io import atomic_write_text
 from megaclass.semantics.cache import ArrayCache, digest
 from megaclass.semantics.encoder import TextEncoder
 from megaclass.semantics.hierarchy import WuPalmer
-from megaclass.semantics.synsets import WNID, check_noun_synsets, class_texts
+from megaclass.semantics.synsets import WNID, check_noun_synsets, class_texts, lemma_names
+from megaclass.semantics.wordnet import synset_of
 
 log = logging.getLogger(__name__)
 
 DEFAULT_ALPHA = 0.5
 DEFAULT_BLOCK = 2048
+RELATED_WUP = 0.5
+"""senses sharing a name are neighbours only at or above this Wu-Palmer similarity (module docstring)"""
 # Bump when the text recipe or similarity changes, so cached neighbours of older code are not reused.
-SIMILARITY_VERSION = 1
+SIMILARITY_VERSION = 2
 
 ScoreBlock = Callable[[slice, slice], torch.Tensor]
 
@@ -126,17 +135,50 @@ def embedding_knn(embeddings: torch.Tensor, k: int, block_size: int = DEFAULT_BL
     return topk_blockwise(score_block, len(embeddings), k, block_size, progress)
 
 
+def shared_name_pairs(names: Sequence[Sequence[str]]) -> np.ndarray:
+    """int64 [P, 2] pairs (a, b), a < b, of classes that share a name: a lemma of one equals a lemma
+    of the other or a word of one of its multi-word lemmas. names: per class, its lemmas."""
+    lemmas = [{n.lower().replace("_", " ").strip() for n in ns} - {""} for ns in names]
+    by_lemma: dict[str, set[int]] = {}
+    by_word: dict[str, set[int]] = {}
+    for c, ls in enumerate(lemmas):
+        for lemma in ls:
+            by_lemma.setdefault(lemma, set()).add(c)
+            words = lemma.replace("-", " ").split()
+            for word in words if len(words) > 1 else ():
+                by_word.setdefault(word, set()).add(c)
+    pairs = set()
+    for lemma, classes in by_lemma.items():
+        for other in classes | by_word.get(lemma, set()):
+            pairs.update((min(c, other), max(c, other)) for c in classes if c != other)
+    return np.array(sorted(pairs), dtype=np.int64).reshape(-1, 2)
+
+
 def combined_knn(wup: WuPalmer, embeddings: torch.Tensor, k: int, alpha: float = DEFAULT_ALPHA,
-                 block_size: int = DEFAULT_BLOCK, progress: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
-    """Neighbours by alpha · wup + (1 - alpha) · cos; embeddings: float32 [C, D], L2-normalized."""
+                 block_size: int = DEFAULT_BLOCK, progress: bool = False,
+                 shared_names: np.ndarray | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Neighbours by alpha · wup + (1 - alpha) · cos; embeddings: float32 [C, D], L2-normalized.
+    shared_names: [P, 2] pairs from `shared_name_pairs`; those with wup < RELATED_WUP are excluded."""
     current: dict[int, torch.Tensor] = {}  # the Wu-Palmer rows of the current row block
+    pairs = np.zeros((0, 2), dtype=np.int64) if shared_names is None else np.asarray(shared_names, dtype=np.int64)
+    pairs = np.concatenate([pairs, pairs[:, ::-1]])  # both directions: a block may hold either
+    pairs = pairs[np.argsort(pairs[:, 0], kind="stable")]
 
     def score_block(rows: slice, cols: slice) -> torch.Tensor:
         if rows.start not in current:
             current.clear()
-            current[rows.start] = wup.block(rows).mul_(alpha)
+            current[rows.start] = wup.block(rows)
+        similarity = current[rows.start][:, cols]
         cos = embeddings[rows] @ embeddings[cols].T
-        return cos.mul_(1 - alpha).add_(current[rows.start][:, cols])
+        out = cos.mul_(1 - alpha).add_(similarity, alpha=alpha)
+        lo, hi = np.searchsorted(pairs[:, 0], [rows.start, rows.stop])
+        here = pairs[lo:hi]
+        here = here[(here[:, 1] >= cols.start) & (here[:, 1] < cols.stop)]
+        if len(here):
+            r, c = torch.from_numpy(here[:, 0] - rows.start), torch.from_numpy(here[:, 1] - cols.start)
+            unrelated = similarity[r, c] < RELATED_WUP
+            out[r[unrelated], c[unrelated]] = -math.inf
+        return out
 
     return topk_blockwise(score_block, len(embeddings), k, block_size, progress)
 
@@ -198,7 +240,9 @@ def nearest_categories(wnids: Sequence[str], k: int, alpha: float = DEFAULT_ALPH
         return hit["neighbors"], hit["scores"]
     embeddings = torch.from_numpy(_embeddings(texts, encoder, emb_key, cache, progress))
     log.info("neighbours: Wu-Palmer over %d classes, alpha %.3g, k %d", len(wnids), alpha, k)
-    indices, scores = combined_knn(WuPalmer(wnids), embeddings, k, alpha, block_size, progress)
+    shared = shared_name_pairs([lemma_names(synset_of(w)) + [n for n in (names[i] if names else "").split(",")]
+                                for i, w in enumerate(wnids)])
+    indices, scores = combined_knn(WuPalmer(wnids), embeddings, k, alpha, block_size, progress, shared)
     neighbors, scores = indices.numpy(), scores.numpy()
     cache.save("knn", knn_key, neighbors=neighbors, scores=scores)
     return neighbors, scores
@@ -209,8 +253,8 @@ def write_knn_tsv(path: str | Path, wnids: Sequence[str], neighbors: np.ndarray,
     neighbors, scores = np.asarray(neighbors), np.asarray(scores)
     if neighbors.shape != scores.shape or neighbors.shape[0] != len(wnids):
         raise ValueError(f"neighbors {neighbors.shape} / scores {scores.shape} do not match {len(wnids)} wnids")
-    lines = [f"{wnids[c]}\t{wnids[j]}\t{s:.6f}\n"
-             for c in range(len(wnids)) for j, s in zip(neighbors[c].tolist(), scores[c].tolist())]
+    lines = [f"{wnids[c]}\t{wnids[j]}\t{s:.6f}\n"  # -inf: an excluded pair filled a short list, no neighbour
+             for c in range(len(wnids)) for j, s in zip(neighbors[c].tolist(), scores[c].tolist()) if math.isfinite(s)]
     atomic_write_text(path, "".join(lines))
 
 

@@ -9,10 +9,11 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from megaclass.data.webvision import WebVision, load_webvision
-from megaclass.weighting.stage1 import Stage1Config, knn_arrays, stage1_weights
+from megaclass.weighting.estimate import clip01
+from megaclass.weighting.stage1 import knn_arrays, stage1_weights
 from megaclass.weighting.stage2 import (Stage2Config, class_descriptions, image_keywords, stage2_weights,
                                         text_vectors)
-from megaclass.weighting.tables import read_predictions
+from megaclass.weighting.tables import read_predictions, read_weights
 
 log = logging.getLogger(__name__)
 
@@ -36,10 +37,12 @@ class WeightsResult:
 
 def compute_weights(root: str | os.PathLike, knn_tsv: str | os.PathLike, predictions_tsv: str | os.PathLike,
                     stage: int, data: WebVision | None = None, embeddings=None,
-                    stage1: Stage1Config = Stage1Config(), stage2: Stage2Config = Stage2Config(),
-                    progress: bool = False) -> WeightsResult:
-    """Stage-1 or stage-2 weights for every training image of the data set at `root`. `stage1`
-    configures stage 1 and the stage-1 posterior inside stage 2; `stage2` the text evidence."""
+                    stage2: Stage2Config = Stage2Config(), progress: bool = False,
+                    stage1_tsv: str | os.PathLike | None = None) -> WeightsResult:
+    """Stage-1 or stage-2 weights for every training image of the data set at `root`. Stage 2 adds
+    the text evidence to the stage-1 weights in `stage1_tsv` (OUT_TSV of a stage-1 run; the
+    predictions are then the stage-1 model's), or without it to stage 1 computed from the same
+    predictions. `stage2` bounds the text features' compute."""
     if stage not in (1, 2):
         raise ValueError(f"stage must be 1 or 2, got {stage}")
     from megaclass.semantics import read_knn_tsv
@@ -67,9 +70,13 @@ def compute_weights(root: str | os.PathLike, knn_tsv: str | os.PathLike, predict
     labels = np.array([r.label for r in data.train], dtype=np.int64)
     sources = [r.source for r in data.train]
     ranks = [r.rank for r in data.train]
-    if stage == 1:
-        weights = stage1_weights(labels, sources, ranks, pred_classes, pred_probs, neighbors, scores, stage1)
+    details: dict = {}
+    if stage == 1 or stage1_tsv is None:
+        weights = stage1_weights(labels, sources, ranks, pred_classes, pred_probs, neighbors, scores, details)
+        notes.update(clean_rate=round(details["clean_rate"], 4), em_steps=details["em_iterations"])
     else:
+        weights = _stage1_from_file(stage1_tsv, paths)
+    if stage == 2:
         from megaclass.weighting.keywords import KeywordExtractor
 
         extractor = KeywordExtractor()
@@ -81,9 +88,23 @@ def compute_weights(root: str | os.PathLike, knn_tsv: str | os.PathLike, predict
         image_vectors, class_vectors = text_vectors(image_kw, class_kw, embeddings, stage2.min_df,
                                                     stage2.max_vocabulary, progress=progress)
         notes["without_keywords"] = sum(not ks for ks in image_kw)
-        weights = stage2_weights(labels, sources, ranks, pred_classes, pred_probs, neighbors, scores,
-                                 image_vectors, class_vectors, stage2, stage1)
+        weights = stage2_weights(weights, labels, pred_classes, image_vectors, class_vectors, details)
+        notes.update(pages_with_text_evidence=round(details["pages_with_margin"], 4),
+                     text_em_steps=details["em_iterations"])
     return WeightsResult(data, weights, stage, notes)
+
+
+def _stage1_from_file(path: str | os.PathLike, paths: list[str]) -> np.ndarray:
+    """The stage-1 weights of `paths`, in that order, from OUT_TSV; every image must be there."""
+    table = read_weights(path)
+    missing = [p for p in paths if p not in table]
+    if missing:
+        raise WeightingInputError(f"{path}: no stage-1 weight for {len(missing)} of {len(paths)} training images "
+                                  f"(first: {missing[0]!r}); was it written for this data set?")
+    weights = np.array([table[p] for p in paths], dtype=np.float64)
+    if np.any(weights > 1):
+        raise WeightingInputError(f"{path}: stage-1 weights are posteriors in [0, 1], found {weights.max()}")
+    return clip01(weights)
 
 
 def save_weights(result: WeightsResult, root: str | os.PathLike, out: str | os.PathLike, plot: bool = True) -> str:

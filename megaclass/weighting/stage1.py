@@ -1,39 +1,31 @@
-"""Stage 1: a per-image weight from the search rank and from the model's predictions relative to the
-label's WordNet-KNN categories.
+"""Stage 1: P(label is right) from the search rank and the model's predictions, estimated by EM on
+the noisy training data itself (megaclass/weighting/estimate.py; docs/weighting.md).
 
-For image i with label y, source s (google/flickr), rank r and top-k predictions (c_j, p_j):
+Two views of each image i (label y, source s, rank r, top-k predictions c_1..c_k with probabilities):
 
-    a_i  = Σ_j p_j · credit(y, c_j),   credit = 1 for c = y, the KNN score of c for c ∈ KNN_K(y), else 0
-    π(s, r) = P̂(agreement | source, rank): the mean of a over images of source s in r's rank bin,
-              made non-increasing in rank (pool-adjacent-violators): deeper results are never trusted more
-    w_i  = σ( logit π(s, r) + logit a_i − logit ā )          (a_i clipped to [ε, 1 − ε])
+- rank: g_rank(s, r) = P(clean | s, r), non-increasing in r within each source (deeper results are
+  never trusted more); an image without a rank gets its source's rate.
+- predictions: the image falls in one cell by where the top-1 lies — on y; on one of y's K nearest
+  WordNet categories (knn.tsv) with y elsewhere in the top k, or y absent; on another class with y
+  in the top k, or y absent — and g_pred(cell, p_y) = P(clean | cell, p_y) is non-decreasing in p_y,
+  the probability the model puts on y. How much a prediction on a neighbour counts (a hard near-miss
+  of a clean image, or a sibling shown under the wrong label) is what the fit learns, not a credit set
+  by hand. An image without predictions gets no evidence from them.
 
-Reading a_i as P(clean | image) and π as P(clean | rank), and assuming image and rank are independent
-given clean/noisy, Bayes' rule gives exactly this posterior (ā, the overall agreement, is the shared
-prior both contain once). A prediction that lands on a WordNet neighbour of the label counts as
-agreement: a fine-grained near-miss (a sibling breed) is a hard example, not evidence of a wrong label.
-An image without predictions keeps π; one without a rank gets its source's average agreement.
+    w_i = σ( logit g_rank + logit g_pred − logit ρ )      (Bayes' rule, views independent given z)
+
+with g_rank, g_pred and ρ = P(clean) the fixed point of EM started from w⁰ = (p_y + ½)/2.
 """
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
 
 import numpy as np
 
-EPS = 0.02
+from megaclass.weighting.estimate import MonotoneRate, em, log_odds_ratio
 
-
-@dataclass(frozen=True, slots=True)
-class Stage1Config:
-    rank_bins: int = 10
-    """rank bins per source (quantiles of the ranks), each with its own π"""
-    eps: float = EPS
-    """agreement is clipped to [eps, 1 - eps]: no single model output makes a weight exactly 0 or 1"""
-
-    def __post_init__(self):
-        if self.rank_bins < 1 or not 0 < self.eps < 0.5:
-            raise ValueError(f"rank_bins must be ≥ 1 and eps in (0, 0.5), got {self.rank_bins}, {self.eps}")
+CELLS = ("label", "neighbour, label in top k", "neighbour, label absent", "other, label in top k",
+         "other, label absent")
 
 
 def knn_arrays(wnids: Sequence[str], knn: Mapping[str, Sequence[tuple[str, float]]]) -> tuple[np.ndarray, np.ndarray]:
@@ -53,84 +45,71 @@ def knn_arrays(wnids: Sequence[str], knn: Mapping[str, Sequence[tuple[str, float
     return neighbors, scores
 
 
-def agreement(labels: np.ndarray, pred_classes: np.ndarray, pred_probs: np.ndarray,
-              neighbors: np.ndarray, scores: np.ndarray, chunk: int = 65536) -> np.ndarray:
-    """a [N]: predicted probability mass on the label (full credit) and its K nearest (score credit).
-
-    labels: [N]; pred_classes/pred_probs: [N, k] (class -1 = none); neighbors/scores: [C, K].
-    """
-    out = np.empty(len(labels), dtype=np.float64)
-    for lo in range(0, len(labels), chunk):
-        y = labels[lo:lo + chunk]
-        pc, pp = pred_classes[lo:lo + chunk], pred_probs[lo:lo + chunk].astype(np.float64)
-        credit = (pc == y[:, None]).astype(np.float64)
-        match = pc[:, :, None] == neighbors[y][:, None, :]  # [n, k, K]
-        match &= pc[:, :, None] >= 0
-        credit = np.maximum(credit, (match * scores[y][:, None, :]).max(-1, initial=0.0))
-        out[lo:lo + chunk] = (credit * pp).sum(1)
-    return np.clip(out, 0.0, 1.0)
+def prediction_cells(labels: np.ndarray, pred_classes: np.ndarray, pred_probs: np.ndarray,
+                     neighbors: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(cell int [N]: index into CELLS, -1 without predictions; p_label float [N]: the probability
+    of the label among the top k, 0 when absent)."""
+    labels = np.asarray(labels, dtype=np.int64)
+    pc, pp = np.asarray(pred_classes), np.asarray(pred_probs, dtype=np.float64)
+    on_label = pc == labels[:, None]
+    p_label = np.where(on_label, pp, 0.0).sum(1)
+    top = pc[:, 0]
+    top_is_neighbour = ((neighbors[labels] == top[:, None]) & (top[:, None] >= 0)).any(1)
+    in_top_k = on_label.any(1)
+    cell = np.where(top == labels, 0, np.where(top_is_neighbour, np.where(in_top_k, 1, 2),
+                                               np.where(in_top_k, 3, 4)))
+    return np.where((pc >= 0).any(1), cell, -1), p_label
 
 
-def _non_increasing(values: np.ndarray, weights: np.ndarray) -> np.ndarray:
-    """Weighted least-squares fit that does not increase (pool-adjacent-violators)."""
-    blocks: list[list[float]] = []  # [mean, weight, length]
-    for v, w in zip(values.tolist(), weights.tolist()):
-        blocks.append([v, w, 1])
-        while len(blocks) > 1 and blocks[-2][0] < blocks[-1][0]:
-            v2, w2, n2 = blocks.pop()
-            v1, w1, n1 = blocks[-1]
-            blocks[-1] = [(v1 * w1 + v2 * w2) / max(w1 + w2, 1e-12), w1 + w2, n1 + n2]
-    return np.concatenate([np.full(n, v) for v, _, n in blocks])
+def rank_view(sources: Sequence[str], ranks: np.ndarray):
+    """The EM view of the search rank: P(clean | source, rank), non-increasing in rank per source."""
+    source_of = np.unique(np.asarray(sources), return_inverse=True)[1]
+    ranks = np.asarray(ranks, dtype=np.float64)
+    known = ~np.isnan(ranks)
+    by_rank = MonotoneRate(ranks[known], False, source_of[known])
+    count = np.bincount(source_of).astype(np.float64)
+
+    def fit(r: np.ndarray) -> np.ndarray:
+        rho = float(r.mean())
+        out = ((np.bincount(source_of, weights=r) + rho) / (count + 1.0))[source_of]  # unknown rank: the source's rate
+        out[known] = by_rank(r[known], rho)
+        return log_odds_ratio(out, rho)
+
+    return fit
 
 
-def rank_prior(sources: Sequence[str], ranks: np.ndarray, agree: np.ndarray, has_pred: np.ndarray,
-               bins: int = 10) -> np.ndarray:
-    """π [N]: mean agreement of the image's (source, rank bin), non-increasing in rank.
+def prediction_view(cell: np.ndarray, p_label: np.ndarray):
+    """The EM view of the predictions: P(clean | cell, p_label), non-decreasing in p_label per cell."""
+    has = cell >= 0
+    by_cell = MonotoneRate(p_label[has], True, cell[has])
 
-    ranks: float [N] with NaN for unknown; has_pred: bool [N], images without predictions do not
-    vote. Unknown rank -> the source's mean agreement.
-    """
-    sources = np.asarray(sources)
-    prior = np.full(len(agree), agree[has_pred].mean() if has_pred.any() else 0.5)
-    for source in np.unique(sources):
-        of = sources == source
-        voters = of & has_pred
-        if not voters.any():
-            continue
-        prior[of] = agree[voters].mean()
-        known = of & ~np.isnan(ranks)
-        if not (known & has_pred).any():
-            continue
-        edges = np.unique(np.quantile(ranks[known & has_pred], np.linspace(0, 1, bins + 1)[1:-1]))
-        bin_of = np.searchsorted(edges, ranks[known], side="right")
-        vote_bin = np.searchsorted(edges, ranks[known & has_pred], side="right")
-        counts = np.bincount(vote_bin, minlength=len(edges) + 1).astype(np.float64)
-        sums = np.bincount(vote_bin, weights=agree[known & has_pred], minlength=len(edges) + 1)
-        means = np.where(counts > 0, sums / np.maximum(counts, 1), agree[voters].mean())
-        prior[known] = _non_increasing(means, counts)[bin_of]
-    return prior
+    def fit(r: np.ndarray) -> np.ndarray:
+        rho = float(r[has].mean()) if has.any() else float(r.mean())
+        out = np.full(len(r), np.nan)
+        out[has] = by_cell(r[has], rho)
+        return log_odds_ratio(out, rho)
 
-
-def logit(p: np.ndarray, eps: float) -> np.ndarray:
-    """log(p / (1 − p)) with p clipped to [eps, 1 − eps]."""
-    p = np.clip(p, eps, 1 - eps)
-    return np.log(p) - np.log1p(-p)
+    return fit
 
 
 def stage1_weights(labels: np.ndarray, sources: Sequence[str], ranks: Sequence[int | None],
                    pred_classes: np.ndarray, pred_probs: np.ndarray, neighbors: np.ndarray,
-                   scores: np.ndarray, cfg: Stage1Config = Stage1Config()) -> np.ndarray:
-    """Stage-1 weights w [N] in (0, 1) (formula in the module docstring).
+                   scores: np.ndarray | None = None, details: dict | None = None) -> np.ndarray:
+    """Stage-1 weights w [N] in (0, 1) (module docstring).
 
     labels: int [N]; sources: [N] "google"/"flickr"; ranks: [N] (None = unknown);
-    pred_classes/pred_probs: [N, k] top-k predictions (class -1 = none; a row of -1 = no prediction);
-    neighbors/scores: [C, K] from `knn_arrays`.
+    pred_classes/pred_probs: [N, k] top-k predictions, best first (class -1 = none; a row of -1 = no
+    prediction); neighbors: [C, K] from `knn_arrays` (its scores are not used: membership is).
+    `details`, when given, receives the fitted rates per cell and the EM's iteration count.
     """
     labels = np.asarray(labels, dtype=np.int64)
     ranks = np.array([np.nan if r is None else r for r in ranks], dtype=np.float64)
-    has_pred = (np.asarray(pred_classes) >= 0).any(1)
-    agree = agreement(labels, np.asarray(pred_classes), np.asarray(pred_probs), neighbors, scores)
-    prior = rank_prior(sources, ranks, agree, has_pred, cfg.rank_bins)
-    mean = agree[has_pred].mean() if has_pred.any() else 0.5
-    evidence = np.where(has_pred, logit(agree, cfg.eps) - logit(np.array(mean), cfg.eps), 0.0)
-    return 1.0 / (1.0 + np.exp(-(logit(prior, cfg.eps) + evidence)))
+    cell, p_label = prediction_cells(labels, pred_classes, pred_probs, neighbors)
+    start = (p_label + 0.5) / 2
+    w, (_, pred_evidence), iterations = em([rank_view(sources, ranks), prediction_view(cell, p_label)], start)
+    if details is not None:
+        details.update(clean_rate=float(w.mean()), em_iterations=iterations,
+                       cell_log_odds={name: round(float(pred_evidence[cell == i].mean()), 3) if (cell == i).any()
+                                      else None for i, name in enumerate(CELLS)},
+                       cell_share={name: float((cell == i).mean()) for i, name in enumerate(CELLS)})
+    return w

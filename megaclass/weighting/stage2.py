@@ -1,19 +1,19 @@
-"""Stage 2: the score s(x_i) that multiplies the cross-entropy, L_i = s(x_i) · CE(x_i).
+"""Stage 2: the score s(x_i) that multiplies the cross-entropy, L_i = s(x_i) · CE(x_i): stage 1's
+weight plus the evidence of the page text, estimated by EM on the training data (docs/weighting.md).
 
     t_i  = text feature of image i's keywords (title, description, tags), the query's own words removed
     g_c  = text feature of class c's keywords (names, WordNet gloss, hypernyms)
-    m_i  = cos(t_i, g_y) − max_{c ∈ top-k(i), c ≠ y} cos(t_i, g_c)
-    s_i  = σ( logit w1_i + clip(m_i / τ, −M, M) )
+    m_i  = cos(t_i, g_y) − max_{c ∈ top-k(i), c ≠ y} cos(t_i, g_c)    top-k: the stage-1 model's predictions
+    s_i  = σ( logit w1_i + logit h(m_i) − logit ρ )
 
-w1_i is the stage-1 posterior (rank + predictions vs the label's KNN) computed with the predictions
-of the model trained with stage-1 weights; the text margin m_i adds evidence on top: does the page
-describe the label better than every class the model believes instead? That is what separates a
-sibling or the other sense of a shared name (which stage 1 trusts, or cannot tell apart) from the
-label. The query's words are removed from the image's keywords because every result of the query
-contains them: they cannot tell a right image from a wrong one, and left in, they would make every
-page that merely repeats the query look like a match. An image with no keywords left, or no
-alternative prediction, gets m_i = 0: no text evidence either way. τ = 0.03 turns a typical margin of
-a matching page (+0.1) into +3.3 logits; M = 4 caps the text's say at a factor e⁴ ≈ 55 in the odds.
+w1_i is image i's stage-1 weight; h(m) = P(clean | m) is non-decreasing in the margin (a page that
+describes the label better than every class the model believes instead is never less likely right),
+fitted by isotonic regression inside EM with w1 as each image's prior (estimate.py), and ρ the clean
+rate among the images with a margin. The margin is what separates a sibling or the other sense of a
+shared name (which stage 1 trusts, or cannot tell apart) from the label. The query's words are
+removed from the image's keywords because every result of the query contains them: they cannot tell
+a right image from a wrong one. A page that says nothing — no keywords left, or no alternative
+prediction — has no margin and keeps its stage-1 weight exactly: s_i = w1_i.
 """
 from __future__ import annotations
 
@@ -22,16 +22,14 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from megaclass.weighting.stage1 import Stage1Config, logit, stage1_weights
+from megaclass.weighting.estimate import em, log_odds_ratio, logit, monotone_rate
 from megaclass.weighting.text import KeywordEmbeddings, inverse_document_frequency, select_vocabulary
 
 
 @dataclass(frozen=True, slots=True)
 class Stage2Config:
-    tau: float = 0.03
-    """temperature of the cosine margin (cosine units per logit)"""
-    max_evidence: float = 4.0
-    """cap on the text's log-odds contribution"""
+    """Compute budget of the text features (not model constants: they bound the encoder's work)."""
+
     min_df: int = 2
     """image keywords found on fewer images are dropped before encoding: a word seen once is mostly a
     name, an id or a typo, and the web's long tail of them would dominate the encoder's work"""
@@ -40,9 +38,8 @@ class Stage2Config:
     the words of a language in use, what lies beyond is names, ids, typos and foreign words"""
 
     def __post_init__(self):
-        if self.tau <= 0 or self.max_evidence <= 0 or self.min_df < 1 or self.max_vocabulary < 1:
-            raise ValueError(f"tau, max_evidence, max_vocabulary must be positive and min_df ≥ 1, got {self.tau}, "
-                             f"{self.max_evidence}, {self.max_vocabulary}, {self.min_df}")
+        if self.min_df < 1 or self.max_vocabulary < 1:
+            raise ValueError(f"max_vocabulary must be positive and min_df ≥ 1, got {self.max_vocabulary}, {self.min_df}")
 
 
 def class_descriptions(synsets: Sequence[tuple[str, str]]) -> list[str]:
@@ -74,12 +71,12 @@ def image_keywords(extractor, titles: Sequence[str], descriptions: Sequence[str]
 
 def text_margin(image_vectors: np.ndarray, labels: np.ndarray, pred_classes: np.ndarray,
                 class_vectors: np.ndarray, chunk: int = 65536) -> np.ndarray:
-    """m [N] (see module docstring); 0 where the image has no text or no alternative class.
+    """m [N] (see module docstring); NaN where the image has no text or no alternative class.
 
     image_vectors: [N, D] (zero rows = no text); labels: [N]; pred_classes: [N, k] (-1 = none);
     class_vectors: [C, D].
     """
-    out = np.zeros(len(labels), dtype=np.float64)
+    out = np.empty(len(labels), dtype=np.float64)
     for lo in range(0, len(labels), chunk):
         t, y, pc = image_vectors[lo:lo + chunk], labels[lo:lo + chunk], pred_classes[lo:lo + chunk]
         own = np.einsum("nd,nd->n", t, class_vectors[y])
@@ -87,7 +84,7 @@ def text_margin(image_vectors: np.ndarray, labels: np.ndarray, pred_classes: np.
         valid = (pc >= 0) & (pc != y[:, None])
         best = np.where(valid, other, -np.inf).max(1)
         has = valid.any(1) & (np.abs(t).sum(1) > 0)
-        out[lo:lo + chunk] = np.where(has, own - np.where(has, best, 0.0), 0.0)
+        out[lo:lo + chunk] = np.where(has, own - np.where(has, best, 0.0), np.nan)
     return out
 
 
@@ -105,17 +102,29 @@ def text_vectors(image_kw: Sequence[Sequence[str]], class_kw: Sequence[Sequence[
     return embeddings.bags(image_kw, idf, unseen), embeddings.bags(class_kw, idf, unseen)
 
 
-def stage2_weights(labels: np.ndarray, sources: Sequence[str], ranks: Sequence[int | None],
-                   pred_classes: np.ndarray, pred_probs: np.ndarray, neighbors: np.ndarray, scores: np.ndarray,
-                   image_vectors: np.ndarray, class_vectors: np.ndarray,
-                   cfg: Stage2Config = Stage2Config(), stage1: Stage1Config = Stage1Config()) -> np.ndarray:
-    """Stage-2 scores s [N] in (0, 1) (formula in the module docstring).
+def stage2_weights(w1: np.ndarray, labels: np.ndarray, pred_classes: np.ndarray, image_vectors: np.ndarray,
+                   class_vectors: np.ndarray, details: dict | None = None) -> np.ndarray:
+    """Stage-2 scores s [N] in (0, 1) (module docstring).
 
-    Inputs as `stage1_weights`, plus image_vectors [N, D] and class_vectors [C, D] from `text_vectors`;
-    `stage1` configures the w1 inside (the same config a stage-1 run uses).
+    w1: [N] stage-1 weights in (0, 1); labels: [N]; pred_classes: [N, k] the stage-1 model's top-k
+    (-1 = none); image_vectors [N, D] and class_vectors [C, D] from `text_vectors`. `details`, when
+    given, receives the clean rate among pages with a margin and the EM's iteration count.
     """
-    labels = np.asarray(labels, dtype=np.int64)
-    w1 = stage1_weights(labels, sources, ranks, pred_classes, pred_probs, neighbors, scores, stage1)
-    margin = text_margin(image_vectors, labels, np.asarray(pred_classes), class_vectors)
-    evidence = np.clip(margin / cfg.tau, -cfg.max_evidence, cfg.max_evidence)
-    return 1.0 / (1.0 + np.exp(-(logit(w1, stage1.eps) + evidence)))
+    w1 = np.asarray(w1, dtype=np.float64)
+    if np.any((w1 <= 0) | (w1 >= 1)) or not np.all(np.isfinite(w1)):
+        raise ValueError("stage-1 weights must lie strictly between 0 and 1 (posteriors)")
+    margin = text_margin(image_vectors, np.asarray(labels, dtype=np.int64), np.asarray(pred_classes), class_vectors)
+    speaks = ~np.isnan(margin)
+
+    def text_view(r: np.ndarray) -> np.ndarray:
+        out = np.full(len(r), np.nan)
+        if speaks.any():
+            rho = float(r[speaks].mean())
+            out[speaks] = log_odds_ratio(monotone_rate(margin[speaks], r[speaks], True, rho), rho)
+        return out
+
+    s, _, iterations = em([text_view], w1, prior_logit=logit(w1))
+    s[~speaks] = w1[~speaks]  # no evidence: exactly the stage-1 weight, not a rounding of it
+    if details is not None:
+        details.update(pages_with_margin=float(speaks.mean()), em_iterations=iterations)
+    return s

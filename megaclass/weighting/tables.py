@@ -114,13 +114,14 @@ def write_predictions(path: str | os.PathLike, paths: Sequence[str], wnids: Sequ
 
 
 def write_weights(path: str | os.PathLike, paths: Sequence[str], weights: Sequence[float]) -> None:
-    """Write OUT_TSV (`<image path><TAB><weight>`) atomically: a temp file in the same folder, then rename."""
+    """Write OUT_TSV (`<image path><TAB><weight>`) atomically: a temp file in the same folder, then
+    rename. Weights are written in Python's shortest exact form, so reading gives back the same floats."""
     weights = np.asarray(weights, dtype=np.float64)
     if len(paths) != len(weights):
         raise ValueError(f"{len(paths)} paths but {len(weights)} weights")
     if not np.all(np.isfinite(weights)) or np.any(weights < 0):
         raise ValueError("weights must be finite and non-negative")
-    atomic_write_text(path, "".join(f"{p}\t{w:.6f}\n" for p, w in zip(paths, weights.tolist())))
+    atomic_write_text(path, "".join(f"{p}\t{w!r}\n" for p, w in zip(paths, weights.tolist())))  # exact round trip
 
 
 def read_weights(path: str | os.PathLike) -> dict[str, float]:
