@@ -30,7 +30,7 @@ $(STAMP): setup.py pyproject.toml constraints.txt
 $(WORDNET):
 	@if command -v apt-get >/dev/null && [ "$$(id -u)" = 0 ]; then \
 		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq wordnet-base wordnet-sense-index >/dev/null; \
-	else echo "note: apt-get unavailable; megaclass needs WordNet 3.0 (see README: WordNet)"; fi
+	else echo "note: apt-get unavailable; megaclass needs WordNet 3.0 (see docs/semantics.md: WordNet)"; fi
 
 # Incremental (ninja) build of megaclass._C into the source tree. On a CPU-only machine DeepSpeed
 # JIT-compiles its shared-memory collectives on first use: build them here, once, not inside a test.

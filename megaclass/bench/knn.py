@@ -9,7 +9,7 @@ Parts (--parts):
                encoder, similarity, top-k) in a child process: time (cold, then cached) and peak memory;
                target <= 6 min and <= 6 GB on 2 cores.
   alpha-sweep  neighbour quality on the 1,000 ILSVRC classes for alpha in 0..1 (the table in
-               README.md).
+               docs/benchmarks.md).
 """
 from __future__ import annotations
 

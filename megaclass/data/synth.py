@@ -4,7 +4,7 @@ Categories are real WordNet 3.0 synsets from the 1,000 ILSVRC-2012 classes (WebV
 that confusions are possible: senses that share a name (crane the bird / crane the machine, Cardigan
 the corgi / cardigan the sweater) and WordNet siblings (classes with the same direct hypernym).
 
-Noise model (README.md, "The synthetic data set", gives the reasoning):
+Noise model (docs/data.md, "The synthetic data set", gives the reasoning):
 - P(wrong label | source, rank) = start + (end - start) · min(1, (rank - 1) / (depth - 1)), with
   `depth` the mean number of images per query and source; Flickr starts and ends noisier than Google.
 - A wrong image shows a confusable class (the homonym's other sense, or a sibling), an unrelated

@@ -17,7 +17,7 @@ def register(subparsers) -> None:
                     "alpha * Wu-Palmer(WordNet 3.0) + (1 - alpha) * cosine(BERT embeddings of the class "
                     "text), one `wnid<TAB>neighbor_wnid<TAB>score` row per neighbour, best first, the class "
                     "itself excluded. Embeddings and neighbours are cached; a second run with the same "
-                    "inputs reuses them. See README.md.",
+                    "inputs reuses them. See docs/semantics.md.",
 )
     parser.add_argument("--synsets", type=Path, metavar="FILE",
                         help="one class per line: a WordNet 3.0 noun wnid, then optional names "

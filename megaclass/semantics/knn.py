@@ -3,7 +3,7 @@
     score(a, b) = alpha · wup(a, b) + (1 - alpha) · cos(e_a, e_b)
 
 e_x: the L2-normalized MiniLM embedding of class x's text (lemmas, gloss, hypernyms). Both terms are
-symmetric and lie in [0, 1] (wup) or [-1, 1] (cos, in practice ~[0, 1]); see README.md (Category semantics) for why
+symmetric and lie in [0, 1] (wup) or [-1, 1] (cos, in practice ~[0, 1]); see docs/semantics.md for why
 alpha = 0.5 is the default. Neighbours are found a block of rows × a block of columns at a time, upper
 triangle only (the score is symmetric, so each block serves its rows and, through the entries above
 the columns' current k-th best, its columns): memory is O(block²) plus the [C, K] answer, never C × C.
