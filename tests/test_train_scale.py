@@ -9,6 +9,7 @@ from dist_utils import run_ranks
 from engine_helpers import FlatLinear, random_items
 
 from megaclass.engine.config import config_from_dict
+from megaclass.seeding import derive_seed
 
 CLASSES, D, MICRO = 1 << 20, 32, 8
 
@@ -41,7 +42,7 @@ def test_one_million_classes_on_two_ranks(tmp_path):
     labels = items.labels * 1000 + 7
     torch.manual_seed(0)
     backbone = FlatLinear(12, D).double()
-    torch.manual_seed(0 + 1)
+    torch.manual_seed(derive_seed(0, "head"))  # as Trainer seeds the head (train.seed = 0)
     from megaclass.nn import ShardedLinearCrossEntropy
 
     weight = ShardedLinearCrossEntropy(D, CLASSES, bias=False).weight.detach().double()
