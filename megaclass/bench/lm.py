@@ -175,9 +175,6 @@ def worker(spec) -> dict:
 
 
 def run(args) -> int:
-    if min(args.vocab, args.hidden, args.layers, args.seq, args.batch, args.repeats, args.threads) < 1:
-        raise SystemExit("megaclass bench lm: --vocab, --hidden, --layers, --seq, --batch, --repeats and "
-                         "--threads must be ≥ 1")
     if args.device == "cuda" and not torch.cuda.is_available():
         raise SystemExit("megaclass bench lm: --device cuda but no CUDA GPU is visible")
     names = [v.strip() for v in args.variants.split(",") if v.strip()]
