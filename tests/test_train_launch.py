@@ -1,6 +1,7 @@
 """launch/train.py under each launcher: a 2-node DeepSpeed job on loopback (--no_ssh --node_rank),
-mpirun (mpi4py discovery), torchrun; a rank that dies ends the job non-zero instead of hanging."""
+mpirun (mpi4py discovery, beside another job on the default port), torchrun; a rank that dies ends the job non-zero instead of hanging."""
 import os
+import socket
 import subprocess
 import sys
 import textwrap
@@ -12,6 +13,7 @@ from engine_helpers import write_webvision
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BIN = os.path.dirname(sys.executable)
 TIMEOUT_S = 30  # parallel.timeout_s of these jobs
+DEEPSPEED_DEFAULT_PORT = 29500  # what DeepSpeed's MPI discovery gives every job
 
 
 @pytest.fixture(scope="module")
@@ -66,9 +68,16 @@ def test_two_node_deepspeed_job_on_loopback(job):
 def test_mpirun_with_mpi_discovery(job):
     root, config = job
     run_dir = str(root / "mpi")
-    result = subprocess.run([f"{BIN}/mpirun", "-n", "2", sys.executable, "launch/train.py", "--config", config,
-                             "--set", f"run_dir={run_dir}"], cwd=REPO, env=_env(), stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True, timeout=240)
+    env = _env()
+    env.pop("MASTER_PORT", None)
+    try:  # DeepSpeed's default port in use, as by another job on the node (SO_REUSEADDR: past TIME_WAIT)
+        taken = socket.create_server(("", DEEPSPEED_DEFAULT_PORT))
+    except OSError:  # someone listens there already: the same situation
+        taken = socket.socket()
+    with taken:
+        result = subprocess.run([f"{BIN}/mpirun", "-n", "2", sys.executable, "launch/train.py", "--config", config,
+                                 "--set", f"run_dir={run_dir}"], cwd=REPO, env=env, stdout=subprocess.PIPE,
+                                stderr=subprocess.STDOUT, text=True, timeout=240)
     _check_run(run_dir, result)
     import torch
 

@@ -3,6 +3,7 @@ plain `python` run (a group of one)."""
 from __future__ import annotations
 
 import os
+import socket
 from datetime import timedelta
 
 import deepspeed
@@ -22,11 +23,28 @@ def init(cfg: Config) -> None:
         os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
                           MASTER_PORT=str(comm.free_port()))
     backend = cfg.parallel.backend or deepspeed.get_accelerator().communication_backend_name()
+    port = {} if "RANK" in os.environ else {"distributed_port": _mpi_store_port()}
     deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=True, verbose=False,
-                               timeout=timedelta(seconds=cfg.parallel.timeout_s))
+                               timeout=timedelta(seconds=cfg.parallel.timeout_s), **port)
     if "OMP_NUM_THREADS" not in os.environ:  # ranks of one node share its cores instead of oversubscribing
         local = int(os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("LOCAL_SIZE", "1")))
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // local))
+
+
+def _mpi_store_port() -> int:
+    """The rendezvous port of an mpirun job: MASTER_PORT when it is set, else a port free on rank 0's
+    host, sent to every rank over MPI. (DeepSpeed's MPI discovery would give every job port 29500, so
+    two jobs on one node, or one beside a `deepspeed` job, would meet in each other's store.)"""
+    if "MASTER_PORT" in os.environ:
+        return int(os.environ["MASTER_PORT"])
+    from mpi4py import MPI
+
+    world, port = MPI.COMM_WORLD, None
+    if world.Get_rank() == 0:
+        with socket.socket() as s:
+            s.bind(("", 0))
+            port = s.getsockname()[1]
+    return world.bcast(port, root=0)
 
 
 def finish() -> None:
