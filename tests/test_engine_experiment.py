@@ -61,8 +61,7 @@ def _experiment_twice(rank, world, with_val, without_val):
 
 @pytest.mark.timeout(300)
 def test_the_weights_do_not_depend_on_the_validation_set(tmp_path):
-    """Issue 13 (B): nothing is chosen on validation data. The experiment (cross-fitted predictions,
-    the default) run with the validation filelist present and removed writes the same weight files,
+    """Issue 13 (B): nothing is chosen on validation data. The experiment (default config) run with the validation filelist present and removed writes the same weight files,
     byte for byte; only the run with validation images reports accuracies."""
     import shutil
 
@@ -189,7 +188,7 @@ def test_the_experiment_config_checks_its_keys():
     from megaclass.engine.config import ConfigError, config_from_dict
 
     cfg = config_from_dict({})
-    assert (cfg.experiment.predictions, cfg.experiment.folds, cfg.experiment.oracle) == ("crossfit", 2, False)
+    assert (cfg.experiment.predictions, cfg.experiment.folds, cfg.experiment.oracle) == ("final", 2, False)
     with pytest.raises(ConfigError, match="experiment.predictions: must be one of crossfit, final, got 'last'"):
         config_from_dict({"experiment": {"predictions": "last"}})
     with pytest.raises(ConfigError, match="experiment.folds: must be at least 2"):

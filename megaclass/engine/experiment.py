@@ -4,11 +4,12 @@
     -> stage-1 weights -> train -> predict -> stage-2 weights -> train
     -> class-balanced top-1/top-5 of each model on the clean validation set
 
-The predictions on the training images (`experiment.predictions`) are cross-fitted by default: for
-each of `experiment.folds` folds a model trained like the stage's own on the other folds predicts the
-fold, so that no image is judged by a model that memorized its label; the reported models are
-always the ones trained on every image. `experiment.oracle` adds a fourth run, the clean-only oracle
-(weights 1 for clean, 0 for noisy images, from the synthetic data's truth_train.tsv).
+The predictions on the training images come from each stage's own model (`experiment.predictions:
+final`) or are cross-fitted (`crossfit`): for each of `experiment.folds` folds a model trained like
+the stage's own on the other folds predicts the fold, so that no image is judged by a model that saw
+its label; the reported models are always the ones trained on every image. `experiment.oracle` adds
+a fourth run, the clean-only oracle (weights 1 for clean, 0 for noisy images, from the synthetic
+data's truth_train.tsv).
 
 Every rank runs this module (under `deepspeed`, `torchrun` or `mpirun`); rank 0 alone runs the
 single-process steps (semantics, weights) through the library APIs while the others wait, and all
