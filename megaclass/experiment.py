@@ -29,13 +29,15 @@ def run(args: argparse.Namespace) -> int:
     from megaclass import log as logs
     from megaclass.engine import distributed
     from megaclass.engine.data import start_run
-    from megaclass.engine.experiment import StepFailed, run as run_experiment
+    from megaclass.engine.experiment import StepFailed, oracle_weights, run as run_experiment
 
     logs.setup()
     try:
         cfg, data = start_run(args.config, args.overrides)
         if len(data.val_labels) == 0:
             raise ValueError(f"{cfg.data.root}/info/val_filelist.txt: no validation images to evaluate on")
+        if cfg.experiment.oracle:
+            oracle_weights(cfg, data.paths)  # the truth file is there and lists every training image
     except (OSError, ValueError) as exc:
         log.error("%s", exc)
         return 2

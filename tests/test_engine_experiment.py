@@ -27,3 +27,199 @@ def test_a_rank0_step_that_fails_raises_on_every_rank():
     failed = run_ranks(_step_on_rank0, 2, True)
     assert failed[0] == ([0], "semantics failed on rank 0 (ValueError: knn.tsv:3: bad row)")
     assert failed[1] == ([], "semantics failed on rank 0 (see rank 0's error)")
+
+
+# -- the experiment end to end on a tiny synthetic data set ---------------------------------------------
+
+def _experiment_config(root, run_dir, **experiment):
+    from megaclass.engine.config import config_from_dict
+
+    return config_from_dict({
+        "run_dir": str(run_dir), "model": {"name": "resnet_tiny"},
+        "data": {"root": str(root), "image_size": 16, "num_workers": 0},
+        "optim": {"name": "sgd", "lr": 0.1, "warmup_steps": 2},
+        "train": {"epochs": 1, "micro_batch_size": 16, "seed": 0, "resume": False, "progress": False},
+        "eval": {"batch_size": 64, "every_epochs": 1},
+        "experiment": {"knn_k": 2, **experiment},
+    })
+
+
+def _experiment_twice(rank, world, with_val, without_val):
+    """The experiment on the data with its validation list and on a copy without it (one process)."""
+    import os
+
+    from megaclass.engine.data import load_run_data
+    from megaclass.engine.experiment import run
+
+    os.environ["LOCAL_RANK"] = str(rank)  # DeepSpeed's engine asks for it (a launcher sets it)
+    out = []
+    for root, run_dir in (with_val, without_val):
+        cfg = _experiment_config(root, run_dir)
+        out.append(run(cfg, load_run_data(cfg)))
+    return out
+
+
+@pytest.mark.timeout(300)
+def test_the_weights_do_not_depend_on_the_validation_set(tmp_path):
+    """Issue 13 (B): nothing is chosen on validation data. The experiment (default config) run with the validation filelist present and removed writes the same weight files,
+    byte for byte; only the run with validation images reports accuracies."""
+    import shutil
+
+    from megaclass.data.synth import SynthConfig, generate
+
+    root = tmp_path / "data"
+    generate(root, SynthConfig(classes=6, per_class=24, val_per_class=2, image_size=16, seed=3), progress=False)
+    bare = tmp_path / "data-without-val"
+    shutil.copytree(root, bare)
+    (bare / "info" / "val_filelist.txt").unlink()
+    with_val, without_val = run_ranks(_experiment_twice, 1, (str(root), str(tmp_path / "a")),
+                                      (str(bare), str(tmp_path / "b")), timeout=280)[0]
+    for name in ("weights_stage1.tsv", "weights_stage2.tsv"):
+        a, b = (tmp_path / "a" / name).read_bytes(), (tmp_path / "b" / name).read_bytes()
+        assert a == b and len(a.splitlines()) == sum(1 for _ in open(root / "info" / "train_filelist_google.txt")) + \
+            sum(1 for _ in open(root / "info" / "train_filelist_flickr.txt"))
+    assert all("top1" in with_val[key] for key in ("baseline", "stage1", "stage2"))
+    assert not any("top1" in without_val[key] for key in ("baseline", "stage1", "stage2"))
+
+
+def test_crossfit_folds_are_disjoint_cover_every_image_and_follow_the_seed():
+    import torch
+
+    from megaclass.engine.experiment import crossfit_folds
+
+    labels = torch.randint(7, (203,), generator=torch.Generator().manual_seed(1))
+    for folds in (2, 3, 5):
+        fold = crossfit_folds(labels, folds, seed=4)
+        assert fold.shape == labels.shape and set(fold.tolist()) == set(range(folds))  # one fold per image: disjoint, covering
+        assert torch.equal(fold, crossfit_folds(labels, folds, seed=4))
+        sizes = torch.bincount(fold, minlength=folds)
+        assert int(sizes.max() - sizes.min()) <= 1
+        for c in range(7):  # stratified: each class spread over the folds to within one image
+            per_fold = torch.bincount(fold[labels == c], minlength=folds)
+            assert int(per_fold.max() - per_fold.min()) <= 1
+    assert not torch.equal(crossfit_folds(labels, 2, seed=4), crossfit_folds(labels, 2, seed=5))
+
+
+class _Items:
+    """(image, label, index served) with an unreadable item that serves the next one, as ImageDataset does."""
+
+    def __init__(self, n, unreadable=()):
+        self.n, self.unreadable = n, set(unreadable)
+
+    def __len__(self):
+        return self.n
+
+    def __getitem__(self, i):
+        while i in self.unreadable:
+            i = (i + 1) % self.n
+        return f"image{i}", i % 3, i
+
+
+def test_a_subset_numbers_its_items_and_skips_an_unreadable_one_within_itself():
+    import torch
+
+    from megaclass.engine.data import Subset
+
+    subset = Subset(_Items(10, unreadable={4}), torch.tensor([7, 4, 2]))
+    assert len(subset) == 3
+    assert subset[0] == ("image7", 1, 0)
+    assert subset[1] == ("image2", 2, 2)  # 4 is unreadable; the dataset's stand-in (5) is outside: the next of the subset
+    assert subset[2] == ("image2", 2, 2)
+
+
+class _FoldTrainer:
+    """Stands in for the trainer class in `crossfit_predictions`: records what each fold model was
+    given and 'predicts' every item as its own index (so the result shows which item each row got)."""
+
+    made = []
+
+    def __init__(self, cfg, data, name):
+        self.data, self.name, self.run_dir = data, name, cfg.run_dir
+        _FoldTrainer.made.append(self)
+
+    def fit(self, val=None):
+        self.val = val
+        return []
+
+    def predict(self, dataset, k, desc=""):
+        import torch
+
+        served = torch.tensor([dataset[j][2] for j in range(len(dataset))])
+        rows = torch.tensor([dataset.indices[j] for j in served.tolist()])
+        self.predicted = rows
+        return torch.full((len(dataset), k), 0.5), rows[:, None].repeat(1, k)
+
+    def close(self):
+        pass
+
+
+def test_every_training_image_gets_exactly_one_held_out_prediction(monkeypatch, tmp_path):
+    """`crossfit_predictions`: each fold model trains on the other folds' images (with their labels
+    and weights) and predicts its own fold; together they predict every image once."""
+    import torch
+
+    from megaclass.engine import experiment
+    from megaclass.engine.config import config_from_dict
+
+    n, classes = 41, 4
+    labels = torch.arange(n) % classes
+    weights = torch.rand(n, generator=torch.Generator().manual_seed(0))
+    data = type("Data", (), {})()
+    data.train, data.train_eval, data.labels = _Items(n), _Items(n), labels
+    data.webvision = type("WV", (), {"num_classes": classes})()
+    monkeypatch.setattr(experiment, "trainer_class", lambda cfg: _FoldTrainer)
+    _FoldTrainer.made = []
+    cfg = config_from_dict({"run_dir": str(tmp_path), "experiment": {"folds": 3}})
+    probs, predicted = experiment.crossfit_predictions(cfg, data, weights, "stage1")
+    assert torch.equal(predicted[:, 0], torch.arange(n))  # each row predicted, and by the row's own item
+    fold = experiment.crossfit_folds(labels, 3, cfg.train.seed)
+    assert [t.name for t in _FoldTrainer.made] == ["stage1_fold0", "stage1_fold1", "stage1_fold2"]
+    for f, trainer in enumerate(_FoldTrainer.made):
+        held = set(trainer.predicted.tolist())
+        trained = set(trainer.data.dataset.indices)
+        assert held == set((fold == f).nonzero().squeeze(1).tolist()) and not held & trained
+        assert held | trained == set(range(n)) and trainer.val is None  # fold models never see validation
+        idx = torch.tensor(trainer.data.dataset.indices)
+        assert torch.equal(trainer.data.labels, labels[idx]) and torch.equal(trainer.data.sample_weights, weights[idx])
+        assert trainer.run_dir == str(tmp_path / "stage1" / f"fold{f}")
+
+
+def test_the_experiment_config_checks_its_keys():
+    from megaclass.engine.config import ConfigError, config_from_dict
+
+    cfg = config_from_dict({})
+    assert (cfg.experiment.predictions, cfg.experiment.folds, cfg.experiment.oracle) == ("final", 2, False)
+    with pytest.raises(ConfigError, match="experiment.predictions: must be one of crossfit, final, got 'last'"):
+        config_from_dict({"experiment": {"predictions": "last"}})
+    with pytest.raises(ConfigError, match="experiment.folds: must be at least 2"):
+        config_from_dict({"experiment": {"folds": 1}})
+    with pytest.raises(ConfigError, match="experiment.oracle: expected true/false"):
+        config_from_dict({"experiment": {"oracle": "yes"}})
+
+
+def test_the_oracle_needs_the_truth_file(tmp_path):
+    import torch
+
+    from megaclass.engine.config import ConfigError, config_from_dict
+    from megaclass.engine.experiment import oracle_weights
+
+    cfg = config_from_dict({"data": {"root": str(tmp_path)}, "experiment": {"oracle": True}})
+    with pytest.raises(ConfigError, match=r"experiment.oracle: needs .*truth_train.tsv"):
+        oracle_weights(cfg, ["google/q0001/a.jpg"])
+    (tmp_path / "truth_train.tsv").write_text("# path\tclean\ttrue_wnid\tkind\n"
+                                              "google/q0001/a.jpg\t1\tn1\tclean\ngoogle/q0001/b.jpg\t0\tn2\toutlier\n")
+    assert torch.equal(oracle_weights(cfg, ["google/q0001/b.jpg", "google/q0001/a.jpg"]), torch.tensor([0.0, 1.0]))
+    with pytest.raises(ValueError, match="no row for 1 training images, e.g. 'google/q0001/c.jpg'"):
+        oracle_weights(cfg, ["google/q0001/a.jpg", "google/q0001/c.jpg"])
+
+
+def test_the_table_gives_the_share_of_the_oracle_gap_closed():
+    from megaclass.engine.experiment import table
+
+    results = {"baseline": {"top1": 70.0, "top5": 90.0}, "stage1": {"top1": 74.0, "top5": 91.0},
+               "stage2": {"top1": 76.0, "top5": 92.0}, "oracle": {"top1": 80.0, "top5": 95.0}}
+    lines = table(results).splitlines()
+    assert lines[3] == "| +Stage1 | 74.00 | 91.00 | 40% |" and lines[4] == "| +Stage1+Stage2 | 76.00 | 92.00 | 60% |"
+    assert lines[5] == "| Clean-only oracle | 80.00 | 95.00 | |"
+    del results["oracle"]
+    assert table(results).splitlines()[0] == "| Method | Top-1 (%) | Top-5 (%) |"

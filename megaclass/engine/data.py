@@ -100,6 +100,27 @@ class SeededItems(Dataset):
         return image, label, served if index >= 0 else -1
 
 
+class Subset(Dataset):
+    """Items `indices` of `dataset` (which yields (image, label, index served)), numbered 0..n-1 so that
+    the index it returns points into the subset, as the trainer's weights and predictions expect. Where
+    the dataset serves another image in place of an unreadable one, the next readable item of the
+    subset is served instead (the dataset's stand-in may lie outside it)."""
+
+    def __init__(self, dataset: Dataset, indices: torch.Tensor):
+        self.dataset, self.indices = dataset, [int(i) for i in indices]
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, j: int):
+        for step in range(len(self.indices)):
+            k = (j + step) % len(self.indices)
+            image, label, served = self.dataset[self.indices[k]]
+            if served == self.indices[k]:
+                return image, label, k
+        raise RuntimeError(f"no readable image left among the {len(self.indices)} of this subset")
+
+
 def read_weight_table(path: str, paths: list[str], allow_extra: bool = False) -> torch.Tensor:
     """Per-image loss weights (`<image path>\t<weight>`, read by `megaclass.weighting`) in the order
     of `paths`. Every training image needs a weight; a row naming an image outside the training set

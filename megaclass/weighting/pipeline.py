@@ -29,6 +29,8 @@ class WeightsResult:
     """[N] in the order of `data.train`"""
     stage: int
     notes: dict[str, object] = field(default_factory=dict)
+    auc: float | None = None
+    """AUC of the weights for clean vs noisy images, set by `save_weights` where the truth is known."""
 
     @property
     def paths(self) -> list[str]:
@@ -123,7 +125,8 @@ def save_weights(result: WeightsResult, root: str | os.PathLike, out: str | os.P
     if truth is not None:
         known = np.array([p in truth for p in result.paths])
         clean = np.array([p in truth and truth[p].clean for p in result.paths])
-        line += f"; AUC clean vs noisy {roc_auc(result.weights[known], clean[known]):.4f}"
+        result.auc = roc_auc(result.weights[known], clean[known])
+        line += f"; AUC clean vs noisy {result.auc:.4f}"
         if not known.all():
             line += f" ({int((~known).sum())} images not in truth_train.tsv excluded)"
     if plot:
