@@ -3,7 +3,6 @@ plain `python` run (a group of one)."""
 from __future__ import annotations
 
 import os
-import socket
 from datetime import timedelta
 
 import deepspeed
@@ -39,12 +38,8 @@ def _mpi_store_port() -> int:
         return int(os.environ["MASTER_PORT"])
     from mpi4py import MPI
 
-    world, port = MPI.COMM_WORLD, None
-    if world.Get_rank() == 0:
-        with socket.socket() as s:
-            s.bind(("", 0))
-            port = s.getsockname()[1]
-    return world.bcast(port, root=0)
+    world = MPI.COMM_WORLD
+    return world.bcast(comm.free_port(host="") if world.Get_rank() == 0 else None, root=0)
 
 
 def finish() -> None:

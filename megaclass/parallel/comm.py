@@ -152,8 +152,9 @@ def scale_grad(x: torch.Tensor, factor: float) -> torch.Tensor:
     return x if factor == 1 else _ScaleGrad.apply(x, factor)
 
 
-def free_port() -> int:
-    """A free TCP port on 127.0.0.1, for tools that form their own group (`init_group`)."""
+def free_port(host: str = "127.0.0.1") -> int:
+    """A free TCP port on `host` ("" = every interface), for tools that form their own group
+    (`init_group`) and for a job's rendezvous store."""
     with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
+        s.bind((host, 0))
         return s.getsockname()[1]
