@@ -36,13 +36,13 @@ def run(args: argparse.Namespace) -> int:
         cfg, data = start_run(args.config, args.overrides)
         if len(data.val_labels) == 0:
             raise ValueError(f"{cfg.data.root}/info/val_filelist.txt: no validation images to evaluate on")
-        if cfg.experiment.oracle:
-            oracle_weights(cfg, data.paths)  # the truth file is there and lists every training image
+        # read here, where a missing or short truth file is a clean error, and once
+        oracle = oracle_weights(cfg, data.paths) if cfg.experiment.oracle else None
     except (OSError, ValueError) as exc:
         log.error("%s", exc)
         return 2
     try:
-        run_experiment(cfg, data)
+        run_experiment(cfg, data, oracle)
     except StepFailed as exc:
         log.error("%s", exc)
         return 1

@@ -213,6 +213,27 @@ def test_the_oracle_needs_the_truth_file(tmp_path):
         oracle_weights(cfg, ["google/q0001/a.jpg", "google/q0001/c.jpg"])
 
 
+@pytest.mark.timeout(300)
+def test_the_experiment_command_refuses_an_oracle_without_truth_as_a_clean_error(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    from engine_helpers import write_webvision
+
+    write_webvision(str(tmp_path / "data"))  # no truth_train.tsv: not synthetic data
+    config = tmp_path / "run.yaml"
+    config.write_text(f"data: {{root: {tmp_path / 'data'}, image_size: 16, num_workers: 0}}\n"
+                      f"run_dir: {tmp_path / 'run'}\nexperiment: {{oracle: true}}\n")
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    result = subprocess.run([sys.executable, "-m", "megaclass.experiment", "--config", str(config)], cwd=repo,
+                            env=dict(os.environ, PYTHONPATH=repo), capture_output=True, text=True, timeout=240)
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert "experiment.oracle: needs" in result.stderr and "truth_train.tsv" in result.stderr
+    assert "Traceback" not in result.stderr
+    assert not (tmp_path / "run" / "baseline").exists()  # refused before any training
+
+
 def test_the_table_gives_the_share_of_the_oracle_gap_closed():
     from megaclass.engine.experiment import table
 

@@ -190,13 +190,16 @@ def plot_curves(path: str, curves: dict) -> None:
     plt.close(fig)
 
 
-def run(cfg: Config, data: RunData) -> dict:
-    """Collective: every rank calls it. Returns the results dict (on every rank)."""
+def run(cfg: Config, data: RunData, oracle: torch.Tensor | None = None) -> dict:
+    """Collective: every rank calls it. Returns the results dict (on every rank). `oracle`: the
+    clean-only oracle's weights when the caller has read them already (default: `oracle_weights`,
+    when `experiment.oracle` is set)."""
     rank0 = comm.rank() == 0
     run_dir = cfg.run_dir
     os.makedirs(run_dir, exist_ok=True)
     paths = data.paths
-    oracle = oracle_weights(cfg, paths) if cfg.experiment.oracle else None  # a missing truth file: before any work
+    if cfg.experiment.oracle and oracle is None:
+        oracle = oracle_weights(cfg, paths)  # a missing truth file: before any work
     if rank0:
         log.info("%s", data.webvision.summary())
 
