@@ -32,12 +32,14 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
+
+from megaclass.data.columns import SOURCES, TrainBuilder, TrainColumns, TrainRecord
 from megaclass.data.paths import inside, plain_relative, real_root
 from megaclass.semantics.synsets import SynsetsError, read_synsets
 
 log = logging.getLogger(__name__)
 
-SOURCES = ("google", "flickr")
 VAL_DIR = "val_images_256"
 MAX_RANK = 2**31 - 1  # a search rank is a position in a result list; beyond this it is damage
 _INTEGER = re.compile(r"-?[0-9]{1,18}")  # ASCII digits only: int() would accept '٣' and reject '²'
@@ -49,26 +51,14 @@ class WebVisionFormatError(ValueError):
 
 
 @dataclass(slots=True)
-class TrainRecord:
-    """One training image. `path` is relative to the data root, exactly as in the filelist."""
-
-    path: str
-    label: int
-    source: str
-    query: str
-    rank: int | None = None
-    title: str = ""
-    description: str = ""
-    tags: str = ""  # Flickr tags joined by spaces; "" for Google
-
-
-@dataclass(slots=True)
 class WebVision:
-    """A loaded data set. `synsets[c] = (wnid, text)`; `val` holds (path relative to root, label)."""
+    """A loaded data set. `synsets[c] = (wnid, text)`; `train` the training images as columns
+    (`megaclass.data.columns`: `train[i]` is a `TrainRecord`, `train.labels` an array);
+    `val` holds (path relative to root, label). `root` is the data root or the shards folder."""
 
     root: Path
     synsets: list[tuple[str, str]]
-    train: list[TrainRecord]
+    train: TrainColumns
     val: list[tuple[str, int]]
     queries: dict[str, dict[int, str]] = field(default_factory=dict)  # source -> {query number: text}
     skipped: Counter = field(default_factory=Counter)
@@ -87,13 +77,17 @@ class WebVision:
         number = record.query.lstrip("q")
         return self.queries.get(record.source, {}).get(int(number), "") if _INTEGER.fullmatch(number) else ""
 
+    def query_texts(self) -> list[str]:
+        """The query text of each of `train.query_keys` (index with `train.queries` for per image)."""
+        return [self.query_text(TrainRecord("", 0, source, query)) for source, query in self.train.query_keys]
+
     def train_items(self) -> list[tuple[str, int]]:
         """(path, label) pairs for `ImageDataset`."""
-        return [(r.path, r.label) for r in self.train]
+        return list(zip(self.train.paths, self.train.labels.tolist()))
 
     def summary(self) -> str:
         """A readable report: sizes, then every skip reason with its count and first example."""
-        by_source = Counter(r.source for r in self.train)
+        by_source = {SOURCES[s]: int(n) for s, n in enumerate(np.bincount(self.train.sources)) if n}
         lines = [f"WebVision at {self.root}: {self.num_classes} classes, {len(self.train)} training images "
                  f"({', '.join(f'{s} {n}' for s, n in sorted(by_source.items()))}), {len(self.val)} validation images"]
         if not self.skipped:
@@ -234,19 +228,26 @@ def _rank(value) -> int | None:
     return None
 
 
-def _fill(record: TrainRecord, entry: dict, where: str, skipped: Counter, examples: dict) -> None:
+def _fill(source: str, entry: dict, where: str, skipped: Counter, examples: dict) -> tuple:
+    """An entry's (rank or None, title, description, tags), each damage counted."""
     rank = entry.get("rank")
     if rank is None:
         _note(skipped, examples, "missing field 'rank'", where)
     else:
-        record.rank = _rank(rank)
-        if record.rank is None:
+        rank_value = _rank(rank)
+        if rank_value is None:
             _note(skipped, examples, "field 'rank' not a positive integer (rank unknown)", f"{where}: {_show(rank)}")
-    for key in ("title", "description") + (("tags",) if record.source == "flickr" else ()):
-        if key not in entry:
+        rank = rank_value
+    texts = []
+    for key in ("title", "description", "tags"):
+        if key == "tags" and source != "flickr":
+            texts.append("")
+        elif key not in entry:
             _note(skipped, examples, f"missing field '{key}'", where)
+            texts.append("")
         else:
-            setattr(record, key, _as_text(entry[key]))
+            texts.append(_as_text(entry[key]))
+    return (rank, *texts)
 
 
 class _Root:
@@ -319,7 +320,7 @@ def load_webvision(root: str | os.PathLike, *, sources=SOURCES, check_images: bo
     skipped: Counter = Counter()
     examples: dict[str, str] = {}
     seen: dict[str, tuple[int, str]] = {}
-    train: list[TrainRecord] = []
+    train = TrainBuilder()
     queries = {}
     for source in sources:
         filelist = info / f"train_filelist_{source}.txt"
@@ -357,14 +358,14 @@ def load_webvision(root: str | os.PathLike, *, sources=SOURCES, check_images: bo
                         reason = OUTSIDE if state == "outside" else "missing training image (dropped)"
                         _note(skipped, examples, reason, str(root / path))
                         continue
-                record = TrainRecord(path, label, source, query)
+                side = ()
                 if metadata is not None:
                     entry = metadata.get(Path(path).stem)
                     if entry is None:
                         _note(skipped, examples, "image without metadata (kept, no side information)", path)
                     else:
-                        _fill(record, entry, f"{root / source / query}.json id={record.path}", skipped, examples)
-                train.append(record)
+                        side = _fill(source, entry, f"{root / source / query}.json id={path}", skipped, examples)
+                train.append(path, label, source, query, *side)
     if not any((info / f"train_filelist_{s}.txt").is_file() for s in sources):
         raise WebVisionFormatError(f"{info}: no train_filelist_{{{','.join(sources)}}}.txt")
     val = []
@@ -379,4 +380,4 @@ def load_webvision(root: str | os.PathLike, *, sources=SOURCES, check_images: bo
                     _note(skipped, examples, reason, str(root / path))
                     continue
             val.append((path, label))
-    return WebVision(root, synsets, train, val, queries, skipped, examples)
+    return WebVision(root, synsets, train.finish(), val, queries, skipped, examples)

@@ -8,10 +8,11 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from megaclass.data.webvision import WebVision, load_webvision
+from megaclass.data.metadata import load_metadata
+from megaclass.data.webvision import WebVision
 from megaclass.weighting.estimate import clip01
 from megaclass.weighting.stage1 import knn_arrays, stage1_weights
-from megaclass.weighting.stage2 import (Stage2Config, class_descriptions, image_keywords, stage2_weights,
+from megaclass.weighting.stage2 import (Stage2Config, class_descriptions, keyword_bags, stage2_weights,
                                         text_vectors)
 from megaclass.weighting.tables import read_predictions, read_weights
 
@@ -33,15 +34,17 @@ class WeightsResult:
     """AUC of the weights for clean vs noisy images, set by `save_weights` where the truth is known."""
 
     @property
-    def paths(self) -> list[str]:
-        return [r.path for r in self.data.train]
+    def paths(self):
+        """The images' paths, a `StringColumn` in the order of `weights`."""
+        return self.data.train.paths
 
 
 def compute_weights(root: str | os.PathLike, knn_tsv: str | os.PathLike, predictions_tsv: str | os.PathLike,
                     stage: int, data: WebVision | None = None, embeddings=None,
                     stage2: Stage2Config = Stage2Config(), progress: bool = False,
                     stage1_tsv: str | os.PathLike | None = None) -> WeightsResult:
-    """Stage-1 or stage-2 weights for every training image of the data set at `root`. Stage 2 adds
+    """Stage-1 or stage-2 weights for every training image of the data set at `root` (a WebVision-layout
+    root or a shards folder, `megaclass.data.metadata`). Stage 2 adds
     the text evidence to the stage-1 weights in `stage1_tsv` (OUT_TSV of a stage-1 run; the
     predictions are then the stage-1 model's), or without it to stage 1 computed from the same
     predictions. `stage2` bounds the text features' compute."""
@@ -49,8 +52,8 @@ def compute_weights(root: str | os.PathLike, knn_tsv: str | os.PathLike, predict
         raise ValueError(f"stage must be 1 or 2, got {stage}")
     from megaclass.semantics import read_knn_tsv
 
-    data = data or load_webvision(root, progress=progress)
-    if not data.train:
+    data = data or load_metadata(root, progress=progress)
+    if not len(data.train):
         raise WeightingInputError(f"{root}: no training images")
     knn = read_knn_tsv(knn_tsv)
     neighbors, scores = knn_arrays(data.wnids, knn)
@@ -59,7 +62,7 @@ def compute_weights(root: str | os.PathLike, knn_tsv: str | os.PathLike, predict
         raise WeightingInputError(f"{knn_tsv}: none of the {data.num_classes} classes of {root} has neighbours "
                                   f"there; was it made from another synsets.txt?")
     preds = read_predictions(predictions_tsv, data.wnids)
-    paths = [r.path for r in data.train]
+    paths = data.train.paths
     pred_classes, pred_probs, found = preds.align(paths)
     if not found.any():
         raise WeightingInputError(f"{predictions_tsv}: no row names a training image of {root} "
@@ -69,12 +72,10 @@ def compute_weights(root: str | os.PathLike, knn_tsv: str | os.PathLike, predict
     if notes["without_predictions"]:
         log.warning("%d of %d training images have no prediction row in %s; they keep their rank prior",
                     notes["without_predictions"], len(paths), predictions_tsv)
-    labels = np.array([r.label for r in data.train], dtype=np.int64)
-    sources = [r.source for r in data.train]
-    ranks = [r.rank for r in data.train]
+    labels = data.train.labels.astype(np.int64)
     details: dict = {}
     if stage == 1 or stage1_tsv is None:
-        weights = stage1_weights(labels, sources, ranks, pred_classes, pred_probs, neighbors, scores, details)
+        weights = stage1_weights(labels, data.train.sources, data.train.ranks, pred_classes, pred_probs, neighbors, scores, details)
         notes.update(clean_rate=round(details["clean_rate"], 4), em_steps=details["em_iterations"])
     else:
         weights = _stage1_from_file(stage1_tsv, paths)
@@ -82,28 +83,36 @@ def compute_weights(root: str | os.PathLike, knn_tsv: str | os.PathLike, predict
         from megaclass.weighting.keywords import KeywordExtractor
 
         extractor = KeywordExtractor()
-        records = data.train
-        image_kw = image_keywords(extractor, [r.title for r in records], [r.description for r in records],
-                                  [r.tags for r in records], [data.query_text(r) or data.synsets[r.label][1]
-                                                              for r in records])
+        image_kw = keyword_bags(extractor, data.train.titles, data.train.descriptions, data.train.tags,
+                                _query_or_class_texts(data))
         class_kw = [extractor(text) for text in class_descriptions(data.synsets)]
         image_vectors, class_vectors = text_vectors(image_kw, class_kw, embeddings, stage2.min_df,
                                                     stage2.max_vocabulary, progress=progress)
-        notes["without_keywords"] = sum(not ks for ks in image_kw)
+        notes["without_keywords"] = int((image_kw.lengths() == 0).sum())
         weights = stage2_weights(weights, labels, pred_classes, image_vectors, class_vectors, details)
         notes.update(pages_with_text_evidence=round(details["pages_with_margin"], 4),
                      text_em_steps=details["em_iterations"])
     return WeightsResult(data, weights, stage, notes)
 
 
-def _stage1_from_file(path: str | os.PathLike, paths: list[str]) -> np.ndarray:
+def _query_or_class_texts(data: WebVision, block: int = 65536):
+    """Each image's query text, or its class's names where the query's text is unknown (streamed)."""
+    query_texts, names = data.query_texts(), [text for _, text in data.synsets]
+    for lo in range(0, len(data.train), block):
+        queries = data.train.queries[lo:lo + block].tolist()
+        labels = data.train.labels[lo:lo + block].tolist()
+        yield from (query_texts[q] or names[y] for q, y in zip(queries, labels))
+
+
+def _stage1_from_file(path: str | os.PathLike, paths) -> np.ndarray:
     """The stage-1 weights of `paths`, in that order, from OUT_TSV; every image must be there."""
     table = read_weights(path)
-    missing = [p for p in paths if p not in table]
-    if missing:
-        raise WeightingInputError(f"{path}: no stage-1 weight for {len(missing)} of {len(paths)} training images "
-                                  f"(first: {missing[0]!r}); was it written for this data set?")
-    weights = np.array([table[p] for p in paths], dtype=np.float64)
+    weights = np.fromiter((table.get(p, np.nan) for p in paths), dtype=np.float64, count=len(paths))
+    missing = np.isnan(weights)
+    if missing.any():
+        raise WeightingInputError(f"{path}: no stage-1 weight for {int(missing.sum())} of {len(paths)} training "
+                                  f"images (first: {paths[int(np.argmax(missing))]!r}); was it written for this "
+                                  f"data set?")
     if np.any(weights > 1):
         raise WeightingInputError(f"{path}: stage-1 weights are posteriors in [0, 1], found {weights.max()}")
     return clip01(weights)
@@ -123,8 +132,9 @@ def save_weights(result: WeightsResult, root: str | os.PathLike, out: str | os.P
     clean = known = None
     line = f"stage {result.stage}: {len(result.weights)} weights, mean {result.weights.mean():.3f} -> {out}"
     if truth is not None:
-        known = np.array([p in truth for p in result.paths])
-        clean = np.array([p in truth and truth[p].clean for p in result.paths])
+        known = np.fromiter((p in truth for p in result.paths), dtype=bool, count=len(result.weights))
+        clean = np.fromiter((p in truth and truth[p].clean for p in result.paths), dtype=bool,
+                            count=len(result.weights))
         result.auc = roc_auc(result.weights[known], clean[known])
         line += f"; AUC clean vs noisy {result.auc:.4f}"
         if not known.all():

@@ -27,7 +27,7 @@ def plot_weights(out_png: str | Path, root: str | Path, records: Sequence, weigh
                  class_names: Sequence[str], stage: int, clean: np.ndarray | None = None,
                  known: np.ndarray | None = None, classes: int = 4, per_side: int = 3) -> None:
     """Write the PNG atomically. records: the training records (`.path`, `.label`, `.title`) in the
-    order of `weights` [N]; clean: bool [N] or None when the truth is unknown; known: bool [N], the
+    order of `weights` [N], e.g. `TrainColumns` (its `labels` array is then used, no record built per image); clean: bool [N] or None when the truth is unknown; known: bool [N], the
     images whose `clean` flag is known (default all), the others are left out of histograms and AUC."""
     import matplotlib
 
@@ -35,7 +35,7 @@ def plot_weights(out_png: str | Path, root: str | Path, records: Sequence, weigh
     import matplotlib.pyplot as plt
     from PIL import Image
 
-    labels = np.array([r.label for r in records])
+    labels = np.asarray(records.labels) if hasattr(records, "labels") else np.array([r.label for r in records])
     shown = pick_classes(labels, weights, classes)
     fig = plt.figure(figsize=(4 + 2.1 * 2 * per_side, max(4.5, 2.4 * len(shown))))
     grid = fig.add_gridspec(max(1, len(shown)), 1 + 2 * per_side, width_ratios=[3.5] + [1] * (2 * per_side))

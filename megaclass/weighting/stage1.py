@@ -97,13 +97,17 @@ def stage1_weights(labels: np.ndarray, sources: Sequence[str], ranks: Sequence[i
                    scores: np.ndarray | None = None, details: dict | None = None) -> np.ndarray:
     """Stage-1 weights w [N] in (0, 1) (module docstring).
 
-    labels: int [N]; sources: [N] "google"/"flickr"; ranks: [N] (None = unknown);
+    labels: int [N]; sources: [N] source names or codes; ranks: [N] (None = unknown), or an int array
+    (0 = unknown, as `TrainColumns.ranks`);
     pred_classes/pred_probs: [N, k] top-k predictions, best first (class -1 = none; a row of -1 = no
     prediction); neighbors: [C, K] from `knn_arrays` (its scores are not used: membership is).
     `details`, when given, receives the fitted rates per cell and the EM's iteration count.
     """
     labels = np.asarray(labels, dtype=np.int64)
-    ranks = np.array([np.nan if r is None else r for r in ranks], dtype=np.float64)
+    if isinstance(ranks, np.ndarray) and ranks.dtype.kind in "iu":
+        ranks = np.where(ranks > 0, ranks, np.nan)
+    else:
+        ranks = np.array([np.nan if r is None else r for r in ranks], dtype=np.float64)
     cell, p_label = prediction_cells(labels, pred_classes, pred_probs, neighbors)
     start = (p_label + 0.5) / 2
     w, (_, pred_evidence), iterations = em([rank_view(sources, ranks), prediction_view(cell, p_label)], start)

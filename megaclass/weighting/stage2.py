@@ -17,13 +17,14 @@ prediction — has no margin and keeps its stage-1 weight exactly: s_i = w1_i.
 """
 from __future__ import annotations
 
-from collections.abc import Sequence
+from array import array
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
 
 from megaclass.weighting.estimate import em, log_odds_ratio, logit, monotone_rate
-from megaclass.weighting.text import KeywordEmbeddings, inverse_document_frequency, select_vocabulary
+from megaclass.weighting.text import KeywordBags, KeywordEmbeddings, inverse_document_frequency, vocabulary_mask
 
 
 @dataclass(frozen=True, slots=True)
@@ -56,17 +57,31 @@ def class_descriptions(synsets: Sequence[tuple[str, str]]) -> list[str]:
     return texts
 
 
-def image_keywords(extractor, titles: Sequence[str], descriptions: Sequence[str], tags: Sequence[str],
-                   queries: Sequence[str]) -> list[list[str]]:
-    """Keywords of each image's title + description + tags, minus the keywords of its query."""
-    out = []
+def keyword_bags(extractor, titles: Iterable[str], descriptions: Iterable[str], tags: Iterable[str],
+                 queries: Iterable[str]) -> KeywordBags:
+    """Keywords of each image's title + description + tags, minus the keywords of its query, as columns.
+    Each argument yields one string per image (a `StringColumn` streams them; `queries` may be a
+    `query_texts[data.train.queries]`-style indexing, repeated strings are extracted once)."""
+    index: dict[str, int] = {}
+    ids, lengths = array("i"), array("q")
     query_words: dict[str, frozenset] = {}
     for title, description, tag, query in zip(titles, descriptions, tags, queries):
         drop = query_words.get(query)
         if drop is None:
             drop = query_words[query] = frozenset(extractor(query))
-        out.append([k for k in extractor(title, description, tag) if k not in drop])
-    return out
+        row = [index.setdefault(k, len(index)) for k in extractor(title, description, tag) if k not in drop]
+        ids.extend(row)
+        lengths.append(len(row))
+    offsets = np.zeros(len(lengths) + 1, dtype=np.int64)
+    np.cumsum(np.frombuffer(lengths, dtype=np.int64) if lengths else [], out=offsets[1:])
+    return KeywordBags(list(index), np.frombuffer(ids, dtype=np.int32).copy() if ids else np.zeros(0, np.int32),
+                       offsets)
+
+
+def image_keywords(extractor, titles: Sequence[str], descriptions: Sequence[str], tags: Sequence[str],
+                   queries: Sequence[str]) -> list[list[str]]:
+    """`keyword_bags` as one list of keywords per image."""
+    return keyword_bags(extractor, titles, descriptions, tags, queries).tolist()
 
 
 def text_margin(image_vectors: np.ndarray, labels: np.ndarray, pred_classes: np.ndarray,
@@ -88,17 +103,17 @@ def text_margin(image_vectors: np.ndarray, labels: np.ndarray, pred_classes: np.
     return out
 
 
-def text_vectors(image_kw: Sequence[Sequence[str]], class_kw: Sequence[Sequence[str]],
+def text_vectors(image_kw: KeywordBags | Sequence[Sequence[str]], class_kw: Sequence[Sequence[str]],
                  embeddings: KeywordEmbeddings | None = None, min_df: int = 1, max_vocabulary: int | None = None,
                  progress: bool = False) -> tuple[np.ndarray, np.ndarray]:
     """(image vectors [N, D], class vectors [C, D]): IDF-weighted keyword bags, IDF over the images;
-    image keywords outside `select_vocabulary(image_kw, min_df, max_vocabulary)` are left out."""
+    image keywords outside `vocabulary_mask(image_kw, min_df, max_vocabulary)` are left out."""
     embeddings = embeddings or KeywordEmbeddings()
+    image_kw = KeywordBags.of(image_kw)
     if min_df > 1 or max_vocabulary is not None:
-        keep = select_vocabulary(image_kw, min_df, max_vocabulary)
-        image_kw = [[k for k in ks if k in keep] for ks in image_kw]
+        image_kw = image_kw.keep(vocabulary_mask(image_kw, min_df, max_vocabulary))
     idf, unseen = inverse_document_frequency(image_kw)
-    embeddings.add((k for ks in list(image_kw) + list(class_kw) for k in ks), progress=progress)
+    embeddings.add(list(idf) + [k for ks in class_kw for k in ks], progress=progress)
     return embeddings.bags(image_kw, idf, unseen), embeddings.bags(class_kw, idf, unseen)
 
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import math
 import os
+from array import array
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,7 +37,7 @@ class Predictions:
     def align(self, paths: Sequence[str]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Rows in the order of `paths` -> (classes [M, k], probs [M, k], found bool [M]); images
         without a row get class -1 and probability 0."""
-        index = np.array([self.row.get(p, -1) for p in paths], dtype=np.int64)
+        index = np.fromiter((self.row.get(p, -1) for p in paths), dtype=np.int64, count=len(paths))
         found = index >= 0
         k = self.classes.shape[1]
         classes = np.full((len(paths), k), -1, dtype=np.int64)
@@ -55,7 +56,8 @@ def read_predictions(path: str | os.PathLike, wnids: Sequence[str]) -> Predictio
     path = Path(path)
     class_of = {w: i for i, w in enumerate(wnids)}
     row: dict[str, int] = {}
-    lists: list[list[tuple[int, float]]] = []
+    # flat columns, not a list per row: 16M rows of 5 (class, prob) tuples would be ~10 GB of objects
+    flat_classes, flat_probs, lengths = array("i"), array("f"), array("i")
     try:
         f = open(path, encoding="utf-8")
     except OSError as exc:
@@ -91,16 +93,21 @@ def read_predictions(path: str | os.PathLike, wnids: Sequence[str]) -> Predictio
             if total > 1.0 + SUM_TOLERANCE + PRINT_ROUNDING * len(items):
                 raise TableError(f"{where}: probabilities sum to {total:.6f} > 1 (softmax probabilities of "
                                  f"distinct classes sum to at most 1)")
-            row[image] = len(lists)
-            lists.append(items)
-    if not lists:
+            row[image] = len(lengths)
+            lengths.append(len(items))
+            for c, p in items:
+                flat_classes.append(c)
+                flat_probs.append(p)
+    if not lengths:
         raise TableError(f"{path}: no predictions")
-    k = max(len(items) for items in lists) or 1
-    classes = np.full((len(lists), k), -1, dtype=np.int64)
-    probs = np.zeros((len(lists), k), dtype=np.float32)
-    for r, items in enumerate(lists):
-        for j, (c, p) in enumerate(items):
-            classes[r, j], probs[r, j] = c, p
+    length = np.frombuffer(lengths, dtype=np.int32)
+    k = int(length.max()) or 1
+    classes = np.full((len(length), k), -1, dtype=np.int64)
+    probs = np.zeros((len(length), k), dtype=np.float32)
+    rows = np.repeat(np.arange(len(length)), length)
+    columns = np.arange(len(rows)) - np.repeat(np.cumsum(length) - length, length)
+    classes[rows, columns] = np.frombuffer(flat_classes, dtype=np.int32)
+    probs[rows, columns] = np.frombuffer(flat_probs, dtype=np.float32)
     return Predictions(row, classes, probs)
 
 

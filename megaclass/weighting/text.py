@@ -8,12 +8,60 @@ IDF weighting lets rare, specific words (`whooping`, `marsh`) outweigh ones ever
 """
 from __future__ import annotations
 
-import math
-from collections import Counter
 from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
 
 import numpy as np
 import torch
+
+
+@dataclass(slots=True)
+class KeywordBags:
+    """The keyword lists of N images as columns (CSR): image i's keywords are
+    `words[ids[offsets[i]:offsets[i + 1]]]`, each at most once per image, in order of appearance.
+    words: the vocabulary [V]; ids: int32 [total]; offsets: int64 [N + 1]."""
+
+    words: list[str]
+    ids: np.ndarray
+    offsets: np.ndarray
+
+    @classmethod
+    def of(cls, lists: KeywordBags | Sequence[Sequence[str]]) -> KeywordBags:
+        """Bags from lists of keywords (a keyword repeated within a list is kept once)."""
+        if isinstance(lists, KeywordBags):
+            return lists
+        index: dict[str, int] = {}
+        ids, lengths = [], []
+        for ks in lists:
+            row = list(dict.fromkeys(index.setdefault(k, len(index)) for k in ks))
+            ids.extend(row)
+            lengths.append(len(row))
+        offsets = np.zeros(len(lengths) + 1, dtype=np.int64)
+        np.cumsum(lengths, out=offsets[1:])
+        return cls(list(index), np.array(ids, dtype=np.int32), offsets)
+
+    def __len__(self) -> int:
+        return len(self.offsets) - 1
+
+    def __getitem__(self, i: int) -> list[str]:
+        return [self.words[k] for k in self.ids[self.offsets[i]:self.offsets[i + 1]].tolist()]
+
+    def tolist(self) -> list[list[str]]:
+        return [self[i] for i in range(len(self))]
+
+    def lengths(self) -> np.ndarray:
+        return np.diff(self.offsets)
+
+    def document_frequency(self) -> np.ndarray:
+        """int64 [V]: on how many images each word is."""
+        return np.bincount(self.ids, minlength=len(self.words))
+
+    def keep(self, word_mask: np.ndarray) -> KeywordBags:
+        """Only the words where `word_mask` [V] is true (the vocabulary stays, ids keep their meaning)."""
+        kept = word_mask[self.ids]
+        before = np.zeros(len(self.ids) + 1, dtype=np.int64)
+        np.cumsum(kept, out=before[1:])
+        return KeywordBags(self.words, self.ids[kept], before[self.offsets])
 
 
 class KeywordEmbeddings:
@@ -46,38 +94,56 @@ class KeywordEmbeddings:
             self._table = torch.from_numpy(np.concatenate(self._rows)) if self._rows else torch.zeros(0, 1)
         return self._table
 
-    def bags(self, keyword_lists: Sequence[Sequence[str]], idf: dict[str, float] | None = None,
-             default_idf: float = 1.0, chunk: int = 100_000) -> np.ndarray:
+    def bags(self, keyword_lists: KeywordBags | Sequence[Sequence[str]], idf: dict[str, float] | None = None,
+             default_idf: float = 1.0, chunk: int = 1 << 20) -> np.ndarray:
         """[N, D] L2-normalized IDF-weighted mean embedding per list; all-zero rows for empty lists."""
-        self.add(k for ks in keyword_lists for k in ks)
+        bags = KeywordBags.of(keyword_lists)
+        used = np.zeros(len(bags.words), dtype=bool)
+        used[bags.ids] = True
+        self.add(w for w, u in zip(bags.words, used.tolist()) if u)
+        row = np.array([self.cache.get(w, -1) for w in bags.words], dtype=np.int64)  # word id -> table row
+        weight = np.array([idf.get(w, default_idf) for w in bags.words] if idf else np.ones(len(bags.words)),
+                          dtype=np.float32)
         table = self.table
-        out = np.zeros((len(keyword_lists), table.shape[1]), dtype=np.float32)
-        for lo in range(0, len(keyword_lists), chunk):
-            part = keyword_lists[lo:lo + chunk]
-            flat = [k for ks in part for k in ks]
-            if not flat:
+        out = np.zeros((len(bags), table.shape[1]), dtype=np.float32)
+        for lo in range(0, len(bags), chunk):
+            hi = min(lo + chunk, len(bags))
+            a, b = bags.offsets[lo], bags.offsets[hi]
+            if a == b:
                 continue
-            index = torch.tensor([self.cache[k] for k in flat], dtype=torch.long)
-            offsets = torch.tensor(np.concatenate([[0], np.cumsum([len(ks) for ks in part])[:-1]]), dtype=torch.long)
-            weights = torch.tensor([idf.get(k, default_idf) if idf else 1.0 for k in flat], dtype=torch.float32)
-            pooled = torch.nn.functional.embedding_bag(index, table, offsets, mode="sum", per_sample_weights=weights)
-            out[lo:lo + len(part)] = torch.nn.functional.normalize(pooled, dim=-1).numpy()
+            ids = bags.ids[a:b]
+            pooled = torch.nn.functional.embedding_bag(
+                torch.from_numpy(row[ids]), table, torch.from_numpy(bags.offsets[lo:hi] - a), mode="sum",
+                per_sample_weights=torch.from_numpy(weight[ids]))
+            out[lo:hi] = torch.nn.functional.normalize(pooled, dim=-1).numpy()
         return out
 
 
-def select_vocabulary(keyword_lists: Sequence[Sequence[str]], min_df: int = 1,
+def vocabulary_mask(bags: KeywordBags, min_df: int = 1, max_vocabulary: int | None = None) -> np.ndarray:
+    """bool [V]: the words found on at least `min_df` images, at most `max_vocabulary` of them (the
+    most frequent; ties broken alphabetically, so the choice is deterministic)."""
+    df = bags.document_frequency()
+    keep = df >= max(min_df, 1)
+    if max_vocabulary is not None and keep.sum() > max_vocabulary:
+        candidates = np.flatnonzero(keep)
+        order = sorted(candidates.tolist(), key=lambda k: (-df[k], bags.words[k]))[:max_vocabulary]
+        keep = np.zeros(len(df), dtype=bool)
+        keep[order] = True
+    return keep
+
+
+def select_vocabulary(keyword_lists: KeywordBags | Sequence[Sequence[str]], min_df: int = 1,
                       max_vocabulary: int | None = None) -> set[str]:
-    """Keywords found on at least `min_df` images, at most `max_vocabulary` of them (the most
-    frequent; ties broken alphabetically, so the choice is deterministic)."""
-    df = Counter(k for ks in keyword_lists for k in set(ks))
-    keep = [k for k, n in df.items() if n >= min_df]
-    if max_vocabulary is not None and len(keep) > max_vocabulary:
-        keep = sorted(keep, key=lambda k: (-df[k], k))[:max_vocabulary]
-    return set(keep)
+    """The words of `vocabulary_mask`, as a set."""
+    bags = KeywordBags.of(keyword_lists)
+    return {bags.words[k] for k in np.flatnonzero(vocabulary_mask(bags, min_df, max_vocabulary)).tolist()}
 
 
-def inverse_document_frequency(keyword_lists: Sequence[Sequence[str]]) -> tuple[dict[str, float], float]:
-    """Smoothed IDF `log((1 + N) / (1 + df)) + 1` per keyword, and the value for an unseen keyword."""
-    df = Counter(k for ks in keyword_lists for k in set(ks))
-    n = len(keyword_lists)
-    return {k: math.log((1 + n) / (1 + d)) + 1 for k, d in df.items()}, math.log(1 + n) + 1
+def inverse_document_frequency(keyword_lists: KeywordBags | Sequence[Sequence[str]]) -> tuple[dict[str, float], float]:
+    """Smoothed IDF `log((1 + N) / (1 + df)) + 1` per keyword on at least one image, and the value for an
+    unseen keyword."""
+    bags = KeywordBags.of(keyword_lists)
+    df = bags.document_frequency()
+    n = len(bags)
+    idf = np.log((1 + n) / (1 + df)) + 1
+    return {bags.words[k]: float(idf[k]) for k in np.flatnonzero(df).tolist()}, float(np.log(1 + n) + 1)

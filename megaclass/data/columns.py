@@ -1,0 +1,201 @@
+"""Per-image side information as columns: numpy arrays, strings as one UTF-8 buffer plus offsets.
+
+One Python object per image costs ~100 bytes of headers before its strings (a `TrainRecord` with
+five `str`s is ~600 bytes at WebVision's field lengths): 16M images would need ~10 GB for that alone.
+Columns cost the strings' bytes plus 8 bytes of offset each, and numeric fields 1-4 bytes, so 16M
+images of metadata fit in a few GB and every per-image computation can be a numpy expression.
+`TrainColumns[i]` still builds a `TrainRecord` on the fly, for code that wants one image at a time.
+"""
+from __future__ import annotations
+
+from array import array
+from dataclasses import dataclass
+
+import numpy as np
+
+SOURCES = ("google", "flickr")
+
+
+class StringColumn:
+    """N strings: `buffer` uint8 [total bytes] (UTF-8), `offsets` int64 [N + 1]; string i is
+    `buffer[offsets[i]:offsets[i + 1]]`."""
+
+    __slots__ = ("buffer", "offsets")
+
+    def __init__(self, buffer: np.ndarray, offsets: np.ndarray):
+        self.buffer, self.offsets = buffer, offsets
+
+    @classmethod
+    def from_strings(cls, strings) -> StringColumn:
+        builder = StringBuilder()
+        for s in strings:
+            builder.append(s)
+        return builder.finish()
+
+    def __len__(self) -> int:
+        return len(self.offsets) - 1
+
+    def __getitem__(self, i: int) -> str:
+        return self.buffer[self.offsets[i]:self.offsets[i + 1]].tobytes().decode("utf-8")
+
+    def __iter__(self):
+        data, offsets = self.buffer.tobytes(), self.offsets.tolist()
+        for lo, hi in zip(offsets[:-1], offsets[1:]):
+            yield data[lo:hi].decode("utf-8")
+
+    def tolist(self) -> list[str]:
+        return list(self)
+
+    def lengths(self) -> np.ndarray:
+        return np.diff(self.offsets)
+
+    def take(self, index: np.ndarray) -> StringColumn:
+        """The strings at `index` (int array), as a new column."""
+        index = np.asarray(index, dtype=np.int64)
+        starts, lengths = self.offsets[:-1][index], self.lengths()[index]
+        offsets = np.zeros(len(index) + 1, dtype=np.int64)
+        np.cumsum(lengths, out=offsets[1:])
+        # byte positions of the new buffer in the old one: each string's start, then +1 per byte
+        position = np.repeat(starts - offsets[:-1], lengths) + np.arange(offsets[-1], dtype=np.int64)
+        return StringColumn(self.buffer[position], offsets)
+
+    def __eq__(self, other) -> bool:
+        return (isinstance(other, StringColumn) and np.array_equal(self.offsets, other.offsets)
+                and np.array_equal(self.buffer, other.buffer))
+
+    @property
+    def nbytes(self) -> int:
+        return self.buffer.nbytes + self.offsets.nbytes
+
+
+class StringBuilder:
+    """Appends strings into a `StringColumn`, joining them a block at a time so that no more than a
+    block of per-string objects ever exists."""
+
+    BLOCK = 65536
+
+    def __init__(self):
+        self._blocks: list[bytes] = []
+        self._lengths = array("q")
+        self._pending: list[bytes] = []
+
+    def append(self, s: str) -> None:
+        b = s.encode("utf-8", errors="replace")  # lone surrogates from a JSON escape: replaced, not fatal
+        self._pending.append(b)
+        self._lengths.append(len(b))
+        if len(self._pending) >= self.BLOCK:
+            self._flush()
+
+    def _flush(self) -> None:
+        self._blocks.append(b"".join(self._pending))
+        self._pending = []
+
+    def finish(self) -> StringColumn:
+        self._flush()
+        buffer = np.frombuffer(b"".join(self._blocks), dtype=np.uint8).copy()
+        self._blocks = []
+        offsets = np.zeros(len(self._lengths) + 1, dtype=np.int64)
+        np.cumsum(np.frombuffer(self._lengths, dtype=np.int64), out=offsets[1:])
+        return StringColumn(buffer, offsets)
+
+
+@dataclass(slots=True)
+class TrainRecord:
+    """One training image. `path` is relative to the data root, exactly as in the filelist."""
+
+    path: str
+    label: int
+    source: str
+    query: str
+    rank: int | None = None
+    title: str = ""
+    description: str = ""
+    tags: str = ""  # Flickr tags joined by spaces; "" for Google
+
+
+@dataclass(slots=True)
+class TrainColumns:
+    """The training images as columns, N rows in reading order.
+
+    paths, titles, descriptions, tags: StringColumn [N]; labels: int32 [N] class indices;
+    sources: uint8 [N] indices into `SOURCES`; queries: int32 [N] indices into `query_keys`, the
+    distinct (source, query folder) pairs; ranks: int32 [N] search rank, 0 = unknown.
+    """
+
+    paths: StringColumn
+    labels: np.ndarray
+    sources: np.ndarray
+    queries: np.ndarray
+    query_keys: list[tuple[str, str]]
+    ranks: np.ndarray
+    titles: StringColumn
+    descriptions: StringColumn
+    tags: StringColumn
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, i):
+        if isinstance(i, slice):
+            return self.take(np.arange(len(self))[i])
+        if not -len(self) <= i < len(self):
+            raise IndexError(f"image {i} of {len(self)}")
+        i = int(i) % len(self)
+        rank = int(self.ranks[i])
+        return TrainRecord(self.paths[i], int(self.labels[i]), SOURCES[self.sources[i]],
+                           self.query_keys[self.queries[i]][1], rank or None, self.titles[i],
+                           self.descriptions[i], self.tags[i])
+
+    def __iter__(self):
+        columns = (self.paths, self.titles, self.descriptions, self.tags)
+        for i, (path, title, description, tags) in enumerate(zip(*columns)):
+            rank = int(self.ranks[i])
+            yield TrainRecord(path, int(self.labels[i]), SOURCES[self.sources[i]],
+                              self.query_keys[self.queries[i]][1], rank or None, title, description, tags)
+
+    def take(self, index: np.ndarray) -> TrainColumns:
+        index = np.asarray(index, dtype=np.int64)
+        return TrainColumns(self.paths.take(index), self.labels[index], self.sources[index], self.queries[index],
+                            self.query_keys, self.ranks[index], self.titles.take(index),
+                            self.descriptions.take(index), self.tags.take(index))
+
+    def source_names(self) -> np.ndarray:
+        """str [N]: each image's source name (a numpy string array, not N Python objects)."""
+        return np.array(SOURCES)[self.sources]
+
+    @property
+    def nbytes(self) -> int:
+        return sum(c.nbytes for c in (self.paths, self.labels, self.sources, self.queries, self.ranks,
+                                      self.titles, self.descriptions, self.tags))
+
+
+class TrainBuilder:
+    """Collects training images one at a time (readers append) into `TrainColumns`."""
+
+    def __init__(self):
+        self.paths, self.titles, self.descriptions, self.tags = (StringBuilder() for _ in range(4))
+        self.labels, self.sources, self.queries, self.ranks = array("i"), array("B"), array("i"), array("i")
+        self._query_index: dict[tuple[str, str], int] = {}
+
+    def append(self, path: str, label: int, source: str, query: str, rank: int | None = None, title: str = "",
+               description: str = "", tags: str = "") -> None:
+        key = (source, query)
+        q = self._query_index.get(key)
+        if q is None:
+            q = self._query_index[key] = len(self._query_index)
+        self.paths.append(path)
+        self.labels.append(label)
+        self.sources.append(SOURCES.index(source))
+        self.queries.append(q)
+        self.ranks.append(rank or 0)
+        self.titles.append(title)
+        self.descriptions.append(description)
+        self.tags.append(tags)
+
+    def finish(self) -> TrainColumns:
+        def numeric(a: array, dtype) -> np.ndarray:
+            return np.frombuffer(a, dtype=dtype).copy() if len(a) else np.zeros(0, dtype=dtype)
+
+        return TrainColumns(self.paths.finish(), numeric(self.labels, np.int32), numeric(self.sources, np.uint8),
+                            numeric(self.queries, np.int32), list(self._query_index), numeric(self.ranks, np.int32),
+                            self.titles.finish(), self.descriptions.finish(), self.tags.finish())
