@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import importlib
 
-BENCHMARKS = ("megaclass.bench.ce", "megaclass.bench.knn", "megaclass.bench.weights", "megaclass.bench.train",
+BENCHMARKS = ("megaclass.bench.ce", "megaclass.bench.knn", "megaclass.bench.weights", "megaclass.bench.train", "megaclass.bench.data",
               "megaclass.bench.lm")
 
 

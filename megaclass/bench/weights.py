@@ -44,18 +44,38 @@ def register(subparsers) -> None:
     parser.set_defaults(func=run)
 
 
-def _metadata(n: int, class_words: list[list[str]], vocabulary: list[str], labels: np.ndarray, rng):
-    """Titles, descriptions, tags and queries of n images (not timed)."""
-    zipf = np.minimum(rng.zipf(1.3, size=n * 10), len(vocabulary)) - 1
+def web_vocabulary(rng, classes: int):
+    """(wnids, class texts, words of each class text, WordNet noun vocabulary shuffled) for generated
+    metadata over `classes` random ImageNet-22k classes."""
+    from megaclass.semantics import imagenet22k_wnids
+    from megaclass.semantics.wordnet import wordnet
+    from megaclass.weighting.stage2 import class_descriptions
+
+    wnids = sorted(rng.choice(imagenet22k_wnids(), size=classes, replace=False).tolist())
+    texts = class_descriptions([(w, "") for w in wnids])
+    class_words = [[w for w in t.replace(",", " ").replace(":", " ").replace(";", " ").split() if w.isalpha()] or ["thing"]
+                   for t in texts]
+    vocabulary = sorted({name.replace("_", " ") for name in wordnet().all_lemma_names("n") if name.isalpha()})
+    rng.shuffle(vocabulary)
+    return wnids, texts, class_words, vocabulary
+
+
+def _metadata(n: int, class_words: list[list[str]], vocabulary: list[str], labels: np.ndarray, rng,
+              title_words: int = 2, description_words: int = 5, tag_words: int = 3):
+    """Titles, descriptions, tags and queries of n images (not timed): each field one word of the
+    class text plus `*_words` words drawn from `vocabulary` with Zipf frequencies, and web debris."""
+    per = title_words + description_words + tag_words
+    zipf = np.minimum(rng.zipf(1.3, size=n * per), len(vocabulary)) - 1
     noise = rng.integers(0, 10_000, size=n)
     titles, descriptions, tags, queries = [], [], [], []
+    a, b = title_words, title_words + description_words
     for i in range(n):
         own = class_words[labels[i]]
         picks = [own[j] for j in rng.integers(0, len(own), size=3)]
-        common = [vocabulary[j] for j in zipf[i * 10:(i + 1) * 10]]
-        titles.append(f"{picks[0]} {common[0]} {common[1]} IMG_{noise[i]}.JPG")
-        descriptions.append(f"{' '.join(common[2:7])} {picks[1]} &amp; http://example.com/{noise[i]}.html")
-        tags.append(" ".join([picks[2]] + common[7:]) if i % 2 else "")
+        common = [vocabulary[j] for j in zipf[i * per:(i + 1) * per]]
+        titles.append(f"{picks[0]} {' '.join(common[:a])} IMG_{noise[i]}.JPG")
+        descriptions.append(f"{' '.join(common[a:b])} {picks[1]} &amp; http://example.com/{noise[i]}.html")
+        tags.append(" ".join([picks[2]] + common[b:]) if i % 2 else "")
         queries.append(own[0])
     return titles, descriptions, tags, queries
 
@@ -85,20 +105,13 @@ def run(args) -> int:
         print(markdown(table))
         print(f"wrote {args.suite}/suite.json, suite.md, suite.png")
         return 0
-    from megaclass.semantics import TextEncoder, imagenet22k_wnids
-    from megaclass.semantics.wordnet import wordnet
+    from megaclass.semantics import TextEncoder
     from megaclass.weighting.keywords import KeywordExtractor
-    from megaclass.weighting.stage2 import Stage2Config, class_descriptions, image_keywords, stage2_weights, text_vectors
+    from megaclass.weighting.stage2 import Stage2Config, image_keywords, stage2_weights, text_vectors
     from megaclass.weighting.text import KeywordEmbeddings, select_vocabulary
 
     rng = np.random.default_rng(args.seed)
-    wnids = sorted(rng.choice(imagenet22k_wnids(), size=args.classes, replace=False).tolist())
-    synsets = [(w, "") for w in wnids]
-    texts = class_descriptions(synsets)
-    class_words = [[w for w in t.replace(",", " ").replace(":", " ").replace(";", " ").split() if w.isalpha()] or ["thing"]
-                   for t in texts]
-    vocabulary = sorted({name.replace("_", " ") for name in wordnet().all_lemma_names("n") if name.isalpha()})
-    rng.shuffle(vocabulary)
+    _, texts, class_words, vocabulary = web_vocabulary(rng, args.classes)
     labels = rng.integers(0, args.classes, size=args.images)
     print(f"generating metadata for {args.images} images over {args.classes} classes "
           f"(vocabulary {len(vocabulary)} words) ...", flush=True)

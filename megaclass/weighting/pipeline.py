@@ -84,7 +84,7 @@ def compute_weights(root: str | os.PathLike, knn_tsv: str | os.PathLike, predict
 
         extractor = KeywordExtractor()
         image_kw = keyword_bags(extractor, data.train.titles, data.train.descriptions, data.train.tags,
-                                _query_or_class_texts(data))
+                                query_or_class_texts(data))
         class_kw = [extractor(text) for text in class_descriptions(data.synsets)]
         image_vectors, class_vectors = text_vectors(image_kw, class_kw, embeddings, stage2.min_df,
                                                     stage2.max_vocabulary, progress=progress)
@@ -95,7 +95,7 @@ def compute_weights(root: str | os.PathLike, knn_tsv: str | os.PathLike, predict
     return WeightsResult(data, weights, stage, notes)
 
 
-def _query_or_class_texts(data: WebVision, block: int = 65536):
+def query_or_class_texts(data: WebVision, block: int = 65536):
     """Each image's query text, or its class's names where the query's text is unknown (streamed)."""
     query_texts, names = data.query_texts(), [text for _, text in data.synsets]
     for lo in range(0, len(data.train), block):

@@ -110,9 +110,12 @@ def stage1_weights(labels: np.ndarray, sources: Sequence[str], ranks: Sequence[i
         ranks = np.array([np.nan if r is None else r for r in ranks], dtype=np.float64)
     cell, p_label = prediction_cells(labels, pred_classes, pred_probs, neighbors)
     start = (p_label + 0.5) / 2
-    w, (_, pred_evidence), iterations = em([rank_view(sources, ranks), prediction_view(cell, p_label)], start)
+    info: dict = {}
+    w, (_, pred_evidence), iterations = em([rank_view(sources, ranks), prediction_view(cell, p_label)], start,
+                                           info=info)
     if details is not None:
-        details.update(clean_rate=float(w.mean()), em_iterations=iterations,
+        details.update(clean_rate=float(w.mean()), em_iterations=iterations, em_mean_change=info["mean_change"],
+                       em_converged=info["converged"],
                        cell_log_odds={name: round(float(pred_evidence[cell == i].mean()), 3) if (cell == i).any()
                                       else None for i, name in enumerate(CELLS)},
                        cell_share={name: float((cell == i).mean()) for i, name in enumerate(CELLS)})

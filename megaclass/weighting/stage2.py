@@ -138,8 +138,10 @@ def stage2_weights(w1: np.ndarray, labels: np.ndarray, pred_classes: np.ndarray,
             out[speaks] = log_odds_ratio(monotone_rate(margin[speaks], r[speaks], True, rho), rho)
         return out
 
-    s, _, iterations = em([text_view], w1, prior_logit=logit(w1))
+    info: dict = {}
+    s, _, iterations = em([text_view], w1, prior_logit=logit(w1), info=info)
     s[~speaks] = w1[~speaks]  # no evidence: exactly the stage-1 weight, not a rounding of it
     if details is not None:
-        details.update(pages_with_margin=float(speaks.mean()), em_iterations=iterations)
+        details.update(pages_with_margin=float(speaks.mean()), em_iterations=iterations,
+                       em_mean_change=info["mean_change"], em_converged=info["converged"])
     return s

@@ -1,0 +1,241 @@
+"""`megaclass bench data`: reading metadata and both weighting stages, time and peak memory against N.
+
+For each N, metadata-only WebVision-layout data is generated (no image files: everything is read with
+`check_images=False`): C classes drawn from ImageNet-22k, one class per query and about 700 images per
+query (half Google, half Flickr), titles of ~6 words, descriptions of ~25 words and Flickr tags drawn
+from the WordNet noun vocabulary with Zipf frequencies plus web debris (`megaclass bench weights`'
+generator), ranks 1..700 in shuffled JSON lists. Predictions (top 5) are realistic rather than random:
+an image is clean with probability falling with its rank (0.85 at the top, 0.35 at rank 700), and a
+clean image's top-1 is its label 70% of the time; knn.tsv gives each class 10 random neighbours.
+
+Each step runs in its own process, so that its peak RSS is its own: `read` (the reader, into
+columns), `keywords` (keyword extraction on the columns), `stage1` and `stage2` (`megaclass weights
+--stage 1`, then `--stage 2 --stage1 OUT1`, as `compute_weights` + `save_weights` run them, without
+the PNG). A step's time excludes the reading it repeats; its peak RSS includes it (that is what the
+command needs). Sizes given in `--extrapolate` are predicted from the measured ones by a power law
+fitted per step in log-log (the JSON says which sizes are measured and which extrapolated).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+from megaclass.argtypes import nonnegative_int, output_file, positive_int
+from megaclass.io import atomic_write_text
+
+STEPS = ("read", "keywords", "stage1", "stage2")
+PER_QUERY = 700
+TARGET_IMAGES, TARGET_SECONDS, TARGET_BYTES = 16_000_000, 1800, 10e9
+
+
+def register(subparsers) -> None:
+    parser = subparsers.add_parser("data", help="metadata reading + weighting stages: time and peak RSS against N",
+                                   description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--images", type=positive_int, nargs="+", default=[1_000_000, 4_000_000],
+                        metavar="N", help="sizes to generate and measure (default 1000000 4000000)")
+    parser.add_argument("--classes", type=positive_int, default=5000, help="classes C (default 5000, WebVision 2.0's)")
+    parser.add_argument("--extrapolate", type=positive_int, nargs="*", default=[TARGET_IMAGES], metavar="N",
+                        help="sizes predicted from the measured ones, not run (default 16000000)")
+    parser.add_argument("--seed", type=nonnegative_int, default=0, help="seed of the generated data (default 0)")
+    parser.add_argument("--work", default=None, metavar="DIR",
+                        help="where the generated data goes (default a temporary folder; each size is deleted after)")
+    parser.add_argument("--json", type=output_file, default=None, metavar="OUT",
+                        help="write the results here, and the plot beside it (OUT with .png)")
+    parser.set_defaults(func=run)
+
+
+def generate(root: Path, n: int, classes: int, seed: int) -> tuple[Path, Path]:
+    """Metadata-only data at `root` (module docstring) -> (knn.tsv, predictions.tsv) inside it."""
+    from megaclass.bench.weights import _metadata, web_vocabulary
+
+    rng = np.random.default_rng(seed)
+    wnids, _, class_words, vocabulary = web_vocabulary(rng, classes)
+    info = root / "info"
+    info.mkdir(parents=True, exist_ok=True)
+    (info / "synsets.txt").write_text("".join(f"{w} {' '.join(words[:3])}\n" for w, words in zip(wnids, class_words)))
+    knn = root / "knn.tsv"
+    with open(knn, "w") as f:
+        for c, w in enumerate(wnids):
+            others = rng.choice(classes - 1, size=min(10, classes - 1), replace=False)
+            for j, other in enumerate((others + (others >= c)).tolist()):  # never the class itself
+                f.write(f"{w}\t{wnids[other]}\t{0.9 - 0.05 * j:.3f}\n")
+    predictions = root / "predictions.tsv"
+    filelists = {s: open(info / f"train_filelist_{s}.txt", "w") for s in ("google", "flickr")}
+    query_lists = {s: open(info / f"queries_{s}.txt", "w") for s in ("google", "flickr")}
+    with open(predictions, "w") as pred:
+        for q in range(math.ceil(n / PER_QUERY)):
+            size = min(PER_QUERY, n - q * PER_QUERY)
+            source, number, label = ("google", "flickr")[q % 2], q // 2 + 1, int(rng.integers(classes))
+            query = f"q{number:05d}"
+            (root / source).mkdir(exist_ok=True)
+            query_lists[source].write(f"{number} {class_words[label][0]}\n")
+            labels = np.full(size, label)
+            titles, descriptions, tags, _ = _metadata(size, class_words, vocabulary, labels, rng,
+                                                      title_words=5, description_words=24, tag_words=4)
+            ranks = rng.permutation(size) + 1
+            clean = rng.random(size) < 0.85 - 0.5 * ranks / PER_QUERY
+            top = rng.integers(0, classes, size=(size, 5))
+            top[:, 0] = np.where(clean & (rng.random(size) < 0.7), label, top[:, 0])
+            probs = -np.sort(-rng.dirichlet(np.ones(6), size=size)[:, :5], axis=1)
+            entries = []
+            for i in range(size):
+                image = f"{q:06d}{i:04d}"
+                path = f"{source}/{query}/{image}.jpg"
+                filelists[source].write(f"{path} {label}\n")
+                entry = {"id": image, "rank": int(ranks[i]), "title": titles[i], "description": descriptions[i]}
+                if source == "flickr":
+                    entry["tags"] = tags[i]
+                entries.append(entry)
+                classes_i = list(dict.fromkeys(top[i].tolist()))  # a top-k list names each class once
+                pred.write(path + "\t" + " ".join(f"{wnids[c]}:{p:.6f}" for c, p in zip(classes_i, probs[i])) + "\n")
+            (root / source / f"{query}.json").write_text(json.dumps(entries))
+    for f in (*filelists.values(), *query_lists.values()):
+        f.close()
+    return knn, predictions
+
+
+def _step(step: str, root: str, out: str) -> dict:
+    """One step, run in a fresh process (`python -c`): its times and its peak RSS."""
+    from megaclass.data.metadata import load_metadata
+    from megaclass.memory import peak_rss_bytes
+
+    root_path = Path(root)
+    start = time.perf_counter()
+    data = load_metadata(root_path, check_images=False)
+    result = {"read_s": time.perf_counter() - start, "images": len(data.train),
+              "column_bytes": data.train.nbytes}
+    start = time.perf_counter()
+    if step == "keywords":
+        from megaclass.weighting.keywords import KeywordExtractor
+        from megaclass.weighting.pipeline import query_or_class_texts
+        from megaclass.weighting.stage2 import keyword_bags
+
+        bags = keyword_bags(KeywordExtractor(), data.train.titles, data.train.descriptions, data.train.tags,
+                            query_or_class_texts(data))
+        result.update(vocabulary=len(bags.words), mean_keywords=float(bags.lengths().mean()))
+    elif step in ("stage1", "stage2"):
+        from megaclass.weighting.pipeline import compute_weights, save_weights
+
+        stage = int(step[-1])
+        weights = compute_weights(root_path, root_path / "knn.tsv", root_path / "predictions.tsv", stage, data=data,
+                                  stage1_tsv=Path(out) / "w1.tsv" if stage == 2 else None)
+        save_weights(weights, root_path, Path(out) / f"w{stage}.tsv", plot=False)
+        result.update({k: v for k, v in weights.notes.items()})
+    result["step_s"] = time.perf_counter() - start
+    result["peak_rss_bytes"] = peak_rss_bytes()
+    return result
+
+
+def _run_step(step: str, root: Path) -> dict:
+    code = (f"import json; from megaclass.bench.data import _step; "
+            f"print('RESULT', json.dumps(_step({step!r}, {str(root)!r}, {str(root)!r})))")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    if done.returncode != 0:
+        raise RuntimeError(f"step {step} failed:\n{done.stderr[-3000:]}")
+    line = next(line for line in reversed(done.stdout.splitlines()) if line.startswith("RESULT "))
+    return json.loads(line[len("RESULT "):])
+
+
+def measure(n: int, classes: int, seed: int, work: Path) -> dict:
+    root = work / f"data_{n}"
+    start = time.perf_counter()
+    generate(root, n, classes, seed)
+    row = {"images": n, "generate_s": round(time.perf_counter() - start, 1)}
+    try:
+        for step in STEPS:
+            result = _run_step(step, root)
+            seconds = result["read_s"] if step == "read" else result["step_s"]
+            row[step] = {"seconds": round(seconds, 2), "peak_rss_bytes": result["peak_rss_bytes"],
+                         **{k: v for k, v in result.items() if k not in ("read_s", "step_s", "peak_rss_bytes")}}
+            print(f"N={n} {step}: {seconds:.1f} s, peak RSS {result['peak_rss_bytes'] / 1e9:.2f} GB", flush=True)
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+    return row
+
+
+def extrapolate(rows: list[dict], sizes: list[int]) -> tuple[list[dict], dict]:
+    """Per step, time and peak RSS as a·N^b fitted to the measured rows (b: the growth exponent)."""
+    n = np.array([r["images"] for r in rows], dtype=np.float64)
+    fits, out = {}, [{"images": s} for s in sizes]
+    for step in STEPS:
+        for key in ("seconds", "peak_rss_bytes"):
+            y = np.array([r[step][key] for r in rows], dtype=np.float64)
+            b, log_a = np.polyfit(np.log(n), np.log(y), 1) if len(set(n)) > 1 else (1.0, np.log(y[0] / n[0]))
+            fits[f"{step}_{key}_exponent"] = round(float(b), 3)
+            for row, s in zip(out, sizes):
+                row.setdefault(step, {})[key] = float(np.exp(log_a) * s ** b)
+    return out, fits
+
+
+def _total(row: dict) -> tuple[float, float]:
+    return (sum(row[s]["seconds"] for s in ("read", "stage1", "stage2")),
+            max(row[s]["peak_rss_bytes"] for s in STEPS))
+
+
+def plot(png: str, measured: list[dict], predicted: list[dict], title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from megaclass.io import atomic_output
+
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+    for ax, key, scale, unit, target in ((axes[0], "seconds", 1.0, "s", TARGET_SECONDS),
+                                         (axes[1], "peak_rss_bytes", 1e9, "GB", TARGET_BYTES / 1e9)):
+        for step, color in zip(STEPS, ("C0", "C1", "C2", "C3")):
+            xs = [r["images"] for r in measured]
+            ax.plot(xs, [r[step][key] / scale for r in measured], "o-", color=color, label=step)
+            if predicted:
+                ax.plot(xs[-1:] + [r["images"] for r in predicted],
+                        [measured[-1][step][key] / scale] + [r[step][key] / scale for r in predicted],
+                        "o--", color=color, markerfacecolor="none")
+        ax.axhline(target, color="gray", linestyle=":", label=f"16M target ({target:g} {unit}" +
+                   (", read + both stages)" if key == "seconds" else ")"))
+        ax.set_xscale("log"), ax.set_yscale("log")
+        ax.set_xlabel("training images N (hollow, dashed: extrapolated)")
+        ax.set_ylabel(f"{'time' if key == 'seconds' else 'peak RSS'} ({unit})")
+        ax.grid(True, which="both", alpha=0.3)
+    axes[0].legend(fontsize=8)
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    with atomic_output(png) as tmp:
+        fig.savefig(tmp, format="png", dpi=110)
+    plt.close(fig)
+
+
+def run(args) -> int:
+    sizes = sorted(set(args.images))
+    work = Path(args.work) if args.work else Path(tempfile.mkdtemp(prefix="megaclass-bench-data-"))
+    work.mkdir(parents=True, exist_ok=True)
+    try:
+        measured = [measure(n, args.classes, args.seed, work) for n in sizes]
+    finally:
+        if not args.work:
+            shutil.rmtree(work, ignore_errors=True)
+    wanted = sorted(s for s in set(args.extrapolate) if s not in sizes)
+    predicted, fits = extrapolate(measured, wanted) if wanted else ([], {})
+    result = {"classes": args.classes, "images_per_query": PER_QUERY, "cpu_count": os.cpu_count(),
+              "measured": measured, "extrapolated": predicted, "fits": fits,
+              "note": "each step in its own process; step times exclude the reading they repeat, peak RSS includes it; "
+                      "extrapolated rows are a power law per step fitted in log-log to the measured sizes, not runs",
+              "target": {"images": TARGET_IMAGES, "seconds": TARGET_SECONDS, "peak_rss_bytes": TARGET_BYTES}}
+    for row in measured + predicted:
+        seconds, rss = _total(row)
+        row["read_plus_stages_s"], row["max_peak_rss_bytes"] = round(seconds, 1), int(rss)
+    print(json.dumps(result, indent=1))
+    if args.json:
+        atomic_write_text(args.json, json.dumps(result, indent=1) + "\n")
+        plot(os.path.splitext(args.json)[0] + ".png", measured, predicted,
+             f"megaclass bench data: {args.classes} classes, metadata only, {os.cpu_count()} cores")
+    return 0
