@@ -54,7 +54,7 @@ def run(args: argparse.Namespace) -> int:
     logs.setup()
     try:
         cfg, data = start_run(args.config, args.overrides)
-        trainer = trainer_class(cfg)(cfg, TrainData(data.train, data.webvision.num_classes, data.labels,
+        trainer = trainer_class(cfg)(cfg, TrainData(data.train, data.num_classes, data.labels,
                                                     data.sample_weights))
         trainer.fit(val=(data.val, data.val_labels) if len(data.val_labels) else None)
     except (OSError, ValueError) as exc:  # bad input, or a checkpoint that cannot resume here (every rank alike)

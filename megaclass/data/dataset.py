@@ -90,23 +90,32 @@ class ImageDataset(Dataset):
     def __len__(self) -> int:
         return len(self.items)
 
-    def _decode(self, index: int) -> torch.Tensor | None:
-        """uint8 [3, H, W], or None (logged) when the file cannot be read."""
-        from PIL import Image
-
+    def _source(self, index: int):
+        """What PIL opens for item `index` (its file), or None (logged) when its path leaves the root."""
         relative = self.items[index][0]
         path = resolve_inside(self.root, relative, self._real_root)
         if path is None:
             log.warning("image outside the data root skipped (not opened): %s/%s", self.root, relative)
-            return None
+        return path
+
+    def _where(self, index: int) -> str:
+        return str(self.root / self.items[index][0])
+
+    def _decode(self, index: int) -> torch.Tensor | None:
+        """uint8 [3, H, W], or None (logged) when the image cannot be read."""
+        from PIL import Image
+
         try:
-            with Image.open(path) as img:
+            source = self._source(index)
+            if source is None:
+                return None
+            with Image.open(source) as img:
                 img = img.convert("RGB")
                 if self.image_size <= SMALL_IMAGE:  # keeps a preloaded cache small
                     img = img.resize((self.image_size, self.image_size), Image.BILINEAR)
                 array = np.asarray(img, dtype=np.uint8)
         except (OSError, ValueError, SyntaxError, EOFError, Image.DecompressionBombError) as exc:
-            log.warning("unreadable image skipped: %s (%s: %s)", self.root / relative, type(exc).__name__, exc)
+            log.warning("unreadable image skipped: %s (%s: %s)", self._where(index), type(exc).__name__, exc)
             return None
         return torch.from_numpy(array.copy()).permute(2, 0, 1)
 
