@@ -392,22 +392,23 @@ class ShardDataset(ImageDataset):
 def shard_epoch_order(sizes: list[int], seed: int, epoch: int, buffer: int,
                       labels: torch.Tensor | None = None) -> torch.Tensor:
     """The global sample order of `epoch` over positions (shards concatenated): a seeded permutation of
-    the shards, then a shuffle buffer of `buffer` samples (filled from the stream, emptied in random
-    order). With `labels`, class-balanced: each buffer is refilled with as many draws, with replacement,
-    each sample drawn with probability ∝ 1 / (its class's count in the split), so that every class is
-    drawn equally often in expectation while reads stay within the buffer's few shards."""
+    the shards, then a shuffle buffer of `buffer` samples (filled from that stream, emptied in random
+    order), so that reads stay within the few shards the buffer spans.
+
+    With `labels` ([N], one per position), class-balanced: the epoch's N draws are counted out to the
+    samples as the file path's sampler would draw them (a class uniformly, then one of its images: a
+    multinomial with p_i = 1 / (classes × count of i's class)), and each sample appears that many times
+    at its place in the stream. A web filelist is grouped by query, so a shard holds few classes:
+    balancing inside one buffer could not balance the epoch; counting draws over the whole epoch does."""
     rng = np.random.default_rng(derive_seed(seed, "shard order", epoch))
-    starts = np.concatenate([[0], np.cumsum(sizes)])
+    starts = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
     stream = np.concatenate([np.arange(starts[s], starts[s + 1]) for s in rng.permutation(len(sizes))] or [[]])
     stream = stream.astype(np.int64)
-    if labels is None:
-        window = np.arange(len(stream)) // buffer
-        return torch.from_numpy(stream[np.lexsort((rng.random(len(stream)), window))])
-    labels = np.asarray(labels, dtype=np.int64)
-    inverse = 1.0 / np.bincount(labels)[labels]
-    order = np.empty_like(stream)
-    for start in range(0, len(stream), buffer):
-        window = stream[start:start + buffer]
-        p = inverse[window]
-        order[start:start + len(window)] = rng.choice(window, size=len(window), p=p / p.sum())
-    return torch.from_numpy(order)
+    if labels is not None:
+        labels = np.asarray(labels, dtype=np.int64)
+        counts = np.bincount(labels)
+        p = 1.0 / (np.count_nonzero(counts) * counts[labels])
+        draws = rng.multinomial(len(labels), p / p.sum())
+        stream = np.repeat(stream, draws[stream])
+    window = np.arange(len(stream)) // buffer
+    return torch.from_numpy(stream[np.lexsort((rng.random(len(stream)), window))])
