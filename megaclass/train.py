@@ -45,7 +45,7 @@ def run(args: argparse.Namespace) -> int:
 
     from megaclass import log as logs
     from megaclass.engine import distributed
-    from megaclass.engine.data import start_run
+    from megaclass.engine.data import skipped_samples, start_run
     from megaclass.engine.pipeline import trainer_class
     from megaclass.engine.trainer import TrainData
     from megaclass.io import atomic_write_text
@@ -60,8 +60,13 @@ def run(args: argparse.Namespace) -> int:
     except (OSError, ValueError) as exc:  # bad input, or a checkpoint that cannot resume here (every rank alike)
         log.error("%s", exc)
         return 2
+    skipped = skipped_samples(data.train, trainer.device)
+    if skipped:
+        log.warning("training: %d samples did not decode and were skipped (all ranks)", skipped)
     if not args.no_eval and len(data.val_labels):
+        data.val.skips.zero_()  # count the final evaluation alone
         result = trainer.evaluate(data.val, data.val_labels)
+        result["skipped"] = skipped_samples(data.val, trainer.device)
         if comm.rank() == 0:
             atomic_write_text(os.path.join(cfg.run_dir, "eval.json"), json.dumps(result))
             print(f"validation: top-1 {result['top1']:.2f}%  top-5 {result['top5']:.2f}%", flush=True)

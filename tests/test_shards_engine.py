@@ -117,7 +117,7 @@ def _three_ranks_two_workers(rank, world, shard_dir, root):
     return {"steps": t.step, "last": t.last_step, "losses": _losses(rows)}
 
 
-@pytest.mark.timeout(240)
+@pytest.mark.timeout(600)
 def test_three_ranks_with_two_workers_over_five_unequal_shards_run_the_same_steps(shard_dir, tmp_path):
     got = run_ranks(_three_ranks_two_workers, 3, shard_dir, str(tmp_path))
     # 64 images, global batch 3 ranks × 1 × 2 accumulation = 6: 10 steps, the last 4 images dropped
@@ -138,10 +138,31 @@ def _split_run(rank, world, shard_dir, root, max_steps):
     return {"resumed": rows, "uninterrupted": uninterrupted}
 
 
-@pytest.mark.timeout(240)
+@pytest.mark.timeout(600)
 def test_losses_after_a_mid_epoch_resume_equal_an_uninterrupted_runs(shard_dir, tmp_path):
     first = run_ranks(_split_run, 2, shard_dir, str(tmp_path), 5)  # 8 steps an epoch: stops mid-epoch
     second = run_ranks(_split_run, 2, shard_dir, str(tmp_path), 6)
     for rank in range(2):
         assert sorted(first[rank]) == [1, 2, 3, 4, 5] and sorted(second[rank]["resumed"]) == [6]
         assert {**first[rank], **second[rank]["resumed"]} == second[rank]["uninterrupted"]
+
+
+def test_an_image_that_does_not_decode_is_skipped_and_counted_across_workers_as_on_files(tmp_path):
+    from megaclass.data import ImageDataset, load_webvision
+
+    root = write_webvision(str(tmp_path / "wv"), classes=3, per_class=5, val_per_class=1, size=16)
+    bad = tmp_path / "wv/google/q0002/1_2.jpg"
+    data = bad.read_bytes()
+    scan = data.index(b"\xff\xda")  # start of the entropy-coded pixels: the header before it opens
+    bad.write_bytes(data[: scan + (len(data) - scan) // 2])
+    convert(root, tmp_path / "out", per_shard=4, progress=False)
+    served = {}
+    for name, dataset in (("files", ImageDataset(root, load_webvision(root).train_items(), 16, train=False)),
+                          ("shards", ShardDataset(load_shards(tmp_path / "out"), "train", 16, train=False))):
+        sampler = RankBatches(len(dataset), 0, 1, 3)  # one prediction pass, 5 batches
+        loader = DataLoader(SeededItems(dataset, seed=0), batch_sampler=sampler, num_workers=2)
+        batches = list(loader)
+        served[name] = (torch.cat([i for _, _, i in batches]).tolist(), torch.cat([x for x, _, _ in batches]))
+        assert int(dataset.skips.sum()) == 1, name  # counted in a worker, seen here
+    assert served["files"][0] == served["shards"][0] == [0, 1, 2, 3, 4, 5, 6, 8, 8, 9, 10, 11, 12, 13, 14]
+    assert torch.equal(served["files"][1], served["shards"][1])

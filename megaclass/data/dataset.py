@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from torch.utils.data import Dataset, Sampler
+from torch.utils.data import Dataset, Sampler, get_worker_info
 
 from megaclass.data.paths import real_root, resolve_inside
 
@@ -23,6 +23,7 @@ log = logging.getLogger(__name__)
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 SMALL_IMAGE = 64  # at or below this side, augment like CIFAR (pad + crop) rather than like ImageNet
+SKIP_SLOTS = 64  # DataLoader workers with a skip counter of their own (more share one, modulo)
 
 
 class _SmallImageTransform:
@@ -80,6 +81,9 @@ class ImageDataset(Dataset):
         self.train = train
         self.transform = _transform(image_size, train)
         self.unreadable: set[int] = set()
+        self.skips = torch.zeros(1 + SKIP_SLOTS, dtype=torch.int64).share_memory_()
+        """requests for an image that did not decode (another was served), one slot per DataLoader
+        worker (0: this process), shared with the workers: `.sum()` is this process's count"""
         self._cache: list[torch.Tensor | None] | None = None
         if preload:
             self._cache = [self._decode(i) for i in range(len(self.items))]
@@ -128,6 +132,9 @@ class ImageDataset(Dataset):
             if image is None:
                 self.unreadable.add(i)
                 continue
+            if i != index:
+                worker = get_worker_info()
+                self.skips[0 if worker is None else 1 + worker.id % SKIP_SLOTS] += 1
             return self.transform(image), self.items[i][1], i
         raise RuntimeError(f"{self.root}: no readable image left among {len(self.items)}")
 

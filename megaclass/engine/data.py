@@ -89,6 +89,15 @@ class RankBatches(Sampler):
             yield [(e, int(i)) for i in rows]
 
 
+def skipped_samples(dataset: ImageDataset, device: torch.device | str = "cpu") -> int:
+    """Collective: the requests for images of `dataset` that did not decode (skipped, another served),
+    summed over the ranks."""
+    from megaclass.parallel import comm
+
+    count = dataset.skips.sum().reshape(1).to(device)
+    return int(comm.all_reduce_(count))
+
+
 class SeededItems(Dataset):
     """`dataset[(epoch, i)]` = `dataset[i]` drawn under a random state fixed by (seed, epoch, i); the
     caller's random state is left untouched. Index -1 (padding) returns item 0 with index -1. The
