@@ -34,7 +34,36 @@ def register(subparsers) -> None:
     parser.add_argument("--pool", type=positive_int, default=200, help="distinct JPEGs (default 200)")
     parser.add_argument("--classes", type=positive_int, default=100, help="classes (default 100)")
     parser.add_argument("--out", type=output_file, default=None, metavar="FILE.json", help="also write the results here")
+    parser.add_argument("--plot", type=output_file, default=None, metavar="FILE.png",
+                        help="also plot seconds against images, log-log, with the 2,000 images/s target line")
     parser.set_defaults(func=run)
+
+
+def plot(result: dict, path) -> None:
+    """Conversion seconds against images (log-log): wall time on the loaded machine, CPU-seconds / 2 (what
+    2 free cores would take), and the target's 2,000 images/s."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from megaclass.io import atomic_output
+
+    n = np.array([r["images"] for r in result["conversion"]], dtype=float)
+    fig, ax = plt.subplots(figsize=(5, 3.6))
+    ax.loglog(n, [r["seconds"] for r in result["conversion"]], "o-", label="wall (machine shared, loaded)")
+    ax.loglog(n, [r["cpu_seconds"] / 2 for r in result["conversion"]], "s-", label="CPU-seconds / 2 cores")
+    ax.loglog(n, n / result["target_images_per_s"], "k--", label="target: 2,000 images/s")
+    ax.set_xticks(n, [f"{int(v):,}" for v in n])
+    ax.minorticks_off()
+    ax.set_xlabel("images converted")
+    ax.set_ylabel("seconds")
+    ax.set_title(f"megaclass shards, --workers {result['workers']}, 256-px JPEGs", fontsize=9)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    with atomic_output(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=110)
+    plt.close(fig)
 
 
 def _photo(rng: np.random.Generator, size: int = 256) -> np.ndarray:
@@ -138,4 +167,6 @@ def run(args) -> int:
               f"(uniform {cb['uniform_share']:.4f}), relative std {s['relative_std']:.3f}")
     if args.out:
         atomic_write_text(args.out, json.dumps(result, indent=1))
+    if args.plot:
+        plot(result, args.plot)
     return 0
