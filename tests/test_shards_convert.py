@@ -112,3 +112,25 @@ def test_a_conversion_killed_halfway_resumes_to_the_clean_result_keeping_finishe
     assert [s["name"] for s in other["splits"]["train"]["shards"]] == ["train-000000.tar"]
     assert sorted(p.name for p in out.glob("*.tar")) == ["train-000000.tar", "val-000000.tar"]
     assert len(_read_tar(out / "train-000000.tar")) == 21
+
+
+def test_the_reader_names_a_missing_index_and_a_shard_that_disagrees_with_it(tmp_path):
+    from megaclass.data.shards import ShardFormatError, load_shards
+
+    with pytest.raises(ShardFormatError, match="index.json: missing"):
+        load_shards(tmp_path)
+    root = write_webvision(str(tmp_path / "wv"), classes=2, per_class=5, val_per_class=1, size=16)
+    convert(root, tmp_path / "out", per_shard=4, progress=False)
+    assert len(load_shards(tmp_path / "out").samples["train"]) == 10
+    shard = tmp_path / "out/train-000001.tar"
+    samples = list(_read_tar(shard))
+    with tarfile.open(shard) as tar:  # cut after the second sample's members: a whole tar, one sample short
+        keep = [m for m in tar.getmembers() if m.name.split(".")[0] in samples[:2]]
+        end = keep[-1].offset_data + -(-keep[-1].size // 512) * 512
+    data = shard.read_bytes()[:end] + b"\0" * 1024
+    shard.write_bytes(data)
+    with pytest.raises(ShardFormatError, match="train-000001.tar: holds 2 samples, index.json says 4"):
+        load_shards(tmp_path / "out")
+    (tmp_path / "out/index.json").write_text('{"format": "webdataset"}')
+    with pytest.raises(ShardFormatError, match="not a megaclass-shards version 1 index"):
+        load_shards(tmp_path / "out")
