@@ -14,6 +14,7 @@ COMMANDS = {
     "bench": ("megaclass.bench.cli", "benchmark the fused op (`megaclass bench ce`) and more"),
     "semantics": ("megaclass.semantics.cli", "K nearest categories from WordNet + BERT -> knn.tsv"),
     "synth": ("megaclass.data.cli", "write the embedded synthetic WebVision-layout data set"),
+    "shards": ("megaclass.data.cli", "convert a WebVision-layout data set into tar shards (jpg + json + cls)"),
     "weights": ("megaclass.weighting.cli", "stage-1 / stage-2 per-image loss weights -> weights.tsv"),
 }
 

@@ -73,8 +73,8 @@ def run(args: argparse.Namespace) -> int:
     try:
         folder = checkpoint_folder(args.checkpoint)
         cfg, data = start_run(args.config, overrides)
-        k = min(args.topk or cfg.eval.topk, data.webvision.num_classes)
-        trainer = trainer_class(cfg)(cfg, TrainData(data.train_eval, data.webvision.num_classes, data.labels),
+        k = min(args.topk or cfg.eval.topk, data.num_classes)
+        trainer = trainer_class(cfg)(cfg, TrainData(data.train_eval, data.num_classes, data.labels),
                                      name="predict")
         step = trainer.load(folder)
     except (OSError, ValueError) as exc:
@@ -83,7 +83,7 @@ def run(args: argparse.Namespace) -> int:
     log.info("predicting %d training images with %s (step %d)", len(data.train_eval), folder, step)
     probs, classes = trainer.predict(data.train_eval, k)
     if comm.rank() == 0:
-        write_predictions(args.out, data.paths, data.webvision.wnids, classes.numpy(), probs.numpy())
+        write_predictions(args.out, data.paths, data.wnids, classes.numpy(), probs.numpy())
         print(f"wrote {args.out}: top-{k} of {len(data.paths)} training images", flush=True)
     trainer.close()
     distributed.finish()

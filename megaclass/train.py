@@ -45,7 +45,7 @@ def run(args: argparse.Namespace) -> int:
 
     from megaclass import log as logs
     from megaclass.engine import distributed
-    from megaclass.engine.data import start_run
+    from megaclass.engine.data import skipped_samples, start_run
     from megaclass.engine.pipeline import trainer_class
     from megaclass.engine.trainer import TrainData
     from megaclass.io import atomic_write_text
@@ -54,14 +54,19 @@ def run(args: argparse.Namespace) -> int:
     logs.setup()
     try:
         cfg, data = start_run(args.config, args.overrides)
-        trainer = trainer_class(cfg)(cfg, TrainData(data.train, data.webvision.num_classes, data.labels,
+        trainer = trainer_class(cfg)(cfg, TrainData(data.train, data.num_classes, data.labels,
                                                     data.sample_weights))
         trainer.fit(val=(data.val, data.val_labels) if len(data.val_labels) else None)
     except (OSError, ValueError) as exc:  # bad input, or a checkpoint that cannot resume here (every rank alike)
         log.error("%s", exc)
         return 2
+    skipped = skipped_samples(data.train, trainer.device)
+    if skipped:
+        log.warning("training: %d samples did not decode and were skipped (all ranks)", skipped)
     if not args.no_eval and len(data.val_labels):
+        data.val.skips.zero_()  # count the final evaluation alone
         result = trainer.evaluate(data.val, data.val_labels)
+        result["skipped"] = skipped_samples(data.val, trainer.device)
         if comm.rank() == 0:
             atomic_write_text(os.path.join(cfg.run_dir, "eval.json"), json.dumps(result))
             print(f"validation: top-1 {result['top1']:.2f}%  top-5 {result['top5']:.2f}%", flush=True)

@@ -3,8 +3,8 @@ from __future__ import annotations
 
 import importlib
 
-BENCHMARKS = ("megaclass.bench.ce", "megaclass.bench.knn", "megaclass.bench.weights", "megaclass.bench.train", "megaclass.bench.data",
-              "megaclass.bench.lm")
+BENCHMARKS = ("megaclass.bench.ce", "megaclass.bench.knn", "megaclass.bench.weights", "megaclass.bench.train",
+              "megaclass.bench.data", "megaclass.bench.lm", "megaclass.bench.shards")
 
 
 def register(subparsers) -> None:

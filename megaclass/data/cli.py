@@ -1,4 +1,5 @@
-"""`megaclass synth`: write the embedded synthetic WebVision-layout data set."""
+"""`megaclass synth`: write the embedded synthetic WebVision-layout data set.
+`megaclass shards`: convert a WebVision-layout data set into tar shards."""
 from __future__ import annotations
 
 import json
@@ -31,6 +32,18 @@ def register(subparsers) -> None:
                         help="noise model (default web): " + "; ".join(f"{k}: {v}" for k, v in NOISE_MODELS.items()))
     parser.set_defaults(func=_run)
 
+    shards = subparsers.add_parser(
+        "shards", help="convert a WebVision-layout data set into tar shards (jpg + json + cls, index.json)",
+        description="Write DIR/train-NNNNNN.tar, DIR/val-NNNNNN.tar and DIR/index.json (last, atomically): each "
+                    "sample's original image bytes, its side information as json and its class index (docs/data.md). "
+                    "A rerun keeps the shards an earlier run finished and rewrites the rest.")
+    shards.add_argument("--data", required=True, metavar="ROOT", help="WebVision-layout data root")
+    shards.add_argument("--out", required=True, type=output_folder, metavar="DIR", help="output folder (created)")
+    shards.add_argument("--per-shard", type=positive_int, default=10_000, metavar="N",
+                        help="records of the filelist per shard (default 10000; skipped images leave a shard shorter)")
+    shards.add_argument("--workers", type=positive_int, default=1, metavar="W", help="processes writing shards (default 1)")
+    shards.set_defaults(func=_run_shards)
+
 
 def _run(args) -> int:
     from megaclass.data.synth import SynthConfig, generate
@@ -44,4 +57,19 @@ def _run(args) -> int:
         return 2
     print(json.dumps({k: summary[k] for k in ("train_images", "val_images", "wrong_label_rate", "counts")}, indent=1))
     print(f"wrote {args.out}")
+    return 0
+
+
+def _run_shards(args) -> int:
+    from megaclass.data.shards import convert
+
+    try:
+        index = convert(args.data, args.out, per_shard=args.per_shard, workers=args.workers)
+    except (ValueError, OSError) as exc:
+        print(f"megaclass shards: {exc}", file=sys.stderr)
+        return 2
+    splits = index["splits"]
+    print(json.dumps({"train": splits["train"]["samples"], "val": splits["val"]["samples"],
+                      "shards": sum(len(s["shards"]) for s in splits.values()), "skipped": index["skipped"]}, indent=1))
+    print(f"wrote {args.out}/index.json")
     return 0

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from torch.utils.data import Dataset, Sampler
+from torch.utils.data import Dataset, Sampler, get_worker_info
 
 from megaclass.data.paths import real_root, resolve_inside
 
@@ -23,6 +23,7 @@ log = logging.getLogger(__name__)
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 SMALL_IMAGE = 64  # at or below this side, augment like CIFAR (pad + crop) rather than like ImageNet
+SKIP_SLOTS = 64  # DataLoader workers with a skip counter of their own (more share one, modulo)
 
 
 class _SmallImageTransform:
@@ -80,6 +81,9 @@ class ImageDataset(Dataset):
         self.train = train
         self.transform = _transform(image_size, train)
         self.unreadable: set[int] = set()
+        self.skips = torch.zeros(1 + SKIP_SLOTS, dtype=torch.int64).share_memory_()
+        """requests for an image that did not decode (another was served), one slot per DataLoader
+        worker (0: this process), shared with the workers: `.sum()` is this process's count"""
         self._cache: list[torch.Tensor | None] | None = None
         if preload:
             self._cache = [self._decode(i) for i in range(len(self.items))]
@@ -90,23 +94,32 @@ class ImageDataset(Dataset):
     def __len__(self) -> int:
         return len(self.items)
 
-    def _decode(self, index: int) -> torch.Tensor | None:
-        """uint8 [3, H, W], or None (logged) when the file cannot be read."""
-        from PIL import Image
-
+    def _source(self, index: int):
+        """What PIL opens for item `index` (its file), or None (logged) when its path leaves the root."""
         relative = self.items[index][0]
         path = resolve_inside(self.root, relative, self._real_root)
         if path is None:
             log.warning("image outside the data root skipped (not opened): %s/%s", self.root, relative)
-            return None
+        return path
+
+    def _where(self, index: int) -> str:
+        return str(self.root / self.items[index][0])
+
+    def _decode(self, index: int) -> torch.Tensor | None:
+        """uint8 [3, H, W], or None (logged) when the image cannot be read."""
+        from PIL import Image
+
         try:
-            with Image.open(path) as img:
+            source = self._source(index)
+            if source is None:
+                return None
+            with Image.open(source) as img:
                 img = img.convert("RGB")
                 if self.image_size <= SMALL_IMAGE:  # keeps a preloaded cache small
                     img = img.resize((self.image_size, self.image_size), Image.BILINEAR)
                 array = np.asarray(img, dtype=np.uint8)
         except (OSError, ValueError, SyntaxError, EOFError, Image.DecompressionBombError) as exc:
-            log.warning("unreadable image skipped: %s (%s: %s)", self.root / relative, type(exc).__name__, exc)
+            log.warning("unreadable image skipped: %s (%s: %s)", self._where(index), type(exc).__name__, exc)
             return None
         return torch.from_numpy(array.copy()).permute(2, 0, 1)
 
@@ -119,6 +132,9 @@ class ImageDataset(Dataset):
             if image is None:
                 self.unreadable.add(i)
                 continue
+            if i != index:
+                worker = get_worker_info()
+                self.skips[0 if worker is None else 1 + worker.id % SKIP_SLOTS] += 1
             return self.transform(image), self.items[i][1], i
         raise RuntimeError(f"{self.root}: no readable image left among {len(self.items)}")
 

@@ -101,11 +101,17 @@ class DataConfig:
     """DataLoader worker processes per rank."""
     limit_train: int = 0
     """Use only the first N training images (0 = all); for smoke runs."""
+    shards: str | None = None
+    """A folder `megaclass shards` wrote: train, evaluate and predict from its tar shards instead of the
+    files under `root` (which is then optional; the class list comes from its index.json)."""
+    shuffle_buffer: int = 10_000
+    """With `shards`: samples in the shuffle buffer that follows the seeded shard order (docs/data.md)."""
 
     def __post_init__(self):
         _check(self.image_size >= 8, "data.image_size", f"must be at least 8, got {self.image_size}")
         _check(self.num_workers >= 0, "data.num_workers", "must be >= 0")
         _check(self.limit_train >= 0, "data.limit_train", "must be >= 0")
+        _check(self.shuffle_buffer >= 1, "data.shuffle_buffer", f"must be at least 1, got {self.shuffle_buffer}")
         _check(self.weight_knee is None or 0 < self.weight_knee <= 1, "data.weight_knee",
                f"must be in (0, 1] or null, got {self.weight_knee}")
 

@@ -6,6 +6,9 @@ class-balanced draw). Micro-step `j` takes the next `P × micro_batch` images of
 global batch a one-rank run would see. Augmentation is seeded per (seed, epoch, image), so a run
 resumed mid-epoch (by skipping micro-steps, not images already loaded) reads the same pixels as one
 that never stopped, with any number of DataLoader workers.
+
+With `data.shards` the images are positions in tar shards (`megaclass.data.shards`) and the global
+order of an epoch is a seeded shard order followed by a shuffle buffer; the rest is the same.
 """
 from __future__ import annotations
 
@@ -18,6 +21,7 @@ import torch
 from torch.utils.data import Dataset, Sampler
 
 from megaclass.data import ClassBalancedSampler, ImageDataset, WebVision, load_webvision
+from megaclass.data.shards import ShardDataset, Shards, load_shards, shard_epoch_order
 from megaclass.seeding import derive_seed
 from megaclass.weighting.tables import read_weights
 
@@ -33,6 +37,16 @@ def epoch_order(num_items: int, seed: int, epoch: int, labels: torch.Tensor | No
     sampler = ClassBalancedSampler(labels.tolist(), num_samples=num_items, seed=seed)
     sampler.set_epoch(epoch)
     return torch.tensor(list(sampler))
+
+
+def epoch_order_fn(dataset: Dataset, seed: int, labels: torch.Tensor | None = None, buffer: int = 10_000):
+    """epoch -> the global order of that epoch over `dataset`: shards in a seeded order then a shuffle
+    buffer of `buffer` samples for a `ShardDataset` (reads stay within a few shards), else `epoch_order`.
+    `labels`: class-balanced instead (each path's own design, docs/data.md)."""
+    if isinstance(dataset, ShardDataset):
+        return lambda epoch: shard_epoch_order(dataset.sizes, seed, epoch, buffer, labels)
+    n = len(dataset)
+    return lambda epoch: epoch_order(n, seed, epoch, labels)
 
 
 class RankBatches(Sampler):
@@ -73,6 +87,15 @@ class RankBatches(Sampler):
                 epoch, order = e, self.order_fn(e)
             rows = order[j * g + self.rank * self.micro: j * g + (self.rank + 1) * self.micro]
             yield [(e, int(i)) for i in rows]
+
+
+def skipped_samples(dataset: ImageDataset, device: torch.device | str = "cpu") -> int:
+    """Collective: the requests for images of `dataset` that did not decode (skipped, another served),
+    summed over the ranks."""
+    from megaclass.parallel import comm
+
+    count = dataset.skips.sum().reshape(1).to(device)
+    return int(comm.all_reduce_(count))
 
 
 class SeededItems(Dataset):
@@ -138,9 +161,9 @@ def read_weight_table(path: str, paths: list[str], allow_extra: bool = False) ->
 
 @dataclass(slots=True)
 class RunData:
-    """A data set as the trainer reads it."""
+    """A data set as the trainer reads it: from files (`webvision`) or from shards (`shards`)."""
 
-    webvision: WebVision
+    webvision: WebVision | None
     train: ImageDataset
     """training images with augmentation"""
     train_eval: ImageDataset
@@ -151,14 +174,48 @@ class RunData:
     val_labels: torch.Tensor
     sample_weights: torch.Tensor | None
     """[N] loss weights, or None for all ones"""
+    shards: Shards | None = None
 
     @property
     def paths(self) -> list[str]:
+        """Each training image's key: its path relative to the data root (also on shards)."""
         return [p for p, _ in self.train.items]
+
+    @property
+    def wnids(self) -> list[str]:
+        return self.webvision.wnids if self.webvision is not None else self.shards.wnids
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.wnids)
+
+
+def load_shard_data(cfg) -> RunData:
+    """Everything `cfg.data` names, from the shard folder `cfg.data.shards`."""
+    shards = load_shards(cfg.data.shards)
+    if cfg.data.limit_train:  # the first N positions, as the first N images on files
+        shards.samples["train"] = shards.samples["train"][: cfg.data.limit_train]
+        left, sizes = len(shards.samples["train"]), []
+        for size in shards.sizes["train"]:
+            sizes.append(min(size, left))
+            left -= sizes[-1]
+        shards.sizes["train"] = [s for s in sizes if s]
+    if not shards.samples["train"]:
+        raise ValueError(f"data.shards: {cfg.data.shards} has no training samples")
+    small = cfg.data.image_size <= 64
+    sets = [ShardDataset(shards, split, cfg.data.image_size, train=train, preload=small)
+            for split, train in (("train", True), ("train", False), ("val", False))]
+    paths = [s.path for s in shards.samples["train"]]
+    sample_weights = (read_weight_table(cfg.data.weights, paths, allow_extra=bool(cfg.data.limit_train))
+                      if cfg.data.weights else None)
+    return RunData(None, *sets, torch.tensor([s.label for s in shards.samples["train"]]),
+                   torch.tensor([s.label for s in shards.samples["val"]], dtype=torch.long), sample_weights, shards)
 
 
 def load_run_data(cfg) -> RunData:
     """Everything `cfg.data` names."""
+    if cfg.data.shards:
+        return load_shard_data(cfg)
     data = load_webvision(cfg.data.root)
     records = data.train[: cfg.data.limit_train] if cfg.data.limit_train else data.train
     items = [(r.path, r.label) for r in records]
@@ -184,8 +241,9 @@ def start_run(config: str, overrides: list[str]) -> tuple[Config, RunData]:
     from megaclass.io import check_writable
 
     cfg = load_config(config, overrides)
-    if not cfg.data.root:
-        raise ConfigError("data.root: not set; pass --set data.root=<WebVision-layout directory>")
+    if not cfg.data.root and not cfg.data.shards:
+        raise ConfigError("data.root: not set; pass --set data.root=<WebVision-layout directory> "
+                          "(or data.shards=<folder megaclass shards wrote>)")
     check_writable(cfg.run_dir, "run_dir", folder=True)  # checkpoints, logs, results: known before the group starts
     distributed.init(cfg)
     return cfg, load_run_data(cfg)

@@ -30,7 +30,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from megaclass.engine import checkpoint
 from megaclass.engine.config import Config, ConfigError
-from megaclass.engine.data import RankBatches, SeededItems, epoch_order
+from megaclass.engine.data import RankBatches, SeededItems, epoch_order_fn
 from megaclass.engine.monitor import Monitor
 from megaclass.engine.optim import InPlaceSGD, build_optimizer, build_schedule
 from megaclass.memory import peak_memory_bytes
@@ -126,8 +126,7 @@ class Trainer:
     # -- training ------------------------------------------------------------------------------
     def _order_fn(self):
         labels = self.data.labels if self.cfg.data.class_balanced else None
-        n, seed = len(self.data.dataset), self.cfg.train.seed
-        return lambda epoch: epoch_order(n, seed, epoch, labels)
+        return epoch_order_fn(self.data.dataset, self.cfg.train.seed, labels, self.cfg.data.shuffle_buffer)
 
     def _loader(self, dataset: Dataset, sampler: RankBatches, seed: int) -> DataLoader:
         workers = self.cfg.data.num_workers

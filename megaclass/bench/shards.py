@@ -1,0 +1,172 @@
+"""`megaclass bench shards`: `megaclass shards` conversion rate (images/s) at three data set sizes, and the
+class histogram of a class-balanced epoch on shards beside the file path's.
+
+The data: `--pool` distinct photo-like JPEGs of 256 px on the short side (WebVision's resized release;
+about 40 kB each), hard-linked into a WebVision layout of N images with query metadata JSON (so the
+conversion reads, checks and writes N files' bytes while the disk holds only the pool). The time is the
+whole `convert` call: the metadata reader, the image header checks, the tar writing and fsyncs.
+Target: at least 2,000 images/s on 2 cores (`--workers 2`). Also reported: images per CPU-second (user +
+system time of the command and its workers), which a loaded machine does not distort.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+from megaclass.argtypes import output_file, positive_int
+
+
+def register(subparsers) -> None:
+    parser = subparsers.add_parser("shards", help="`megaclass shards` images/s at three sizes; class-balanced histogram",
+                                   description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--sizes", default="2000,8000,32000", help="images per data set (default 2000,8000,32000)")
+    parser.add_argument("--workers", type=positive_int, default=2, help="conversion processes (default 2)")
+    parser.add_argument("--per-shard", type=positive_int, default=1000, help="records per shard (default 1000)")
+    parser.add_argument("--pool", type=positive_int, default=200, help="distinct JPEGs (default 200)")
+    parser.add_argument("--classes", type=positive_int, default=100, help="classes (default 100)")
+    parser.add_argument("--out", type=output_file, default=None, metavar="FILE.json", help="also write the results here")
+    parser.add_argument("--plot", type=output_file, default=None, metavar="FILE.png",
+                        help="also plot seconds against images, log-log, with the 2,000 images/s target line")
+    parser.set_defaults(func=run)
+
+
+def plot(result: dict, path) -> None:
+    """Conversion seconds against images (log-log): wall time on the loaded machine, CPU-seconds / 2 (what
+    2 free cores would take), and the target's 2,000 images/s."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from megaclass.io import atomic_output
+
+    n = np.array([r["images"] for r in result["conversion"]], dtype=float)
+    fig, ax = plt.subplots(figsize=(5, 3.6))
+    ax.loglog(n, [r["seconds"] for r in result["conversion"]], "o-", label="wall (machine shared, loaded)")
+    ax.loglog(n, [r["cpu_seconds"] / 2 for r in result["conversion"]], "s-", label="CPU-seconds / 2 cores")
+    ax.loglog(n, n / result["target_images_per_s"], "k--", label="target: 2,000 images/s")
+    ax.set_xticks(n, [f"{int(v):,}" for v in n])
+    ax.minorticks_off()
+    ax.set_xlabel("images converted")
+    ax.set_ylabel("seconds")
+    ax.set_title(f"megaclass shards, --workers {result['workers']}, 256-px JPEGs", fontsize=9)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    with atomic_output(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=110)
+    plt.close(fig)
+
+
+def _photo(rng: np.random.Generator, size: int = 256) -> np.ndarray:
+    """A smooth colour field plus texture: JPEG sizes like a photo's, not like flat colour or noise."""
+    y, x = np.mgrid[0:size, 0:size * 4 // 3] / size
+    base = [np.sin(x * rng.uniform(1, 6) + rng.uniform(0, 6)) + np.cos(y * rng.uniform(1, 6)) for _ in range(3)]
+    image = np.stack(base, -1) * 60 + 128 + rng.normal(0, 18, (size, size * 4 // 3, 3))
+    return np.clip(image, 0, 255).astype(np.uint8)
+
+
+def _write_layout(root: Path, n: int, pool: list[Path], classes: int) -> None:
+    """A WebVision layout of `n` training images (hard links to the pool), one query per class."""
+    (root / "info").mkdir(parents=True)
+    (root / "info" / "synsets.txt").write_text("".join(f"n{10_000_000 + c:08d} class {c}\n" for c in range(classes)))
+    lines, per_query = [], {}
+    for i in range(n):
+        c = i % classes
+        rel = f"google/q{c + 1:04d}/{i}.jpg"
+        (root / rel).parent.mkdir(parents=True, exist_ok=True)
+        os.link(pool[i % len(pool)], root / rel)
+        lines.append(f"{rel} {c}\n")
+        per_query.setdefault(c, []).append({"id": str(i), "rank": len(per_query.get(c, [])) + 1,
+                                            "title": f"photo {i} of class {c}", "description": "a web image " * 8})
+    (root / "info" / "train_filelist_google.txt").write_text("".join(lines))
+    for c, entries in per_query.items():
+        (root / "google" / f"q{c + 1:04d}.json").write_text(json.dumps(entries))
+
+
+def _cpu_seconds() -> float:
+    """User + system CPU time of this process and its finished children (the conversion's workers): on a
+    machine shared with other work, what the conversion costs, whatever share of the cores it got."""
+    own, children = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
+
+
+def _histograms(classes: int = 100, epochs: int = 20) -> dict:
+    """Class shares of class-balanced epochs on shards and on files, for a long-tailed label set grouped
+    by shard (a web filelist grouped by query)."""
+    import torch
+
+    from megaclass.data import ClassBalancedSampler
+    from megaclass.data.shards import shard_epoch_order
+
+    counts = np.maximum(1, (400 / (1 + np.arange(classes)) ** 1.0).astype(int))  # 400 .. 4 images
+    labels = torch.from_numpy(np.repeat(np.arange(classes), counts))
+    sizes = [1000] * (len(labels) // 1000) + ([len(labels) % 1000] if len(labels) % 1000 else [])
+    shard, files = np.zeros(classes), np.zeros(classes)
+    for epoch in range(epochs):
+        shard += np.bincount(labels[shard_epoch_order(sizes, 0, epoch, 1000, labels)].numpy(), minlength=classes)
+        sampler = ClassBalancedSampler(labels.tolist(), seed=0)
+        sampler.set_epoch(epoch)
+        files += np.bincount(labels[list(sampler)].numpy(), minlength=classes)
+
+    def stats(h):
+        share = h / h.sum()
+        return {"min_share": float(share.min()), "max_share": float(share.max()),
+                "relative_std": float(share.std() / share.mean())}
+
+    return {"images": len(labels), "classes": classes, "epochs": epochs, "largest_class": int(counts[0]),
+            "smallest_class": int(counts[-1]), "uniform_share": 1 / classes, "shards": stats(shard), "files": stats(files),
+            "shards_histogram": shard.astype(int).tolist(), "files_histogram": files.astype(int).tolist()}
+
+
+def run(args) -> int:
+    from PIL import Image
+
+    from megaclass.data.shards import convert
+    from megaclass.io import atomic_write_text
+
+    sizes = [int(s) for s in args.sizes.split(",")]
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="bench-shards-") as tmp:
+        rng = np.random.default_rng(0)
+        pool = []
+        for i in range(args.pool):
+            path = Path(tmp) / "pool" / f"{i}.jpg"
+            path.parent.mkdir(exist_ok=True)
+            Image.fromarray(_photo(rng)).save(path, quality=90)
+            pool.append(path)
+        jpeg_bytes = float(np.mean([p.stat().st_size for p in pool]))
+        for n in sizes:
+            root, out = Path(tmp) / f"data-{n}", Path(tmp) / f"shards-{n}"
+            _write_layout(root, n, pool, args.classes)
+            cpu0, t0 = _cpu_seconds(), time.perf_counter()
+            index = convert(root, out, per_shard=args.per_shard, workers=args.workers, progress=False)
+            seconds, cpu = time.perf_counter() - t0, _cpu_seconds() - cpu0
+            assert index["splits"]["train"]["samples"] == n
+            rows.append({"images": n, "seconds": seconds, "images_per_s": n / seconds, "cpu_seconds": cpu,
+                         "images_per_cpu_s": n / cpu, "shards": len(index["splits"]["train"]["shards"])})
+            print(f"{n:>8} images  {seconds:7.2f} s  {n / seconds:8.0f} images/s  "
+                  f"({n / cpu:6.0f} images per CPU-second)", flush=True)
+            shutil.rmtree(root)
+            shutil.rmtree(out)
+    result = {"benchmark": "shards", "machine": f"{platform.node()}, {os.cpu_count()} cores (shared, loaded by other work)",
+              "workers": args.workers, "per_shard": args.per_shard, "mean_jpeg_bytes": jpeg_bytes,
+              "target_images_per_s": 2000, "conversion": rows, "class_balanced": _histograms()}
+    cb = result["class_balanced"]
+    for name in ("shards", "files"):
+        s = cb[name]
+        print(f"class-balanced on {name}: class share min {s['min_share']:.4f} max {s['max_share']:.4f} "
+              f"(uniform {cb['uniform_share']:.4f}), relative std {s['relative_std']:.3f}")
+    if args.out:
+        atomic_write_text(args.out, json.dumps(result, indent=1))
+    if args.plot:
+        plot(result, args.plot)
+    return 0
