@@ -16,6 +16,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset, Sampler
 
+from megaclass.data.decode import read_image
 from megaclass.data.paths import real_root, resolve_inside
 
 log = logging.getLogger(__name__)
@@ -92,23 +93,19 @@ class ImageDataset(Dataset):
 
     def _decode(self, index: int) -> torch.Tensor | None:
         """uint8 [3, H, W], or None (logged) when the file cannot be read."""
-        from PIL import Image
-
         relative = self.items[index][0]
         path = resolve_inside(self.root, relative, self._real_root)
         if path is None:
             log.warning("image outside the data root skipped (not opened): %s/%s", self.root, relative)
             return None
-        try:
-            with Image.open(path) as img:
-                img = img.convert("RGB")
-                if self.image_size <= SMALL_IMAGE:  # keeps a preloaded cache small
-                    img = img.resize((self.image_size, self.image_size), Image.BILINEAR)
-                array = np.asarray(img, dtype=np.uint8)
-        except (OSError, ValueError, SyntaxError, EOFError, Image.DecompressionBombError) as exc:
-            log.warning("unreadable image skipped: %s (%s: %s)", self.root / relative, type(exc).__name__, exc)
-            return None
-        return torch.from_numpy(array.copy()).permute(2, 0, 1)
+        image = read_image(path, str(self.root / relative))
+        size = (self.image_size, self.image_size)
+        if image is not None and self.image_size <= SMALL_IMAGE and image.shape[1:] != size:  # a small cache
+            from PIL import Image  # the resize of the PIL path before the switch to decode_jpeg: same pixels
+
+            small = Image.fromarray(image.permute(1, 2, 0).numpy()).resize(size, Image.BILINEAR)
+            image = torch.from_numpy(np.asarray(small, dtype=np.uint8).copy()).permute(2, 0, 1)
+        return image
 
     def __getitem__(self, index: int):
         for step in range(len(self.items)):
