@@ -48,6 +48,9 @@ def test_bench_input_report_and_shards(tmp_path):
             assert (work / meta["path"]).read_bytes() == members[f"{key}.jpg"]  # the bytes, unchanged
             seen.append(members[f"{key}.jpg"])
     assert seen == images
+    assert report["jpeg_mean_bytes"] == round(np.mean([len(d) for d in images]))
+    assert report["shard_bytes_per_image"] == round(sum((work / "shards" / s["name"]).stat().st_size
+                                                        for s in index["splits"]["train"]["shards"]) / 6)
 
 
 def test_benchmark_images_are_photo_sized_and_decode_to_pils_pixels():

@@ -256,6 +256,7 @@ def bench(args, work: Path) -> dict:
         "machine": machine(args.device),
         "config": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items() if k != "func"},
         "jpeg_mean_bytes": round(statistics.mean(len(d) for d in images)),
+        "shard_bytes_per_image": round(sum(Path(url).stat().st_size for url in shards) / len(images)),
         "decoded_equal_to_pil": {"images": len(images), "equal": equal},
         "input": rows,
         "shard_overhead_vs_memory": overhead,
@@ -278,7 +279,8 @@ def run(args) -> int:
             result = bench(args, Path(tmp))
     else:
         result = bench(args, args.work)
-    print(f"{args.images} JPEGs, {result['jpeg_mean_bytes'] / 1e3:.1f} kB mean, transform at {args.image_size} px, "
+    print(f"{args.images} JPEGs, {result['jpeg_mean_bytes'] / 1e3:.1f} kB mean ({result['shard_bytes_per_image'] / 1e3:.1f} kB "
+          f"per image in the shards, tar headers and json included), transform at {args.image_size} px, "
           f"one thread, best of {args.rounds} rounds; decode_image's pixels equal PIL's for "
           f"{result['decoded_equal_to_pil']['equal']} of {args.images}")
     print("| source | decoder | images/s per core (CPU time) | images/s (wall) |\n| --- | --- | ---: | ---: |")
@@ -289,7 +291,7 @@ def run(args) -> int:
     m = result["model"]
     print(f"{m['model']} training step on {m['device']} ({m['dtype']}, batch {m['batch']}, {m['image_size']} px"
           f"{', %d threads' % m['threads'] if m['threads'] else ''}): {m['step_s']:.2f} s, {m['images_per_s']:.1f} images/s"
-          f" = {result['decode_cores_per_rank']:.2f} decode cores (from shards) per rank")
+          f" = {result['decode_cores_per_rank']:.2g} decode cores (from shards) per rank")
     if "gpu_decode" in result:
         g = result["gpu_decode"]
         print(f"GPU decode_jpeg(device='cuda'), batches of {g['batch']}: {g['decode_images_per_s']:.0f} images/s, "
