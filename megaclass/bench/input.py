@@ -4,7 +4,8 @@ The transform is the trainer's (`ImageDataset`'s at --image-size, train=True): d
 horizontal flip, float, normalize. Inputs are --images photo-like JPEGs (1/f colour noise, 256 px on the
 short side, ~40 kB each, like WebVision's resized release), generated here with a fixed seed, and read
   memory       from bytes already in RAM: the limit of the decode + transform. Two decoders: PIL (the path
-               before issue 18) and megaclass.data.decode.decode_image (libjpeg-turbo via decode_jpeg)
+               before issue 18) and megaclass.data.decode.decode_image (libjpeg-turbo via decode_jpeg);
+               also each decoder alone, without the transform ("decode-only")
   files        one file per image through ImageDataset (page cache warm: written just before)
   shards       tar shards in the pinned format (KEY.jpg, KEY.json, KEY.cls; webdataset's TarWriter), read
                sequentially, each sample's label and original path parsed, then decode_image
@@ -242,7 +243,9 @@ def bench(args, work: Path) -> dict:
     def from_shards():
         return sum(1 for key, data, _, _ in read_shards(shards) if transform(decode_image(data, key)) is not None)
 
-    sources = {"memory/pil": from_memory(pil_decode),
+    sources = {"decode-only/pil": lambda: sum(1 for data in images if pil_decode(data) is not None),
+               "decode-only": lambda: sum(1 for data in images if decode_image(data, "memory") is not None),
+               "memory/pil": from_memory(pil_decode),
                "memory": from_memory(lambda data: decode_image(data, "memory")),
                "files": lambda: sum(1 for i in range(len(files)) if files[i] is not None),
                "shards": from_shards}
