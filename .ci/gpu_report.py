@@ -239,9 +239,11 @@ def input_markdown(bench: dict | None) -> list[str]:
              "| --- | --- | ---: | ---: |"]
     lines += [f"| {r['source']} | {r['decoder']} | {r['images_per_cpu_s']:.0f} | {r['images_per_s']:.0f} |"
               for r in bench["input"]]
-    lines += ["", f"Shard reader overhead vs memory: {100 * bench['shard_overhead_vs_memory']:+.1f} %. "
-              f"{m['model']} training step on {m['device']} ({m['dtype']}, batch {m['batch']}): {m['images_per_s']:.3g} "
-              f"images/s, i.e. {bench['decode_cores_per_rank']:.2g} CPU cores decoding from shards per rank."]
+    overhead = bench["shard_overhead_vs_memory"]
+    lines += ["", (f"Shard reader overhead vs memory: {100 * overhead:+.1f} %. " if overhead is not None else "")
+              + f"{m['model']} training step on {m['device']} ({m['dtype']}, batch {m['batch']}): {m['images_per_s']:.3g} "
+              f"images/s, i.e. {bench['decode_cores_per_rank']:.2g} CPU cores decoding from {bench['decode_cores_from']} "
+              "per rank."]
     if "gpu_decode" in bench:
         g = bench["gpu_decode"]
         lines.append(f"`decode_jpeg(device=\"cuda\")` in batches of {g['batch']}: {g['decode_images_per_s']:.0f} "

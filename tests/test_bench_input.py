@@ -2,6 +2,7 @@
 with plain tarfile), and the decoders' pixels against PIL's. No timing is asserted."""
 import io
 import json
+import sys
 import tarfile
 
 import numpy as np
@@ -29,6 +30,7 @@ def test_bench_input_report_and_shards(tmp_path):
     model = report["model"]
     assert (model["model"], model["device"], model["batch"], model["image_size"]) == ("resnet_tiny", "cpu", 2, 96)
     assert model["images_per_s"] > 0 and report["decode_cores_per_rank"] > 0 and "gpu_decode" not in report
+    assert report["decode_cores_from"] == "shards"
 
     # the shards, as a reader that knows only the pinned format sees them
     images = photo_jpegs(6)
@@ -61,3 +63,16 @@ def test_benchmark_images_are_photo_sized_and_decode_to_pils_pixels():
             assert img.format == "JPEG" and min(img.size) == 256
             expected = torch.from_numpy(np.asarray(img.convert("RGB")).copy()).permute(2, 0, 1)
         assert torch.equal(decode_image(data, "bench"), expected)
+
+
+def test_without_webdataset_the_rest_still_runs(tmp_path, monkeypatch):
+    """The GPU image has no webdataset unless .ci/gpu-check installs its wheel: the shards row is left out, the
+    other figures remain."""
+    monkeypatch.setitem(sys.modules, "webdataset", None)  # `import webdataset` raises ImportError
+    out = tmp_path / "input.json"
+    assert main(["bench", "input", "--images", "3", "--rounds", "1", "--image-size", "96", "--model", "resnet_tiny",
+                 "--batch", "1", "--steps", "1", "--warmup", "0", "--json", str(out)]) == 0
+    report = json.loads(out.read_text())
+    assert [r["source"] for r in report["input"]] == ["decode-only", "decode-only", "memory", "memory", "files"]
+    assert report["shard_overhead_vs_memory"] is None and report["shard_bytes_per_image"] is None
+    assert report["decode_cores_from"].startswith("files") and report["model"]["images_per_s"] > 0

@@ -233,7 +233,10 @@ def bench(args, work: Path) -> dict:
 
     images = photo_jpegs(args.images)
     items = write_files(images, work)
-    shards = write_shards(images, work / "shards", args.per_shard)
+    try:
+        shards = write_shards(images, work / "shards", args.per_shard)
+    except ImportError:  # no webdataset: the GPU image unless .whl/ brings it (make gpu-wheels); the rest still runs
+        shards = None
     files = ImageDataset(work, items, args.image_size, train=True)
     transform = files.transform
 
@@ -247,28 +250,31 @@ def bench(args, work: Path) -> dict:
                "decode-only": lambda: sum(1 for data in images if decode_image(data, "memory") is not None),
                "memory/pil": from_memory(pil_decode),
                "memory": from_memory(lambda data: decode_image(data, "memory")),
-               "files": lambda: sum(1 for i in range(len(files)) if files[i] is not None),
-               "shards": from_shards}
+               "files": lambda: sum(1 for i in range(len(files)) if files[i] is not None)}
+    if shards:
+        sources["shards"] = from_shards
     rates = _measure(sources, args.rounds)
     rows = [{"source": name.split("/")[0], "decoder": "pil" if name.endswith("/pil") else "decode_image", **rate}
             for name, rate in rates.items()]
     per_core = {name: rate["images_per_cpu_s"] for name, rate in rates.items()}
-    overhead = per_core["memory"] / per_core["shards"] - 1
+    feed = per_core.get("shards", per_core["files"])  # the source one rank's decode cores are counted in
+    overhead = per_core["memory"] / per_core["shards"] - 1 if shards else None
     equal = sum(torch.equal(decode_image(data, "memory"), pil_decode(data)) for data in images)
     result = {
         "machine": machine(args.device),
         "config": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items() if k != "func"},
         "jpeg_mean_bytes": round(statistics.mean(len(d) for d in images)),
-        "shard_bytes_per_image": round(sum(Path(url).stat().st_size for url in shards) / len(images)),
+        "shard_bytes_per_image": round(sum(Path(url).stat().st_size for url in shards) / len(images)) if shards else None,
         "decoded_equal_to_pil": {"images": len(images), "equal": equal},
         "input": rows,
         "shard_overhead_vs_memory": overhead,
-        "targets": {"shards_images_per_core_s": [TARGET_PER_CORE, per_core["shards"] >= TARGET_PER_CORE],
-                    "shard_overhead_vs_memory": [TARGET_OVERHEAD, overhead <= TARGET_OVERHEAD]},
+        "targets": {"shards_images_per_core_s": [TARGET_PER_CORE, shards and per_core["shards"] >= TARGET_PER_CORE],
+                    "shard_overhead_vs_memory": [TARGET_OVERHEAD, shards and overhead <= TARGET_OVERHEAD]},
+        "decode_cores_from": "shards" if shards else "files; webdataset is not installed",
     }
     batch = args.gpu_batch if args.device == "cuda" else args.batch
     result["model"] = model_step(args.model, batch, args.image_size, args.steps, args.warmup, args.device)
-    result["decode_cores_per_rank"] = result["model"]["images_per_s"] / per_core["shards"]
+    result["decode_cores_per_rank"] = result["model"]["images_per_s"] / feed
     if args.device == "cuda":
         result["gpu_decode"] = gpu_decode(images, transform, args.gpu_batch, args.rounds)
     return result
@@ -282,19 +288,22 @@ def run(args) -> int:
             result = bench(args, Path(tmp))
     else:
         result = bench(args, args.work)
-    print(f"{args.images} JPEGs, {result['jpeg_mean_bytes'] / 1e3:.1f} kB mean ({result['shard_bytes_per_image'] / 1e3:.1f} kB "
-          f"per image in the shards, tar headers and json included), transform at {args.image_size} px, "
+    in_shards = result["shard_bytes_per_image"]
+    print(f"{args.images} JPEGs, {result['jpeg_mean_bytes'] / 1e3:.1f} kB mean ("
+          + (f"{in_shards / 1e3:.1f} kB per image in the shards, tar headers and json included" if in_shards else
+             "no shards: webdataset is not installed") + f"), transform at {args.image_size} px, "
           f"one thread, best of {args.rounds} rounds; decode_image's pixels equal PIL's for "
           f"{result['decoded_equal_to_pil']['equal']} of {args.images}")
     print("| source | decoder | images/s per core (CPU time) | images/s (wall) |\n| --- | --- | ---: | ---: |")
     for row in result["input"]:
         print(f"| {row['source']} | {row['decoder']} | {row['images_per_cpu_s']:.0f} | {row['images_per_s']:.0f} |")
-    print(f"shard reader overhead vs memory: {100 * result['shard_overhead_vs_memory']:+.1f} % "
-          f"(target <= {100 * TARGET_OVERHEAD:.0f} %); target >= {TARGET_PER_CORE} images/s per core from shards")
+    if result["shard_overhead_vs_memory"] is not None:
+        print(f"shard reader overhead vs memory: {100 * result['shard_overhead_vs_memory']:+.1f} % "
+              f"(target <= {100 * TARGET_OVERHEAD:.0f} %); target >= {TARGET_PER_CORE} images/s per core from shards")
     m = result["model"]
     print(f"{m['model']} training step on {m['device']} ({m['dtype']}, batch {m['batch']}, {m['image_size']} px"
           f"{', %d threads' % m['threads'] if m['threads'] else ''}): {m['step_s']:.2f} s, {m['images_per_s']:.1f} images/s"
-          f" = {result['decode_cores_per_rank']:.2g} decode cores (from shards) per rank")
+          f" = {result['decode_cores_per_rank']:.2g} decode cores (from {result['decode_cores_from']}) per rank")
     if "gpu_decode" in result:
         g = result["gpu_decode"]
         print(f"GPU decode_jpeg(device='cuda'), batches of {g['batch']}: {g['decode_images_per_s']:.0f} images/s, "
