@@ -8,7 +8,8 @@ short side, ~40 kB each, like WebVision's resized release), generated here with 
                also each decoder alone, without the transform ("decode-only")
   files        one file per image through ImageDataset (page cache warm: written just before)
   shards       tar shards in the pinned format (KEY.jpg, KEY.json, KEY.cls; webdataset's TarWriter), read
-               sequentially, each sample's label and original path parsed, then decode_image
+               sequentially, each sample's label and original path parsed, then decode_image (left out
+               where webdataset is not installed)
 Each source runs in this one process with one intra-op thread, --rounds times interleaved; the best round
 is reported as images per CPU-second ("per core": robust on a shared machine) and per wall-second. The
 shard reader's overhead is its per-image CPU cost over the from-memory one (target <= 10 %; and >= 600
@@ -34,7 +35,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from megaclass.argtypes import nonnegative_int, output_file, positive_int
+from megaclass.argtypes import nonnegative_int, output_file, output_folder, positive_int
 from megaclass.bench.ranks import machine
 from megaclass.io import atomic_write_text
 
@@ -60,7 +61,7 @@ def register(subparsers) -> None:
     p.add_argument("--warmup", type=nonnegative_int, default=1, help="untimed model steps first (default 1)")
     p.add_argument("--device", choices=["cpu", "cuda"], default="cpu",
                    help="cuda: also GPU decoding, and the model step on the GPU instead of the CPU (default cpu)")
-    p.add_argument("--work", type=Path, default=None, metavar="DIR",
+    p.add_argument("--work", type=output_folder, default=None, metavar="DIR",
                    help="where the files and shards are written (default: a temporary folder, removed after)")
     p.add_argument("--json", type=output_file, default=None, metavar="OUT", help="also write the results as JSON to OUT")
     p.set_defaults(func=run)

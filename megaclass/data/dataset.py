@@ -100,8 +100,9 @@ class ImageDataset(Dataset):
             return None
         image = read_image(path, str(self.root / relative))
         size = (self.image_size, self.image_size)
-        if image is not None and self.image_size <= SMALL_IMAGE and image.shape[1:] != size:  # a small cache
-            from PIL import Image  # the resize of the PIL path before the switch to decode_jpeg: same pixels
+        if image is not None and self.image_size <= SMALL_IMAGE and image.shape[1:] != size:
+            # keeps a preloaded cache small; PIL's bilinear resize, as before decode_image: the same pixels
+            from PIL import Image
 
             small = Image.fromarray(image.permute(1, 2, 0).numpy()).resize(size, Image.BILINEAR)
             image = torch.from_numpy(np.asarray(small, dtype=np.uint8).copy()).permute(2, 0, 1)
