@@ -23,7 +23,8 @@ def test_bench_input_report_and_shards(tmp_path):
                  "--work", str(work), "--json", str(out)]) == 0
     report = json.loads(out.read_text())
     assert [(r["source"], r["decoder"]) for r in report["input"]] == [
-        ("decode-only", "pil"), ("decode-only", "decode_image"), ("memory", "pil"), ("memory", "decode_image"), ("files", "decode_image"), ("shards", "decode_image")]
+        ("decode-only", "pil"), ("decode-only", "decode_image"), ("memory", "pil"), ("memory", "decode_image"), ("files", "decode_image"), ("shards", "decode_image"),
+        ("shards-read-only", "none")]
     assert all(r["images_per_cpu_s"] > 0 and r["images_per_s"] > 0 for r in report["input"])
     assert report["decoded_equal_to_pil"] == {"images": 6, "equal": 6}
     assert set(report["targets"]) == {"shards_images_per_core_s", "shard_overhead_vs_memory"}

@@ -8,8 +8,8 @@ short side, ~40 kB each, like WebVision's resized release), generated here with 
                also each decoder alone, without the transform ("decode-only")
   files        one file per image through ImageDataset (page cache warm: written just before)
   shards       tar shards in the pinned format (KEY.jpg, KEY.json, KEY.cls; webdataset's TarWriter), read
-               sequentially, each sample's label and original path parsed, then decode_image (left out
-               where webdataset is not installed)
+               sequentially, each sample's label and original path parsed, then decode_image; and the
+               reading alone ("shards-read-only"). Left out where webdataset is not installed
 Each source runs in this one process with one intra-op thread, --rounds times interleaved; the best round
 is reported as images per CPU-second ("per core": robust on a shared machine) and per wall-second. The
 shard reader's overhead is its per-image CPU cost over the from-memory one (target <= 10 %; and >= 600
@@ -254,8 +254,9 @@ def bench(args, work: Path) -> dict:
                "files": lambda: sum(1 for i in range(len(files)) if files[i] is not None)}
     if shards:
         sources["shards"] = from_shards
+        sources["shards-read-only/none"] = lambda: sum(1 for _ in read_shards(shards))
     rates = _measure(sources, args.rounds)
-    rows = [{"source": name.split("/")[0], "decoder": "pil" if name.endswith("/pil") else "decode_image", **rate}
+    rows = [{"source": name.split("/")[0], "decoder": name.split("/")[1] if "/" in name else "decode_image", **rate}
             for name, rate in rates.items()]
     per_core = {name: rate["images_per_cpu_s"] for name, rate in rates.items()}
     feed = per_core.get("shards", per_core["files"])  # the source one rank's decode cores are counted in
