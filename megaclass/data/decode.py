@@ -1,7 +1,7 @@
 """Image bytes -> uint8 [3, H, W]: one decoder for every input path (image files, tar shards, the benchmark).
 
 JPEGs whose header PIL reads as RGB or greyscale are decoded by libjpeg-turbo through
-`torchvision.io.decode_jpeg` (about 1.3x PIL's decode rate, 1.1-1.4x with the training transform:
+`torchvision.io.decode_jpeg` (1.2-1.3x PIL's decode rate, 1.1-1.3x with the training transform:
 docs/scale.md); its pixels equal PIL's (both run libjpeg-turbo's default IDCT and chroma upsampling, without PIL's draft mode), which
 tests/test_data_decode.py checks. Everything else (PNG, CMYK or YCCK JPEGs, MPO, 16-bit, ...), and a JPEG
 that libjpeg-turbo refuses, goes to PIL exactly as before. So what counts as unreadable is what PIL
