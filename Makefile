@@ -63,10 +63,11 @@ gpu-rehearsal: setup
 	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" GPU_CHECK_REHEARSAL=1 .ci/gpu-check $(GPU_CHECK_DIR)-rehearsal
 
 # Wheels of the GPU check's peers for the GPU image (Python 3.12, no package registry there), into the
-# ignored .whl/. Their only requirements, torch and triton, are on the image (docs/cuda.md).
-GPU_WHEELS := cut-cross-entropy==25.1.1 liger-kernel==0.8.5
+# ignored .whl/. Their only requirements, torch and triton, are on the image (docs/cuda.md). webdataset (and its
+# braceexpand; numpy and PyYAML are on the image) is for `megaclass bench input`'s tar shards.
+GPU_WHEELS := cut-cross-entropy==25.1.1 liger-kernel==0.8.5 webdataset==1.0.2 braceexpand==0.1.7
 gpu-wheels:
-	rm -f .whl/cut_cross_entropy-*.whl .whl/liger_kernel-*.whl  # one version of each: two stop the install there
+	rm -f .whl/cut_cross_entropy-*.whl .whl/liger_kernel-*.whl .whl/webdataset-*.whl .whl/braceexpand-*.whl  # one version of each: two stop the install there
 	$(PYTHON) -m pip download -q --disable-pip-version-check --no-deps --only-binary=:all: --python-version 3.12 \
 		--implementation cp --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 \
 		--platform manylinux2014_x86_64 -d .whl $(GPU_WHEELS)

@@ -1,5 +1,6 @@
 """The GPU check's report: LOGS/bench/*.json (one `megaclass bench ce` report per variant and shape),
-LOGS/tests.xml (the CUDA tests' junit XML), LOGS/peers.log and the stage times -> OUT/results.json and
+LOGS/tests.xml (the CUDA tests' junit XML), LOGS/peers.log, LOGS/input.json (`megaclass bench input`) and the
+stage times -> OUT/results.json and
 OUT/results.md, with the device's GEMM throughput and the two CUDA kernels' memory bandwidth measured here,
 and the targets of the CUDA issue checked at the target shape (8,192 × 256,000 × 2,304 on the GPU):
   memory beyond inputs, parameters and their gradients ≤ 1.2 GB (10⁹ bytes);
@@ -214,8 +215,42 @@ def markdown(report) -> str:
                 verdict = "n/a" if ok is None else "met" if ok else "NOT met"
                 lines.append(f"- {what}: {value} — {verdict}")
             lines.append("")
+    lines += input_markdown(report["input"])
     lines.append("Produced by `.ci/gpu-check OUT_DIR`; every stage's log is in OUT_DIR/logs.tar.gz.")
     return "\n".join(lines) + "\n"
+
+
+def read_input(path: str) -> dict | None:
+    """`megaclass bench input`'s JSON report, or None when that stage did not write one."""
+    if not os.path.exists(path):
+        return None
+    with open(path) as f:
+        return json.load(f)
+
+
+def input_markdown(bench: dict | None) -> list[str]:
+    """The input pipeline beside the model step: the images/s that the host's cores and the GPU decoder supply."""
+    if bench is None:
+        return ["Input pipeline (`megaclass bench input`): no result (failed, out of time or left out).", ""]
+    m = bench["model"]
+    lines = [f"**Input pipeline** (`megaclass bench input`: {bench['config']['images']} photo-like 256-px JPEGs, "
+             f"the training transform at {bench['config']['image_size']} px; CPU rows on one core of "
+             f"{bench['machine']['cpu']})", "", "| source | decoder | images/s per core (CPU time) | images/s (wall) |",
+             "| --- | --- | ---: | ---: |"]
+    lines += [f"| {r['source']} | {r['decoder']} | {r['images_per_cpu_s']:.0f} | {r['images_per_s']:.0f} |"
+              for r in bench["input"]]
+    overhead = bench["shard_overhead_vs_memory"]
+    lines += ["", (f"Shard reader overhead vs memory: {100 * overhead:+.1f} %. " if overhead is not None else "")
+              + f"{m['model']} training step on {m['device']} ({m['dtype']}, batch {m['batch']}): {m['images_per_s']:.3g} "
+              f"images/s, i.e. {bench['decode_cores_per_rank']:.2g} CPU cores decoding from {bench['decode_cores_from']} "
+              "per rank."]
+    if "gpu_decode" in bench:
+        g = bench["gpu_decode"]
+        lines.append(f"`decode_jpeg(device=\"cuda\")` in batches of {g['batch']}: {g['decode_images_per_s']:.0f} "
+                     f"images/s, {g['decode_transform_images_per_s']:.0f} with the transform on the GPU; pixels equal "
+                     f"to PIL's for {g['images_equal_to_pil']} of {bench['config']['images']} images (max difference "
+                     f"{g['max_abs_diff_vs_pil']}).")
+    return lines + [""]
 
 
 def _write(path: str, text: str) -> None:
@@ -265,7 +300,7 @@ def main() -> int:
     report = {"rehearsal": args.rehearsal, "environment": environment(args.device), "dtype": args.dtype,
               "gemm_tflops": peak,
               "gemm_size": gemm_size, "kernels": kernels, "tests": test_outcomes(os.path.join(args.logs, "tests.xml")),
-              "peers": peers, "budget_s": args.budget_s, "stages": read_stages(args.stages), "shapes": shapes}
+              "peers": peers, "input": read_input(os.path.join(args.logs, "input.json")), "budget_s": args.budget_s, "stages": read_stages(args.stages), "shapes": shapes}
     os.makedirs(args.out, exist_ok=True)
     _write(os.path.join(args.out, "results.json"), json.dumps(report, indent=2) + "\n")
     _write(os.path.join(args.out, "results.md"), markdown(report))

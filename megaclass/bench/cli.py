@@ -4,7 +4,7 @@ from __future__ import annotations
 import importlib
 
 BENCHMARKS = ("megaclass.bench.ce", "megaclass.bench.knn", "megaclass.bench.weights", "megaclass.bench.train",
-              "megaclass.bench.data", "megaclass.bench.lm", "megaclass.bench.shards")
+              "megaclass.bench.data", "megaclass.bench.lm", "megaclass.bench.shards", "megaclass.bench.input")
 
 
 def register(subparsers) -> None:

@@ -16,6 +16,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset, Sampler, get_worker_info
 
+from megaclass.data.decode import decode_image
 from megaclass.data.paths import real_root, resolve_inside
 
 log = logging.getLogger(__name__)
@@ -94,34 +95,36 @@ class ImageDataset(Dataset):
     def __len__(self) -> int:
         return len(self.items)
 
-    def _source(self, index: int):
-        """What PIL opens for item `index` (its file), or None (logged) when its path leaves the root."""
+    def _encoded(self, index: int) -> bytes | None:
+        """The encoded image of item `index` (its file's bytes), or None (logged) when its path leaves the
+        root. OSError: the file cannot be read."""
         relative = self.items[index][0]
         path = resolve_inside(self.root, relative, self._real_root)
         if path is None:
             log.warning("image outside the data root skipped (not opened): %s/%s", self.root, relative)
-        return path
+            return None
+        with open(path, "rb") as f:
+            return f.read()
 
     def _where(self, index: int) -> str:
         return str(self.root / self.items[index][0])
 
     def _decode(self, index: int) -> torch.Tensor | None:
         """uint8 [3, H, W], or None (logged) when the image cannot be read."""
-        from PIL import Image
-
         try:
-            source = self._source(index)
-            if source is None:
-                return None
-            with Image.open(source) as img:
-                img = img.convert("RGB")
-                if self.image_size <= SMALL_IMAGE:  # keeps a preloaded cache small
-                    img = img.resize((self.image_size, self.image_size), Image.BILINEAR)
-                array = np.asarray(img, dtype=np.uint8)
-        except (OSError, ValueError, SyntaxError, EOFError, Image.DecompressionBombError) as exc:
+            data = self._encoded(index)
+        except OSError as exc:
             log.warning("unreadable image skipped: %s (%s: %s)", self._where(index), type(exc).__name__, exc)
             return None
-        return torch.from_numpy(array.copy()).permute(2, 0, 1)
+        image = None if data is None else decode_image(data, self._where(index))
+        size = (self.image_size, self.image_size)
+        if image is not None and self.image_size <= SMALL_IMAGE and image.shape[1:] != size:
+            # keeps a preloaded cache small; PIL's bilinear resize, as before decode_image: the same pixels
+            from PIL import Image
+
+            small = Image.fromarray(image.permute(1, 2, 0).numpy()).resize(size, Image.BILINEAR)
+            image = torch.from_numpy(np.asarray(small, dtype=np.uint8).copy()).permute(2, 0, 1)
+        return image
 
     def __getitem__(self, index: int):
         for step in range(len(self.items)):

@@ -367,12 +367,12 @@ class ShardDataset(ImageDataset):
         self._fds[shard] = fd
         return fd
 
-    def _source(self, index: int):
+    def _encoded(self, index: int) -> bytes:
         shard, offset, size = self.locations[index]
         data = os.pread(self._fd(shard), size, offset)
         if len(data) != size:
             raise OSError(f"{self.files[shard]}: short read at byte {offset} (shard truncated?)")
-        return io.BytesIO(data)
+        return data
 
     def _where(self, index: int) -> str:
         shard, offset, _ = self.locations[index]
