@@ -8,7 +8,8 @@ generator), ranks 1..700 in shuffled JSON lists. Predictions (top 5) are realist
 an image is clean with probability falling with its rank (0.85 at the top, 0.35 at rank 700), and a
 clean image's top-1 is its label 70% of the time; knn.tsv gives each class 10 random neighbours.
 
-Each step runs in its own process, so that its peak RSS is its own: `read` (the reader, into
+Each step runs in its own process, so that its peak RSS is its own (wall and CPU seconds are both
+recorded: on a shared machine the CPU time of the step's process is the steadier figure): `read` (the reader, into
 columns), `keywords` (keyword extraction on the columns), `stage1` and `stage2` (`megaclass weights
 --stage 1`, then `--stage 2 --stage1 OUT1`, as `compute_weights` + `save_weights` run them, without
 the PNG). A step's time excludes the reading it repeats; its peak RSS includes it (that is what the
@@ -110,11 +111,11 @@ def _step(step: str, root: str, out: str) -> dict:
     from megaclass.memory import peak_rss_bytes
 
     root_path = Path(root)
-    start = time.perf_counter()
+    start, cpu = time.perf_counter(), time.process_time()
     data = load_metadata(root_path, check_images=False)
-    result = {"read_s": time.perf_counter() - start, "images": len(data.train),
-              "column_bytes": data.train.nbytes}
-    start = time.perf_counter()
+    result = {"read_s": time.perf_counter() - start, "read_cpu_s": time.process_time() - cpu,
+              "images": len(data.train), "column_bytes": data.train.nbytes}
+    start, cpu = time.perf_counter(), time.process_time()
     if step == "keywords":
         from megaclass.weighting.keywords import KeywordExtractor
         from megaclass.weighting.pipeline import query_or_class_texts
@@ -131,7 +132,7 @@ def _step(step: str, root: str, out: str) -> dict:
                                   stage1_tsv=Path(out) / "w1.tsv" if stage == 2 else None)
         save_weights(weights, root_path, Path(out) / f"w{stage}.tsv", plot=False)
         result.update({k: v for k, v in weights.notes.items()})
-    result["step_s"] = time.perf_counter() - start
+    result["step_s"], result["step_cpu_s"] = time.perf_counter() - start, time.process_time() - cpu
     result["peak_rss_bytes"] = peak_rss_bytes()
     return result
 
@@ -154,21 +155,24 @@ def measure(n: int, classes: int, seed: int, work: Path) -> dict:
     try:
         for step in STEPS:
             result = _run_step(step, root)
-            seconds = result["read_s"] if step == "read" else result["step_s"]
-            row[step] = {"seconds": round(seconds, 2), "peak_rss_bytes": result["peak_rss_bytes"],
-                         **{k: v for k, v in result.items() if k not in ("read_s", "step_s", "peak_rss_bytes")}}
-            print(f"N={n} {step}: {seconds:.1f} s, peak RSS {result['peak_rss_bytes'] / 1e9:.2f} GB", flush=True)
+            key = "read" if step == "read" else "step"
+            seconds, cpu = result[f"{key}_s"], result[f"{key}_cpu_s"]
+            extra = {k: v for k, v in result.items() if not k.endswith("_s")}  # the times' keys end so
+            row[step] = {"seconds": round(seconds, 2), "cpu_seconds": round(cpu, 2), **extra}
+            print(f"N={n} {step}: {seconds:.1f} s ({cpu:.1f} s CPU), peak RSS {extra['peak_rss_bytes'] / 1e9:.2f} GB "
+                  f"{json.dumps({k: v for k, v in extra.items() if k != 'peak_rss_bytes'})}", flush=True)
     finally:
         shutil.rmtree(root, ignore_errors=True)
     return row
 
 
 def extrapolate(rows: list[dict], sizes: list[int]) -> tuple[list[dict], dict]:
-    """Per step, time and peak RSS as a·N^b fitted to the measured rows (b: the growth exponent)."""
+    """Per step, time and peak RSS as a·N^b fitted to the measured rows (b: the growth exponent; with a
+    single measured size, b = 1 is assumed and `fits` says so)."""
     n = np.array([r["images"] for r in rows], dtype=np.float64)
-    fits, out = {}, [{"images": s} for s in sizes]
+    fits, out = {"assumed_linear": len(set(n)) < 2}, [{"images": s} for s in sizes]
     for step in STEPS:
-        for key in ("seconds", "peak_rss_bytes"):
+        for key in ("seconds", "cpu_seconds", "peak_rss_bytes"):
             y = np.array([r[step][key] for r in rows], dtype=np.float64)
             b, log_a = np.polyfit(np.log(n), np.log(y), 1) if len(set(n)) > 1 else (1.0, np.log(y[0] / n[0]))
             fits[f"{step}_{key}_exponent"] = round(float(b), 3)
@@ -177,8 +181,10 @@ def extrapolate(rows: list[dict], sizes: list[int]) -> tuple[list[dict], dict]:
     return out, fits
 
 
-def _total(row: dict) -> tuple[float, float]:
-    return (sum(row[s]["seconds"] for s in ("read", "stage1", "stage2")),
+def _total(row: dict) -> tuple[float, float, float]:
+    """(wall seconds, CPU seconds) of reading + stage 1 + stage 2, and the largest peak RSS of a step."""
+    stages = ("read", "stage1", "stage2")
+    return (sum(row[s]["seconds"] for s in stages), sum(row[s]["cpu_seconds"] for s in stages),
             max(row[s]["peak_rss_bytes"] for s in STEPS))
 
 
@@ -191,7 +197,8 @@ def plot(png: str, measured: list[dict], predicted: list[dict], title: str) -> N
     from megaclass.io import atomic_output
 
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
-    for ax, key, scale, unit, target in ((axes[0], "seconds", 1.0, "s", TARGET_SECONDS),
+    # CPU seconds, not wall: on a shared machine a step's wall time is mostly waiting for a core
+    for ax, key, scale, unit, target in ((axes[0], "cpu_seconds", 1.0, "s", TARGET_SECONDS),
                                          (axes[1], "peak_rss_bytes", 1e9, "GB", TARGET_BYTES / 1e9)):
         for step, color in zip(STEPS, ("C0", "C1", "C2", "C3")):
             xs = [r["images"] for r in measured]
@@ -201,10 +208,10 @@ def plot(png: str, measured: list[dict], predicted: list[dict], title: str) -> N
                         [measured[-1][step][key] / scale] + [r[step][key] / scale for r in predicted],
                         "o--", color=color, markerfacecolor="none")
         ax.axhline(target, color="gray", linestyle=":", label=f"16M target ({target:g} {unit}" +
-                   (", read + both stages)" if key == "seconds" else ")"))
+                   (", read + both stages)" if key == "cpu_seconds" else ")"))
         ax.set_xscale("log"), ax.set_yscale("log")
         ax.set_xlabel("training images N (hollow, dashed: extrapolated)")
-        ax.set_ylabel(f"{'time' if key == 'seconds' else 'peak RSS'} ({unit})")
+        ax.set_ylabel(f"{'CPU time of the step' if key == 'cpu_seconds' else 'peak RSS'} ({unit})")
         ax.grid(True, which="both", alpha=0.3)
     axes[0].legend(fontsize=8)
     fig.suptitle(title, fontsize=9)
@@ -218,12 +225,21 @@ def run(args) -> int:
     sizes = sorted(set(args.images))
     work = Path(args.work) if args.work else Path(tempfile.mkdtemp(prefix="megaclass-bench-data-"))
     work.mkdir(parents=True, exist_ok=True)
+    measured = []
     try:
-        measured = [measure(n, args.classes, args.seed, work) for n in sizes]
+        for n in sizes:  # the results so far are written after each size: a long run can be stopped
+            measured.append(measure(n, args.classes, args.seed, work))
+            result = _results(args, measured)
     finally:
         if not args.work:
             shutil.rmtree(work, ignore_errors=True)
-    wanted = sorted(s for s in set(args.extrapolate) if s not in sizes)
+    print(json.dumps(result, indent=1))
+    return 0
+
+
+def _results(args, measured: list[dict]) -> dict:
+    done = [r["images"] for r in measured]
+    wanted = sorted(s for s in set(args.extrapolate) | set(args.images) if s not in done)
     predicted, fits = extrapolate(measured, wanted) if wanted else ([], {})
     result = {"classes": args.classes, "images_per_query": PER_QUERY, "cpu_count": os.cpu_count(),
               "measured": measured, "extrapolated": predicted, "fits": fits,
@@ -231,11 +247,11 @@ def run(args) -> int:
                       "extrapolated rows are a power law per step fitted in log-log to the measured sizes, not runs",
               "target": {"images": TARGET_IMAGES, "seconds": TARGET_SECONDS, "peak_rss_bytes": TARGET_BYTES}}
     for row in measured + predicted:
-        seconds, rss = _total(row)
-        row["read_plus_stages_s"], row["max_peak_rss_bytes"] = round(seconds, 1), int(rss)
-    print(json.dumps(result, indent=1))
+        seconds, cpu, rss = _total(row)
+        row["read_plus_stages_s"], row["read_plus_stages_cpu_s"] = round(seconds, 1), round(cpu, 1)
+        row["max_peak_rss_bytes"] = int(rss)
     if args.json:
         atomic_write_text(args.json, json.dumps(result, indent=1) + "\n")
         plot(os.path.splitext(args.json)[0] + ".png", measured, predicted,
              f"megaclass bench data: {args.classes} classes, metadata only, {os.cpu_count()} cores")
-    return 0
+    return result

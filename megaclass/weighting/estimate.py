@@ -24,12 +24,16 @@ from __future__ import annotations
 import numpy as np
 from scipy.optimize import isotonic_regression
 
-TOLERANCE = 1e-6
+TOLERANCE = 1e-5
 """EM stops when the responsibilities move less than this on average over an extrapolated cycle (a
 numerical tolerance, not a model choice). The mean, not the largest move: an isotonic fit is piecewise
 constant, and as N grows some block boundary moves by a few images at nearly every step, flipping
 those images by up to a block's jump (~1e-3) long after the fit as a whole has settled; a criterion on
-the largest move therefore needed more steps the more images there were (2,000, the cap, at 1M)."""
+the largest move therefore needed more steps the more images there were (2,000, the cap, at 1M).
+What remains after this tolerance is a slow drift of the overall clean rate along the nearly flat
+ridge of a two-view mixture, which leaves the order of the weights unchanged: on `megaclass bench data`'s
+100k images, 1e-5 took 490 steps, 1e-6 hit the 2,000 cap, and the two sets of weights differ by 0.005
+on average with Spearman correlation 0.999999."""
 MAX_ITERATIONS = 2000
 
 
