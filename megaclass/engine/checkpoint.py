@@ -4,7 +4,7 @@ Layout of `run_dir/checkpoints/`:
 
     step-00000120/ds/...                    DeepSpeed's files (engine.save_checkpoint, tag "ds")
     step-00000120/head/shard-00000.pt       rank r's head rows [start, end) + their optimizer state
-    step-00000120/meta.json                 step, world size, class count
+    step-00000120/meta.json                 step, world size, ZeRO stage, class count and ordered class list
     latest                                  "step-00000120", replaced last
 
 A save writes everything into `.tmp-step-…/`, and only when every rank has finished does rank 0
@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import glob
 import json
+import logging
 import os
 import pickle
 import shutil
@@ -36,6 +37,8 @@ import torch
 from megaclass.nn.checkpoint import head_shard_state, load_head_shard, save_head_shard
 from megaclass.io import atomic_write_text, replace_folder
 from megaclass.parallel import comm
+
+log = logging.getLogger(__name__)
 
 LATEST = "latest"
 OLD = ".old-"
@@ -184,10 +187,35 @@ def _check_head_shard(path: str) -> None:
                               f"{shard['num_classes']} classes or its {tuple(shard['params']['weight'].shape)} weight")
 
 
-def load(folder: str, engine, head, head_optimizer, class_range, num_classes: int) -> int:
-    """Collective: restore the engine and this rank's head rows from `folder`; returns the step."""
+def check_classes(folder: str, meta: dict, classes) -> None:
+    """This run's class list (wnids in class-index order) must be the checkpoint's, order included: the
+    same classes in another order would silently relabel every prediction. A checkpoint saved before
+    meta.json recorded its classes is accepted with a warning (its class count is still checked)."""
+    if classes is None:
+        return
+    path, saved = os.path.join(folder, "meta.json"), meta.get("classes")
+    if saved is None:
+        log.warning("%s: records no class list (saved by an older megaclass): only the class count is checked; "
+                    "this run must list its %d classes in the order the model was trained with", path, len(classes))
+        return
+    if not isinstance(saved, list) or not all(isinstance(w, str) for w in saved):
+        raise CheckpointError(f"{path}: 'classes' is not a list of class ids (wnids)")
+    classes = list(classes)
+    if saved != classes:
+        i = next((i for i, (a, b) in enumerate(zip(saved, classes)) if a != b), min(len(saved), len(classes)))
+        expected = saved[i] if i < len(saved) else f"no class (it has {len(saved)})"
+        found = classes[i] if i < len(classes) else f"no class (it has {len(classes)})"
+        raise CheckpointError(f"{path}: the checkpoint's class list differs from this run's (info/synsets.txt), first "
+                              f"at class index {i}: the checkpoint has {expected}, this run {found}. The model's "
+                              f"outputs are in the checkpoint's order: use the class list it was trained with")
+
+
+def load(folder: str, engine, head, head_optimizer, class_range, num_classes: int, classes=None) -> int:
+    """Collective: restore the engine and this rank's head rows from `folder`; returns the step.
+    `classes`: this run's wnids in class-index order (checked against the checkpoint's), or None."""
     meta = read_meta(folder)
     check_files(folder, head is not None)
+    check_classes(folder, meta, classes)
     if meta["num_classes"] != num_classes:
         raise CheckpointError(f"{folder}: checkpoint has {meta['num_classes']} classes, this run {num_classes}")
     same_world = meta["world_size"] == comm.world_size()

@@ -52,6 +52,9 @@ class TrainData:
     """[N] class index of every training image (class-balanced sampling)."""
     sample_weights: torch.Tensor | None = None
     """[N] loss weight s_i of every image; None = all ones."""
+    wnids: list[str] | None = None
+    """The class list in class-index order (synsets.txt), stored in checkpoints; a checkpoint of another
+    list, or of the same classes in another order, is refused on load. None (tests): not checked."""
 
 
 def device_of_rank() -> torch.device:
@@ -143,7 +146,7 @@ class Trainer:
     def load(self, folder: str) -> int:
         """Collective: restore the engine, the head and their optimizers from the checkpoint `folder`."""
         self.step = checkpoint.load(folder, self.engine, self.head, self.head_optimizer, self.class_range,
-                                    self.data.num_classes)
+                                    self.data.num_classes, classes=self.data.wnids)
         self.checkpoint_step = self.step
         log.info("%s: loaded %s (step %d)", self.name, folder, self.step)
         for _ in range(self.step if self.head is not None else 0):
@@ -156,7 +159,8 @@ class Trainer:
             return checkpoint.latest_checkpoint(self.ckpt_root)
         folder = checkpoint.save(self.ckpt_root, self.step, self.engine, self.head, self.head_optimizer,
                                  self.class_range, self.data.num_classes, writer=self.rank == 0,
-                                 extra_meta={"model": self.cfg.model.name, "epoch": self.step / self.steps_per_epoch})
+                                 extra_meta={"model": self.cfg.model.name, "epoch": self.step / self.steps_per_epoch,
+                                             **({"classes": list(self.data.wnids)} if self.data.wnids else {})})
         self.checkpoint_step = self.step
         log.info("%s: saved %s", self.name, folder)
         return folder
