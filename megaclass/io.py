@@ -16,12 +16,30 @@ from typing import Iterator
 
 
 def fsync_path(path: str | Path) -> None:
-    """Flush a file's or a folder's contents (for a folder: its entries) to stable storage."""
+    """Flush a file's or a folder's contents (for a folder: its entries) to stable storage. A failure
+    (EIO: the data never reached the disk) raises an OSError naming `path`."""
     fd = os.open(path, os.O_RDONLY | (os.O_DIRECTORY if os.path.isdir(path) else 0))
     try:
         os.fsync(fd)
+    except OSError as exc:
+        raise OSError(exc.errno, exc.strerror, str(path)) from exc
     finally:
         os.close(fd)
+
+
+def torch_save(obj, path: str | Path, zipfile_serialization: bool = True) -> None:
+    """`torch.save(obj, path)` through a Python file: a failed write raises the OSError itself naming
+    `path` ("[Errno 28] No space left on device: '…'"), where torch's own file writer would raise an
+    `inline_container.cc` RuntimeError that names neither the file nor the cause."""
+    import torch
+
+    try:
+        with open(path, "wb") as f:
+            torch.save(obj, f, _use_new_zipfile_serialization=zipfile_serialization)
+    except OSError as exc:  # from a write, or from the close that flushes the rest
+        if exc.filename is not None:
+            raise
+        raise OSError(exc.errno, exc.strerror, str(path)) from exc
 
 
 @contextlib.contextmanager
@@ -38,6 +56,9 @@ def atomic_output(path: str | Path) -> Iterator[Path]:
         yield Path(tmp)
         fsync_path(tmp)
         os.replace(tmp, path)
+    except OSError as exc:  # named by the file it was to become: the temp file is gone
+        Path(tmp).unlink(missing_ok=True)
+        raise OSError(exc.errno, exc.strerror, str(path)) from exc
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise

@@ -74,7 +74,7 @@ def run(args: argparse.Namespace) -> int:
         folder = checkpoint_folder(args.checkpoint)
         cfg, data = start_run(args.config, overrides)
         k = min(args.topk or cfg.eval.topk, data.num_classes)
-        trainer = trainer_class(cfg)(cfg, TrainData(data.train_eval, data.num_classes, data.labels),
+        trainer = trainer_class(cfg)(cfg, TrainData(data.train_eval, data.num_classes, data.labels, wnids=data.wnids),
                                      name="predict")
         step = trainer.load(folder)
     except (OSError, ValueError) as exc:

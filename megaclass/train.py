@@ -55,7 +55,7 @@ def run(args: argparse.Namespace) -> int:
     try:
         cfg, data = start_run(args.config, args.overrides)
         trainer = trainer_class(cfg)(cfg, TrainData(data.train, data.num_classes, data.labels,
-                                                    data.sample_weights))
+                                                    data.sample_weights, data.wnids))
         trainer.fit(val=(data.val, data.val_labels) if len(data.val_labels) else None)
     except (OSError, ValueError) as exc:  # bad input, or a checkpoint that cannot resume here (every rank alike)
         log.error("%s", exc)

@@ -16,7 +16,7 @@ from megaclass.engine.trainer import TrainData, Trainer
 N, CLASSES = 32, 7
 
 
-def _trainer(run_dir, max_steps):
+def _trainer(run_dir, max_steps, wnids=None):
     cfg = config_from_dict({
         "run_dir": run_dir, "head": {"bias": True}, "data": {"num_workers": 0},
         "optim": {"name": "sgd", "lr": 0.3, "momentum": 0.9, "warmup_steps": 2, "schedule": "cosine"},
@@ -25,7 +25,7 @@ def _trainer(run_dir, max_steps):
     items = random_items(N, CLASSES)
     torch.manual_seed(0)
     weights = torch.linspace(0.2, 1.5, N)
-    return Trainer(cfg, TrainData(items, CLASSES, items.labels, weights), backbone=FlatLinear(48, 8, dropout=0.3))
+    return Trainer(cfg, TrainData(items, CLASSES, items.labels, weights, wnids), backbone=FlatLinear(48, 8, dropout=0.3))
 
 
 def _losses(rows):
@@ -57,8 +57,8 @@ def _second_part_and_reference(rank, world, root):
     try:
         t.save()
         died = False
-    except OSError:
-        died = True
+    except checkpoint.SaveError as exc:
+        died = "disk full (simulated)" in str(exc)
     t.close()
     latest = open(f"{root}/split/checkpoints/latest").read()
     again = _trainer(f"{root}/split", max_steps=6)
@@ -85,7 +85,7 @@ def test_resume_continues_with_the_same_losses_and_a_dead_save_leaves_the_last_o
         assert both == got["uninterrupted"]
         assert got["died"] and got["latest"] == "step-00000006" and got["step_again"] == 6
         assert (got["head_after"] == got["head_again"]).all()
-    assert os.path.isdir(tmp_path / "split/checkpoints/.tmp-step-00000007")  # the dead save's leftovers
+    assert not os.path.exists(tmp_path / "split/checkpoints/.tmp-step-00000007")  # the dead save's partial folder
     assert sorted(p for p in os.listdir(tmp_path / "split/checkpoints") if p.startswith("step-")) == \
         ["step-00000003", "step-00000006"]
 
@@ -289,3 +289,49 @@ def test_weight_knee_counts_weights_above_it_fully_and_scales_those_below(tmp_pa
     (got,) = run_ranks(_knee_weights, 1, str(tmp_path))
     kneed = torch.tensor([0.2, 0.5, 1.0, 1.0, 1.0], dtype=torch.float64)  # min(1, w / 0.5) by hand
     torch.testing.assert_close(torch.from_numpy(got).double(), kneed / kneed.mean())  # then mean 1
+
+
+WNIDS = [f"n{i:08d}" for i in range(CLASSES)]
+
+
+def _class_lists(rank, world, root):
+    import json
+
+    os.environ["LOCAL_RANK"] = str(rank)
+    t = _trainer(root, max_steps=1, wnids=WNIDS)
+    t.fit()
+    t.close()
+    with open(f"{root}/checkpoints/step-00000001/meta.json") as f:
+        stored = json.load(f)["classes"]
+    errors = {}
+    swapped = WNIDS[:2][::-1] + WNIDS[2:]
+    for name, wnids in (("swapped", swapped), ("renamed", WNIDS[:6] + ["n99999999"]), ("same", WNIDS)):
+        again = _trainer(root, max_steps=1, wnids=wnids)
+        try:
+            again.resume()
+            errors[name] = None
+        except checkpoint.CheckpointError as exc:
+            errors[name] = str(exc)
+        again.close()
+    return stored, errors
+
+
+@pytest.mark.timeout(120)
+def test_the_checkpoint_stores_its_class_list_and_resume_refuses_another_order(tmp_path):
+    stored, errors = run_ranks(_class_lists, 1, str(tmp_path))[0]
+    assert stored == WNIDS
+    assert "first at class index 0: the checkpoint has n00000000, this run n00000001" in errors["swapped"]
+    assert "first at class index 6: the checkpoint has n00000006, this run n99999999" in errors["renamed"]
+    assert errors["same"] is None
+
+
+def test_class_list_checks_name_the_first_difference_and_accept_an_old_checkpoint_with_a_warning(tmp_path, caplog):
+    meta = {"classes": ["a", "b", "c"]}
+    with pytest.raises(checkpoint.CheckpointError, match="index 3: the checkpoint has no class .it has 3., this run d"):
+        checkpoint.check_classes(str(tmp_path), meta, ["a", "b", "c", "d"])
+    with pytest.raises(checkpoint.CheckpointError, match="index 2: the checkpoint has c, this run no class .it has 2."):
+        checkpoint.check_classes(str(tmp_path), meta, ["a", "b"])
+    with pytest.raises(checkpoint.CheckpointError, match="'classes' is not a list"):
+        checkpoint.check_classes(str(tmp_path), {"classes": "abc"}, ["a", "b", "c"])
+    checkpoint.check_classes(str(tmp_path), {}, ["b", "a"])  # saved before meta.json had classes: a warning
+    assert "records no class list" in caplog.text

@@ -183,6 +183,23 @@ def test_shift_labels_and_return_dict():
     assert all(not (isinstance(t, torch.Tensor) and t.shape[-1] == VOCAB) for t in rest)  # no logits
 
 
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_tuple_output_keeps_the_unpatched_positions(family):
+    """return_dict=False with labels: (loss, logits, cache, …) as the unpatched model returns it, with None
+    for the logits the fused loss never made, so out[2] is still the cache (it was out[1])."""
+    patched, ref = _pair(family)
+    ids, labels = _batch()
+    mine, own = patched(ids, labels=labels, return_dict=False), ref(ids, labels=labels, return_dict=False)
+    assert len(mine) == len(own) >= 3 and own[1].shape[-1] == VOCAB and mine[1] is None
+    torch.testing.assert_close(mine[0], _reference_loss(ref, ids, labels), **TIGHT)  # own[0] is fp32 (upcast)
+    for got, want in zip(mine[2:], own[2:]):
+        assert type(got) is type(want)
+        if family == "llama":  # the cache: the same keys and values, layer by layer
+            for layer_got, layer_want in zip(got.layers, want.layers):
+                torch.testing.assert_close(layer_got.keys, layer_want.keys, **TIGHT)
+                torch.testing.assert_close(layer_got.values, layer_want.values, **TIGHT)
+
+
 def test_twenty_adamw_steps_track_the_unpatched_run():
     patched, ref = _pair("llama", torch.float32)
     losses = {}

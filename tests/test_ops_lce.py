@@ -143,6 +143,16 @@ def test_ignore_index_inside_the_class_range(implementation):
     _check(hidden, weight, target, s, None, implementation, eps=0.1, ignore_index=4, chunk_size=6)
 
 
+@pytest.mark.parametrize("bad", [True, 1.0, "4"])
+def test_ignore_index_of_another_type_is_a_type_error_as_in_pytorch(bad):
+    """A bool is an int to Python, but PyTorch's F.cross_entropy refuses ignore_index=True: so does the op."""
+    hidden, weight, target, s, _ = make_inputs(6, 4, 5, ignore_every=0, seed=3)
+    with pytest.raises(TypeError):
+        torch.nn.functional.cross_entropy(hidden @ weight.T, target, ignore_index=bad)
+    with pytest.raises(TypeError, match="ignore_index must be an int"):
+        linear_cross_entropy(hidden, weight, target, s, ignore_index=bad)
+
+
 @pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
 def test_forward_without_grad_and_empty_batch(implementation):
     hidden, weight, target, s, b = make_inputs(15, 4, 9, bias=True, seed=9)

@@ -117,6 +117,29 @@ def test_megaclass_predict_writes_the_predictions_that_megaclass_weights_reads(t
     assert [line.split("\t")[0] for line in weights.read_text().splitlines()] == paths
 
 
+@pytest.mark.timeout(900)
+def test_megaclass_predict_refuses_the_same_classes_in_another_order(trained, tmp_path):
+    """Before the checkpoint knew its classes, this exited 0 and silently relabelled every prediction."""
+    import json
+    import shutil
+
+    root, data, run_dir, config, result = trained
+    assert result.returncode == 0, result.stdout[-3000:]
+    synsets = (data / "info" / "synsets.txt").read_text().splitlines()
+    meta = json.loads((run_dir / "checkpoints" / "step-00000002" / "meta.json").read_text())
+    assert meta["classes"] == [line.split()[0] for line in synsets]
+    other = tmp_path / "data"
+    shutil.copytree(data, other)
+    (other / "info" / "synsets.txt").write_text("\n".join([synsets[1], synsets[0], *synsets[2:]]) + "\n")
+    pred = tmp_path / "PRED.tsv"
+    out = _run([sys.executable, "-m", "megaclass.cli", "predict", "--config", str(config), "--checkpoint", str(run_dir),
+                "--data", str(other), "--out", str(pred)], cwd=root)
+    assert out.returncode == 2, out.stdout[-3000:]
+    first, second = synsets[0].split()[0], synsets[1].split()[0]
+    assert f"first at class index 0: the checkpoint has {first}, this run {second}" in out.stdout
+    assert "Traceback" not in out.stdout and not pred.exists()
+
+
 def test_megaclass_predict_names_a_checkpoint_it_cannot_find(tmp_path, capsys):
     from megaclass.cli import main
 

@@ -126,6 +126,16 @@ def test_tables_round_trip_and_errors(tmp_path):
         bad.write_text(text)
         with pytest.raises(TableError, match=message):
             read_predictions(bad, WNIDS)
+    # rounded to 4 decimals: 4 values may sum to 1 + 1e-4 + 4 × 5e-5; a real excess is refused, naming both numbers
+    bad.write_text("a.jpg\tn00000001:0.4001 n00000002:0.3001 n00000003:0.2000 n00000004:0.1000\n")
+    np.testing.assert_allclose(read_predictions(bad, WNIDS).probs.sum(), 1.0002, rtol=1e-6)
+    bad.write_text("a.jpg\tn00000001:0.4006 n00000002:0.3000 n00000003:0.2000 n00000004:0.1000\n")
+    with pytest.raises(TableError, match=r"bad.tsv:1: probabilities sum to 1.0006, above 1 by more than the "
+                                         r"0.0001 of float32 softmax plus 0.0002 for the rounding of the 4"):
+        read_predictions(bad, WNIDS)
+    bad.write_text("a.jpg\tn00000001:0.700000 n00000002:0.300200\n")  # 6 decimals: 1e-4 + 2 × 5e-7
+    with pytest.raises(TableError, match="sum to 1.0002"):
+        read_predictions(bad, WNIDS)
     bad.write_text("a.jpg\t0.5\nb.jpg\t-1\n")
     with pytest.raises(TableError, match="bad.tsv:2: weight must be finite"):
         read_weights(bad)

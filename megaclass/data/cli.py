@@ -29,7 +29,8 @@ def register(subparsers) -> None:
                         help=f"image side in pixels (default {defaults.image_size})")
     parser.add_argument("--seed", type=nonnegative_int, default=defaults.seed, help="random seed; same seed, same data set")
     parser.add_argument("--noise", default=defaults.noise, choices=sorted(NOISE_MODELS),
-                        help="noise model (default web): " + "; ".join(f"{k}: {v}" for k, v in NOISE_MODELS.items()))
+                        help="noise model (default web): "  # argparse %-formats help: the texts' own % are doubled
+                        + "; ".join(f"{k}: {v}" for k, v in NOISE_MODELS.items()).replace("%", "%%"))
     parser.set_defaults(func=_run)
 
     shards = subparsers.add_parser(

@@ -4,7 +4,7 @@ Layout of `run_dir/checkpoints/`:
 
     step-00000120/ds/...                    DeepSpeed's files (engine.save_checkpoint, tag "ds")
     step-00000120/head/shard-00000.pt       rank r's head rows [start, end) + their optimizer state
-    step-00000120/meta.json                 step, world size, class count
+    step-00000120/meta.json                 step, world size, ZeRO stage, class count and ordered class list
     latest                                  "step-00000120", replaced last
 
 A save writes everything into `.tmp-step-…/`, and only when every rank has finished does rank 0
@@ -13,6 +13,9 @@ rename it to `step-…/` and then replace `latest`. A save killed at any point t
 moves the old folder to `.old-step-…/`; if the save dies before the new folder takes its place,
 `latest_checkpoint` falls back to that old folder. Every rank writes into the same folder, so
 `run_dir` must be on a file system all nodes share.
+
+A write that fails on any rank (no space, an I/O error, no permission) raises `SaveError` on every rank,
+naming the file and the OS's cause, after the partial folder is removed (`save`).
 
 Head shards re-shard on load (see `megaclass.nn.checkpoint.load_head_shard`), so a run can resume on another number of
 ranks; the backbone's DeepSpeed checkpoint is world-size independent only at ZeRO stage 0, so `load`
@@ -24,18 +27,23 @@ A damaged checkpoint (truncated or empty `.pt` files, a broken or incomplete `me
 """
 from __future__ import annotations
 
+import contextlib
 import glob
 import json
+import logging
 import os
 import pickle
 import shutil
 import zipfile
 
 import torch
+from deepspeed.runtime.checkpoint_engine.torch_checkpoint_engine import TorchCheckpointEngine
 
 from megaclass.nn.checkpoint import head_shard_state, load_head_shard, save_head_shard
-from megaclass.io import atomic_write_text, replace_folder
+from megaclass.io import atomic_write_text, replace_folder, torch_save
 from megaclass.parallel import comm
+
+log = logging.getLogger(__name__)
 
 LATEST = "latest"
 OLD = ".old-"
@@ -73,33 +81,121 @@ def latest_checkpoint(root: str) -> str | None:
 
 def save(root: str, step: int, engine, head, head_optimizer, class_range, num_classes: int,
          writer: bool, keep: int = 2, extra_meta: dict | None = None) -> str:
-    """Collective: every rank calls it. Returns the checkpoint folder."""
+    """Collective: every rank calls it. Returns the checkpoint folder.
+
+    A write that fails on any rank (no space, an I/O error, no permission) raises `SaveError` on every
+    rank, naming each failed file and its cause, after the partial `.tmp-step-…/` is removed; `latest`
+    still names the previous complete checkpoint. The ranks agree after each phase (`_agree`)."""
     tag = f"step-{step:08d}"
     final, tmp = os.path.join(root, tag), os.path.join(root, f".tmp-{tag}")
+    failures: list[str] = []  # this rank's failed writes, "path: cause"
     if writer:
-        os.makedirs(root, exist_ok=True)
-        shutil.rmtree(tmp, ignore_errors=True)
-        os.makedirs(tmp)
-    comm.barrier()
-    engine.save_checkpoint(tmp, tag="ds", client_state={"step": step}, save_latest=False)
-    if head is not None:  # pipeline mode: only the last stage holds the head
+        _attempt(failures, tmp, lambda: _fresh_folder(root, tmp))
+    _agree(failures, step, root, tmp, writer)
+    with _recorded_writes(engine, failures):
+        _attempt(failures, os.path.join(tmp, "ds"),
+                 lambda: engine.save_checkpoint(tmp, tag="ds", client_state={"step": step}, save_latest=False))
+    if head is not None and not failures:  # pipeline mode: only the last stage holds the head
+        shard = os.path.join(tmp, "head", f"shard-{class_range[0]:09d}.pt")
         state = head_shard_state(head, head_optimizer, class_range, num_classes)
-        save_head_shard(os.path.join(tmp, "head", f"shard-{class_range[0]:09d}.pt"), state)
-    comm.barrier()
+        _attempt(failures, shard, lambda: save_head_shard(shard, state))
+    _agree(failures, step, root, tmp, writer)
     if writer:
         meta = {"step": step, "world_size": comm.world_size(), "zero_stage": engine.zero_optimization_stage(),
                 "num_classes": num_classes, **(extra_meta or {})}
-        atomic_write_text(os.path.join(tmp, "meta.json"), json.dumps(meta, indent=1))
-        old = os.path.join(root, OLD + tag)
-        if os.path.exists(final):  # `latest` may name it: keep it (as `old`) until the new one is in place
-            shutil.rmtree(old, ignore_errors=True)
-            os.replace(final, old)
+        _attempt(failures, tmp, lambda: _commit(root, tag, meta, keep))
+    _agree(failures, step, root, tmp, writer)
+    return final
+
+
+class SaveError(OSError):
+    """A checkpoint save failed; raised on every rank alike, naming each failed file and its cause."""
+
+
+def _attempt(failures: list[str], path: str, write) -> None:
+    """Run `write` unless this rank already failed; record its OSError as "path: cause" (the file
+    the OS names, else `path`) instead of raising, so that this rank still meets its peers."""
+    if failures:
+        return
+    try:
+        write()
+    except OSError as exc:
+        failures.append(f"{exc.filename or path}: {exc.strerror or exc}")
+
+
+@contextlib.contextmanager
+def _recorded_writes(engine, failures: list[str]):
+    """DeepSpeed's file writes (its checkpoint engine's `save`, through `io.torch_save`, and the copy of
+    its recovery scripts) record a failure instead of raising it: `save_checkpoint` runs collectives
+    between and after its writes, and a rank that raised out of it would leave its peers waiting in
+    them. Writes after a failure are skipped."""
+    writer = engine.checkpoint_engine
+    copy_scripts = engine._copy_recovery_script
+    engine._copy_recovery_script = lambda path: _attempt(failures, path, lambda: copy_scripts(path))
+    if isinstance(writer, TorchCheckpointEngine):  # another engine (async, Nebula) writes its own way
+        writer.save = lambda state_dict, path: _attempt(
+            failures, path, lambda: torch_save(state_dict, path, writer.zipfile_serialization))
+    try:
+        yield
+    finally:  # the classes' methods again
+        del engine._copy_recovery_script
+        writer.__dict__.pop("save", None)
+
+
+def _agree(failures: list[str], step: int, root: str, tmp: str, writer: bool) -> None:
+    """Collective, at the end of each phase of a save (a barrier): when a write failed on any rank, the
+    writer removes the partial folder and every rank raises the same SaveError."""
+    everyone = comm.gather_objects(failures)
+    if not any(everyone):
+        return
+    if writer:
+        shutil.rmtree(tmp, ignore_errors=True)
+    comm.barrier()  # the partial folder is gone before any rank goes on (and may retry)
+    try:
+        previous = latest_checkpoint(root)
+    except (OSError, ValueError):
+        previous = None
+    lines = "; ".join(f"rank {r}: {message}" for r, messages in enumerate(everyone) for message in messages)
+    raise SaveError(f"checkpoint of step {step} not saved: {lines}. Removed {tmp}; {os.path.join(root, LATEST)} "
+                    f"{'still names ' + os.path.basename(previous) if previous else 'does not exist (no checkpoint yet)'}")
+
+
+def _fresh_folder(root: str, tmp: str) -> None:
+    os.makedirs(root, exist_ok=True)
+    shutil.rmtree(tmp, ignore_errors=True)
+    os.makedirs(tmp)
+
+
+def _commit(root: str, tag: str, meta: dict, keep: int) -> None:
+    """Writer only: meta.json, the rename to `step-…/`, then `latest` (the commit point), then pruning.
+    A failure before `latest` names the new folder puts the folders back as they were."""
+    final, tmp, old = os.path.join(root, tag), os.path.join(root, f".tmp-{tag}"), os.path.join(root, OLD + tag)
+    atomic_write_text(os.path.join(tmp, "meta.json"), json.dumps(meta, indent=1))
+    moved_aside = os.path.exists(final)
+    if moved_aside:  # `latest` may name it: keep it (as `old`) until the new one is in place
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(final, old)
+    try:
         replace_folder(tmp, final)  # durable before `latest` names it
         atomic_write_text(os.path.join(root, LATEST), tag)
-        shutil.rmtree(old, ignore_errors=True)
-        _prune(root, keep)
-    comm.barrier()
-    return final
+    except OSError:
+        if _names(root) != tag:  # not committed: the new folder goes, the old one comes back
+            if os.path.isdir(final) and not os.path.exists(tmp):
+                shutil.rmtree(final, ignore_errors=True)
+            if moved_aside:
+                os.replace(old, final)
+        raise
+    shutil.rmtree(old, ignore_errors=True)
+    _prune(root, keep)
+
+
+def _names(root: str) -> str | None:
+    """What `root/latest` names now (None when it cannot be read)."""
+    try:
+        with open(os.path.join(root, LATEST), encoding="utf-8") as f:
+            return f.read().strip()
+    except (OSError, UnicodeDecodeError):
+        return None
 
 
 def _prune(root: str, keep: int) -> None:
@@ -184,10 +280,35 @@ def _check_head_shard(path: str) -> None:
                               f"{shard['num_classes']} classes or its {tuple(shard['params']['weight'].shape)} weight")
 
 
-def load(folder: str, engine, head, head_optimizer, class_range, num_classes: int) -> int:
-    """Collective: restore the engine and this rank's head rows from `folder`; returns the step."""
+def check_classes(folder: str, meta: dict, classes) -> None:
+    """This run's class list (wnids in class-index order) must be the checkpoint's, order included: the
+    same classes in another order would silently relabel every prediction. A checkpoint saved before
+    meta.json recorded its classes is accepted with a warning (its class count is still checked)."""
+    if classes is None:
+        return
+    path, saved = os.path.join(folder, "meta.json"), meta.get("classes")
+    if saved is None:
+        log.warning("%s: records no class list (saved by an older megaclass): only the class count is checked; "
+                    "this run must list its %d classes in the order the model was trained with", path, len(classes))
+        return
+    if not isinstance(saved, list) or not all(isinstance(w, str) for w in saved):
+        raise CheckpointError(f"{path}: 'classes' is not a list of class ids (wnids)")
+    classes = list(classes)
+    if saved != classes:
+        i = next((i for i, (a, b) in enumerate(zip(saved, classes)) if a != b), min(len(saved), len(classes)))
+        expected = saved[i] if i < len(saved) else f"no class (it has {len(saved)})"
+        found = classes[i] if i < len(classes) else f"no class (it has {len(classes)})"
+        raise CheckpointError(f"{path}: the checkpoint's class list differs from this run's (info/synsets.txt), first "
+                              f"at class index {i}: the checkpoint has {expected}, this run {found}. The model's "
+                              f"outputs are in the checkpoint's order: use the class list it was trained with")
+
+
+def load(folder: str, engine, head, head_optimizer, class_range, num_classes: int, classes=None) -> int:
+    """Collective: restore the engine and this rank's head rows from `folder`; returns the step.
+    `classes`: this run's wnids in class-index order (checked against the checkpoint's), or None."""
     meta = read_meta(folder)
     check_files(folder, head is not None)
+    check_classes(folder, meta, classes)
     if meta["num_classes"] != num_classes:
         raise CheckpointError(f"{folder}: checkpoint has {meta['num_classes']} classes, this run {num_classes}")
     same_world = meta["world_size"] == comm.world_size()

@@ -180,6 +180,26 @@ class TrainConfig:
         _check(0 <= self.seed < 2**32, "train.seed", f"must be in [0, 2**32) (numpy's and torch's seed range), got {self.seed}")
 
 
+SAVE_ERROR_POLICIES = ("stop", "continue")
+
+
+@dataclass(kw_only=True, slots=True)
+class CheckpointConfig:
+    keep: int = 2
+    """Complete checkpoints kept (the newest); at least 2, so that one damaged after it was written (a
+    disk that loses it, a failed copy) still leaves a complete one to resume from."""
+    on_save_error: str = "stop"
+    """A save that fails (no space, an I/O error, no permission) raises on every rank and leaves `latest`
+    on the previous checkpoint. "stop": training stops with that error. "continue": training goes on
+    (logging the error) and the next save retries; the run fails at its end if the final save fails."""
+
+    def __post_init__(self):
+        _check(self.keep >= 2, "checkpoint.keep", f"must be >= 2 (a damaged newest checkpoint must leave another), "
+               f"got {self.keep}")
+        _check(self.on_save_error in SAVE_ERROR_POLICIES, "checkpoint.on_save_error",
+               f"must be one of {', '.join(SAVE_ERROR_POLICIES)}, got {self.on_save_error!r}")
+
+
 MAX_TIMEOUT_S = 365 * 86_400  # a collective waiting longer has hung; datetime.timedelta overflows far beyond
 
 
@@ -270,6 +290,7 @@ class Config:
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     experiment: ExperimentConfig = field(default_factory=ExperimentConfig)

@@ -119,7 +119,7 @@ def crossfit_predictions(cfg: Config, data: RunData, weights: torch.Tensor | Non
     for f in range(cfg.experiment.folds):
         train, held = (fold != f).nonzero().squeeze(1), (fold == f).nonzero().squeeze(1)
         subset = TrainData(Subset(data.train, train), data.webvision.num_classes, data.labels[train],
-                           None if weights is None else weights[train])
+                           None if weights is None else weights[train], data.webvision.wnids)
         trainer, _, _ = _fit(cfg, subset, os.path.join(cfg.run_dir, key, f"fold{f}"), f"{key}_fold{f}")
         probs[held], classes[held] = trainer.predict(Subset(data.train_eval, held), k, desc=f"predict {key} fold {f}")
         trainer.close()
@@ -214,7 +214,8 @@ def run(cfg: Config, data: RunData, oracle: torch.Tensor | None = None) -> dict:
     for index, (key, label) in enumerate(runs):
         if key == "oracle":
             weights = oracle
-        trainer, rows, seconds = _fit(cfg, TrainData(data.train, data.webvision.num_classes, data.labels, weights),
+        trainer, rows, seconds = _fit(cfg, TrainData(data.train, data.webvision.num_classes, data.labels, weights,
+                                                    data.webvision.wnids),
                                       os.path.join(run_dir, key), key, val)
         curves[key] = {"train": rows, "val": trainer.eval_rows}
         results[key] = {"seconds": round(seconds, 1)}

@@ -52,6 +52,9 @@ class TrainData:
     """[N] class index of every training image (class-balanced sampling)."""
     sample_weights: torch.Tensor | None = None
     """[N] loss weight s_i of every image; None = all ones."""
+    wnids: list[str] | None = None
+    """The class list in class-index order (synsets.txt), stored in checkpoints; a checkpoint of another
+    list, or of the same classes in another order, is refused on load. None (tests): not checked."""
 
 
 def device_of_rank() -> torch.device:
@@ -142,23 +145,37 @@ class Trainer:
     def load(self, folder: str) -> int:
         """Collective: restore the engine, the head and their optimizers from the checkpoint `folder`."""
         self.step = checkpoint.load(folder, self.engine, self.head, self.head_optimizer, self.class_range,
-                                    self.data.num_classes)
+                                    self.data.num_classes, classes=self.data.wnids)
         self.checkpoint_step = self.step
         log.info("%s: loaded %s (step %d)", self.name, folder, self.step)
         for _ in range(self.step if self.head is not None else 0):
             self.head_schedule.step()
         return self.step
 
-    def save(self) -> str:
-        """Checkpoint this step (collective); a step this run already loaded or saved is not written again."""
+    def save(self) -> str | None:
+        """Checkpoint this step (collective); a step this run already loaded or saved is not written again.
+        A failed save (`checkpoint.SaveError`, on every rank alike) raises, or with checkpoint.on_save_error
+        "continue" is logged and returns None (the next save retries), except the last step's save."""
         if self.step == self.checkpoint_step:
             return checkpoint.latest_checkpoint(self.ckpt_root)
-        folder = checkpoint.save(self.ckpt_root, self.step, self.engine, self.head, self.head_optimizer,
-                                 self.class_range, self.data.num_classes, writer=self.rank == 0,
-                                 extra_meta={"model": self.cfg.model.name, "epoch": self.step / self.steps_per_epoch})
+        try:
+            folder = checkpoint.save(self.ckpt_root, self.step, self.engine, self.head, self.head_optimizer,
+                                     self.class_range, self.data.num_classes, writer=self.rank == 0,
+                                     keep=self.cfg.checkpoint.keep, extra_meta=self._meta())
+        except checkpoint.SaveError as exc:
+            if self.cfg.checkpoint.on_save_error == "stop" or self.step >= self.last_step:
+                raise
+            log.error("%s: %s. Training goes on (checkpoint.on_save_error: continue); the next save retries",
+                      self.name, exc)
+            return None
         self.checkpoint_step = self.step
         log.info("%s: saved %s", self.name, folder)
         return folder
+
+    def _meta(self) -> dict:
+        """What meta.json records beside the step, world size and class count."""
+        meta = {"model": self.cfg.model.name, "epoch": self.step / self.steps_per_epoch}
+        return {**meta, "classes": list(self.data.wnids)} if self.data.wnids else meta
 
     def train_step(self, batches) -> float:
         """One optimizer step over `grad_accum` micro-batches; returns the global mean loss."""

@@ -192,8 +192,9 @@ def _patched_forward(model, args, kwargs):
         _verify(model, state, head, capture.hidden, out.logits)
         state.verified = True
     loss = _loss(head, capture.hidden, labels, loss_weights, shift_labels, num_items, ignore_index, state)
-    out = type(out)(**{**out, "loss": loss, "logits": None})
-    return out.to_tuple() if as_tuple else out
+    if as_tuple:  # the unpatched layout (loss, logits, cache, …), None where the logits were never made
+        return (loss, None, *(value for key, value in out.items() if key not in ("loss", "logits")))
+    return type(out)(**{**out, "loss": loss, "logits": None})
 
 
 def _transform(logits, state):

@@ -11,7 +11,7 @@ import os
 import torch
 from torch import nn
 
-from megaclass.io import atomic_output
+from megaclass.io import atomic_output, torch_save
 
 
 def _head_params(head: nn.Module) -> dict[str, torch.Tensor]:
@@ -49,7 +49,7 @@ def save_head_shard(path: str, state: dict) -> None:
     """Atomically; creates the folder, so every rank can write without waiting for another to make it."""
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     with atomic_output(path) as tmp:
-        torch.save(state, tmp)
+        torch_save(state, tmp)
 
 
 def load_head_shard(folder: str, head: nn.Module, optimizer: torch.optim.Optimizer | None,

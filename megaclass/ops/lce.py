@@ -191,8 +191,8 @@ def linear_cross_entropy_gathered(hidden, weight, target, sample_weight=None, *,
 def _local_problem(hidden, weight, target, sample_weight, bias, class_start, ignore_index, label_smoothing,
                    reduction, chunk_size, hidden_grad, gathered, weight_grad_into=None, softcap=None, z_loss=0.0,
                    class_weight=None, return_lse=False, host_checks=True):
-    """The first problem with this rank's arguments, as a message, or None. host_checks: also the checks of
-    values that need the host (sample and class weights' sign)."""
+    """The first problem with this rank's arguments, as a message (a TypeError where PyTorch raises one), or
+    None. host_checks: also the checks of values that need the host (sample and class weights' sign)."""
     if not isinstance(hidden, torch.Tensor) or hidden.dim() != 2:
         return f"hidden must be a 2-D tensor [N, D], got {_describe(hidden)}"
     if not isinstance(weight, torch.Tensor) or weight.dim() != 2:
@@ -226,8 +226,8 @@ def _local_problem(hidden, weight, target, sample_weight, bias, class_start, ign
             return f"bias must match hidden's dtype and device ({hidden.dtype}, {hidden.device}), got {bias.dtype}, {bias.device}"
     if not isinstance(class_start, int) or class_start < 0:
         return f"class_start must be a non-negative int, got {class_start!r}"
-    if not isinstance(ignore_index, int):
-        return f"ignore_index must be an int, got {ignore_index!r}"
+    if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):  # a bool is an int to Python
+        return TypeError(f"ignore_index must be an int, got {ignore_index!r}")  # a TypeError, as in F.cross_entropy
     if not isinstance(label_smoothing, (int, float)) or not 0.0 <= label_smoothing <= 1.0:
         return f"label_smoothing must be in [0, 1], got {label_smoothing!r}"
     if reduction not in REDUCTIONS:
@@ -418,7 +418,7 @@ def _validate(hidden, weight, target, sample_weight, bias, class_start, group, i
     else:
         table, me = [row], 0
     if problem is not None:
-        raise ValueError(f"linear_cross_entropy: {problem}")
+        raise (TypeError if isinstance(problem, TypeError) else ValueError)(f"linear_cross_entropy: {problem}")
     if table is not None:
         failed = [r for r, t in enumerate(table) if t[0]]
         if failed:

@@ -100,6 +100,16 @@ def gather_ints(values: Sequence[int], device: torch.device | str = "cpu", group
     return all_gather_stacked(local, group).cpu().tolist()
 
 
+def gather_objects(obj, group=None) -> list:
+    """Each rank's small picklable object (a message, or None), on every rank in rank order: how the
+    ranks agree on what only one of them saw (a failed write), so that all act alike."""
+    if world_size(group) == 1:
+        return [obj]
+    out = [None] * world_size(group)
+    dist.all_gather_object(out, obj, group=group)
+    return out
+
+
 def _reduce_scatter_rows(x: torch.Tensor, group) -> torch.Tensor:
     p = world_size(group)
     if x.shape[0] % p:

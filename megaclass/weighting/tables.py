@@ -8,6 +8,7 @@ from __future__ import annotations
 import math
 import os
 from array import array
+from decimal import Decimal
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,7 +19,13 @@ from megaclass.io import atomic_write_text
 
 
 SUM_TOLERANCE = 1e-4  # float32 softmax: each probability within a few ulps (~1e-7) of its exact value
-PRINT_ROUNDING = 5e-7  # write_predictions prints 6 decimals: each value rounded by up to half a unit
+
+
+def _rounding(text: str) -> float:
+    """How far a printed probability may be from the value it was rounded from: half a unit of its last
+    decimal ("0.1235": 5e-5; write_predictions' 6 decimals: 5e-7). A whole number ("1") is taken as exact."""
+    exponent = Decimal(text).as_tuple().exponent
+    return 0.5 * 10.0 ** exponent if isinstance(exponent, int) and exponent < 0 else 0.0
 
 
 class TableError(ValueError):
@@ -51,7 +58,8 @@ def read_predictions(path: str | os.PathLike, wnids: Sequence[str]) -> Predictio
 
     Raises TableError (file:line) for a missing tab, an item that is not `wnid:prob`, a wnid that is
     not a class, a probability outside [0, 1], a class named twice in a row, probabilities summing
-    above 1 (beyond `SUM_TOLERANCE` + the rounding of k printed values), or an image listed twice.
+    above 1 by more than `SUM_TOLERANCE` plus the rounding of the printed values (half a unit of each
+    one's last decimal: 5 values of 4 decimals may sum to 1 + 1e-4 + 2.5e-4), or an image listed twice.
     """
     path = Path(path)
     class_of = {w: i for i, w in enumerate(wnids)}
@@ -73,7 +81,7 @@ def read_predictions(path: str | os.PathLike, wnids: Sequence[str]) -> Predictio
                 raise TableError(f"{where}: expected '<image path><TAB><wnid>:<prob> …', got {line[:120]!r}")
             if image in row:
                 raise TableError(f"{where}: image {image!r} listed twice")
-            items = []
+            items, rounding = [], 0.0
             for item in rest.split():
                 wnid, colon, prob = item.partition(":")
                 if not colon:
@@ -82,17 +90,21 @@ def read_predictions(path: str | os.PathLike, wnids: Sequence[str]) -> Predictio
                     raise TableError(f"{where}: {wnid!r} is not one of the {len(wnids)} classes of synsets.txt")
                 try:
                     p = float(prob)
-                except ValueError:
+                    rounded = _rounding(prob)
+                except (ValueError, ArithmeticError):  # decimal.InvalidOperation is an ArithmeticError
                     raise TableError(f"{where}: probability {prob!r} is not a number") from None
-                if not 0.0 <= p <= 1.0 + 1e-4:
+                if not 0.0 <= p <= 1.0 + SUM_TOLERANCE + rounded:
                     raise TableError(f"{where}: probability {prob} outside [0, 1]")
                 if any(c == class_of[wnid] for c, _ in items):
                     raise TableError(f"{where}: class {wnid} named twice (a top-k list names each class once)")
                 items.append((class_of[wnid], p))
+                rounding += rounded
             total = math.fsum(p for _, p in items)
-            if total > 1.0 + SUM_TOLERANCE + PRINT_ROUNDING * len(items):
-                raise TableError(f"{where}: probabilities sum to {total:.6f} > 1 (softmax probabilities of "
-                                 f"distinct classes sum to at most 1)")
+            if total > 1.0 + SUM_TOLERANCE + rounding:
+                raise TableError(f"{where}: probabilities sum to {total:.6g}, above 1 by more than the "
+                                 f"{SUM_TOLERANCE:g} of float32 softmax plus {rounding:.3g} for the rounding of the "
+                                 f"{len(items)} printed values (softmax probabilities of distinct classes sum to "
+                                 f"at most 1)")
             row[image] = len(lengths)
             lengths.append(len(items))
             for c, p in items:
