@@ -45,6 +45,7 @@ def run(args: argparse.Namespace) -> int:
 
     from megaclass import log as logs
     from megaclass.engine import distributed
+    from megaclass.engine import faults
     from megaclass.engine.data import start_run
     from megaclass.engine.pipeline import trainer_class
     from megaclass.engine.trainer import TrainData
@@ -60,6 +61,14 @@ def run(args: argparse.Namespace) -> int:
     except (OSError, ValueError) as exc:  # bad input, or a checkpoint that cannot resume here (every rank alike)
         log.error("%s", exc)
         return 2
+    except faults.Preempted as exc:
+        log.warning("%s", exc)
+        distributed.finish()
+        return faults.REQUEUE_EXIT
+    except RuntimeError as exc:  # a peer's connection closed? the heartbeat names the lost rank and exits
+        if comm.failed_in_collective(exc):
+            faults.await_lost_rank()
+        raise
     if not args.no_eval and len(data.val_labels):
         result = trainer.evaluate(data.val, data.val_labels)
         if comm.rank() == 0:
