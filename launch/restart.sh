@@ -12,6 +12,9 @@ nprocs=${1:?usage: launch/restart.sh NPROCS CONFIG [--set key=value ...]}
 config=${2:?usage: launch/restart.sh NPROCS CONFIG [--set key=value ...]}
 shift 2
 cd "$(dirname "$0")/.."
+# torch 2.14's agent keeps one store across restarts, where the ranks of a restart would find the
+# previous attempt's gloo addresses (stale: "Connection refused"); this gives each attempt a fresh one
+export TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1
 exec torchrun --standalone --nproc-per-node "$nprocs" --max-restarts "${MAX_RESTARTS:-3}" \
   --shutdown-timeout "${SHUTDOWN_TIMEOUT_S:-120}" --signals-to-handle SIGTERM,SIGINT,SIGUSR1 \
   "${TRAIN_SCRIPT:-launch/train.py}" --config "$config" "$@"
