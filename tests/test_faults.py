@@ -144,7 +144,9 @@ def test_a_killed_or_stopped_node_is_named_by_every_survivor(job, tmp_path, node
                 os.killpg(p.pid, signal.SIGKILL)
             except ProcessLookupError:
                 pass
-            p.communicate()
+        faulty = procs[node].communicate()[0]
+    # for the record (pytest -s): when the fault came and when the survivor gave up
+    print(*[line for line in (faulty + out).splitlines() if "fault_inject:" in line or "lost a rank" in line], sep="\n")
     assert survivor.returncode == LOST_RANK_EXIT, out[-3000:]
     host = os.uname().nodename
     named = [f"lost a rank: rank {node} on {host}"]  # its beats stopped
@@ -171,3 +173,18 @@ def test_chaos_runs_under_the_restart_launch_end_with_the_clean_parameters(job):
         assert f"fault_inject: rank {rank} sends itself {signame}" in result.stdout
         _assert_same_state(run_dir, clean)
         assert _losses(run_dir) == _losses(clean)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(2 * JOB_LIMIT_S)
+def test_sigterm_to_the_restart_launch_saves_the_step_on_every_rank_and_stops(job):
+    """A preemption of the node: torchrun itself gets SIGTERM (from rank 1, before step 3), forwards it to
+    the ranks, which save step 3 and exit 75; torchrun stops instead of restarting."""
+    root, config, _ = job
+    run_dir = str(root / "launcher_sigterm")
+    result = _restart_launch(config, run_dir, "1:2:SIGTERM:launcher")
+    assert "fault_inject: rank 1 sends its launcher SIGTERM before step 3" in result.stdout, result.stdout[-3000:]
+    assert result.returncode != 0, result.stdout[-3000:]
+    assert open(os.path.join(run_dir, "checkpoints", "latest")).read() == "step-00000003"
+    assert result.stdout.count("exiting with 75") == 2, result.stdout[-3000:]  # both ranks: saved, requeue
+    assert "loaded" not in result.stdout  # not restarted

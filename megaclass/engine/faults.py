@@ -213,6 +213,10 @@ def stop_heartbeat() -> None:
 
 def await_lost_rank() -> None:
     """After a collective failed (a peer's connection closed): wait up to heartbeat_s for the heartbeat
-    to name the lost rank and exit; returns (the caller re-raises) when nothing was lost."""
-    if _heartbeat is not None:
-        _heartbeat._stopping.wait(_heartbeat.heartbeat_s)
+    to name the lost rank and exit. Returns (the caller re-raises) when nothing was lost, or at once when
+    a signal came meanwhile: a launcher that saw the rank die is ending the job and names it itself."""
+    if _heartbeat is None:
+        return
+    deadline = time.monotonic() + _heartbeat.heartbeat_s
+    while time.monotonic() < deadline and _received is None:
+        time.sleep(0.1)
