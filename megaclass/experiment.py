@@ -28,6 +28,7 @@ def register(subparsers) -> None:
 def run(args: argparse.Namespace) -> int:
     from megaclass import log as logs
     from megaclass.engine import distributed
+    from megaclass.engine import faults
     from megaclass.engine.data import start_run
     from megaclass.engine.experiment import StepFailed, oracle_weights, run as run_experiment
 
@@ -44,11 +45,21 @@ def run(args: argparse.Namespace) -> int:
     except (OSError, ValueError) as exc:
         log.error("%s", exc)
         return 2
+    from megaclass.parallel import comm
+
     try:
         run_experiment(cfg, data, oracle)
     except StepFailed as exc:
         log.error("%s", exc)
         return 1
+    except faults.Preempted as exc:  # the next run resumes the model in training; finished ones are kept
+        log.warning("%s", exc)
+        distributed.finish()
+        return faults.REQUEUE_EXIT
+    except RuntimeError as exc:  # a peer's connection closed? the heartbeat names the lost rank and exits
+        if comm.failed_in_collective(exc):
+            faults.await_lost_rank()
+        raise
     distributed.finish()
     return 0
 

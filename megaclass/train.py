@@ -44,7 +44,7 @@ def run(args: argparse.Namespace) -> int:
     import os
 
     from megaclass import log as logs
-    from megaclass.engine import distributed
+    from megaclass.engine import distributed, faults
     from megaclass.engine.data import skipped_samples, start_run
     from megaclass.engine.pipeline import trainer_class
     from megaclass.engine.trainer import TrainData
@@ -60,6 +60,14 @@ def run(args: argparse.Namespace) -> int:
     except (OSError, ValueError) as exc:  # bad input, or a checkpoint that cannot resume here (every rank alike)
         log.error("%s", exc)
         return 2
+    except faults.Preempted as exc:
+        log.warning("%s", exc)
+        distributed.finish()
+        return faults.REQUEUE_EXIT
+    except RuntimeError as exc:  # a peer's connection closed? the heartbeat names the lost rank and exits
+        if comm.failed_in_collective(exc):
+            faults.await_lost_rank()
+        raise
     skipped = skipped_samples(data.train, trainer.device)
     if skipped:
         log.warning("training: %d samples did not decode and were skipped (all ranks)", skipped)

@@ -215,7 +215,12 @@ class ParallelConfig:
     """fp32 or bf16 (DeepSpeed's bf16 mode for the backbone; the head takes fp32 features and keeps fp32
     weights). fp16 is not offered: its dynamic loss scale would also scale the head's gradients."""
     timeout_s: float = 600.0
-    """Collective timeout: a rank that dies ends the others' collectives after this long."""
+    """Collective timeout: a collective that has not finished after this long fails. Keep it long (slow
+    saves, evaluation); a dead or stopped rank is noticed by the heartbeat instead."""
+    heartbeat_s: float = 60.0
+    """A rank that died or stopped answering (SIGKILL, SIGSTOP, a lost node) is noticed by every other
+    rank within this many seconds, which then exit naming it (docs/faults.md). Each rank beats 6 times
+    in this interval; at least 3 s."""
     backend: str | None = None
     """torch.distributed backend (None: DeepSpeed's choice, gloo on CPU, nccl on CUDA)."""
 
@@ -228,6 +233,9 @@ class ParallelConfig:
         _check(self.precision in ("fp32", "bf16"), "parallel.precision", f"must be fp32 or bf16, got {self.precision!r}")
         _check(0 < self.timeout_s <= MAX_TIMEOUT_S, "parallel.timeout_s",
                f"must be in (0, {MAX_TIMEOUT_S}] seconds (a year), got {self.timeout_s}")
+        _check(3 <= self.heartbeat_s <= MAX_TIMEOUT_S, "parallel.heartbeat_s",
+               f"must be in [3, {MAX_TIMEOUT_S}] seconds (a beat every heartbeat_s/6; shorter would mistake a busy "
+               f"rank for a lost one), got {self.heartbeat_s}")
 
 
 @dataclass(kw_only=True, slots=True)

@@ -8,6 +8,7 @@ from datetime import timedelta
 import deepspeed
 import torch
 
+from megaclass.engine import faults
 from megaclass.engine.config import Config
 from megaclass.parallel import comm
 
@@ -15,8 +16,10 @@ _MPI_RANK_VARS = ("OMPI_COMM_WORLD_RANK", "PMI_RANK", "PMIX_RANK", "MV2_COMM_WOR
 
 
 def init(cfg: Config) -> None:
-    """Join (or form) the job's process group, with `parallel.timeout_s` as the collective timeout so
-    that a rank that dies ends its peers' waits with an error instead of a hang."""
+    """Join (or form) the job's process group, with `parallel.timeout_s` as the collective timeout;
+    start this rank's heartbeat (`parallel.heartbeat_s`) and take SIGTERM/SIGUSR1 as a preemption
+    notice (`engine.faults`)."""
+    faults.install_signal_handlers()
     launched = "RANK" in os.environ or any(v in os.environ for v in _MPI_RANK_VARS)
     if not launched:  # plain `python launch/train.py`: one rank
         os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
@@ -28,6 +31,7 @@ def init(cfg: Config) -> None:
     if "OMP_NUM_THREADS" not in os.environ:  # ranks of one node share its cores instead of oversubscribing
         local = int(os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("LOCAL_SIZE", "1")))
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // local))
+    faults.start_heartbeat(cfg.parallel.heartbeat_s)
 
 
 def _mpi_store_port() -> int:
@@ -45,5 +49,6 @@ def _mpi_store_port() -> int:
 def finish() -> None:
     """Leave the process group together: a rank that exits with its group alive can abort in the
     backend's threads at interpreter exit ("terminate called without an active exception")."""
+    faults.stop_heartbeat()
     comm.barrier()
     comm.destroy_group()

@@ -28,7 +28,7 @@ import deepspeed
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from megaclass.engine import checkpoint
+from megaclass.engine import checkpoint, faults
 from megaclass.engine.config import Config, ConfigError
 from megaclass.engine.data import RankBatches, SeededItems, epoch_order_fn
 from megaclass.engine.monitor import Monitor
@@ -135,7 +135,7 @@ class Trainer:
         workers = self.cfg.data.num_workers
         return DataLoader(SeededItems(dataset, seed), batch_sampler=sampler, num_workers=workers,
                           pin_memory=self.device.type == "cuda", persistent_workers=False,
-                          prefetch_factor=4 if workers else None)
+                          prefetch_factor=4 if workers else None, worker_init_fn=faults.ignore_preemption_signals)
 
     def resume(self) -> int:
         """Load `run_dir/checkpoints/latest` when there is one (and train.resume); returns the step."""
@@ -222,7 +222,9 @@ class Trainer:
     def fit(self, val: tuple[Dataset, torch.Tensor] | None = None) -> list[dict]:
         """Train from the latest checkpoint (if any) to the last step; returns the logged rows.
         With `val` = (dataset, labels), evaluate every `eval.every_epochs` epochs into
-        `self.eval_rows`, `<name>_eval.csv` and TensorBoard (`val/top1`, `val/top5`)."""
+        `self.eval_rows`, `<name>_eval.csv` and TensorBoard (`val/top1`, `val/top5`).
+        A preemption signal to any rank (`faults.agree_to_stop`, checked after every step) saves the
+        step reached on every rank and raises `faults.Preempted`."""
         cfg = self.cfg
         self.eval_rows = []
         start = self.resume()
@@ -261,6 +263,8 @@ class Trainer:
                              result["top1"], result["top5"])
                     monitor.log_eval(self.step, **result)
                     self.engine.train()
+                if faults.agree_to_stop(self.device) and self.step < self.last_step:
+                    raise faults.Preempted(faults.preempted_message(self.step, self.save()))
         finally:
             monitor.close()
         self.save()

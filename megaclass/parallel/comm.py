@@ -11,7 +11,10 @@ followed by taking this rank's slice (same result, twice the traffic).
 """
 from __future__ import annotations
 
+import os
 import socket
+import traceback
+from datetime import timedelta
 from typing import Sequence
 
 import torch
@@ -80,6 +83,29 @@ def broadcast_(tensor: torch.Tensor, src: int, group=None) -> torch.Tensor:
     if world_size(group) > 1:
         dist.broadcast(tensor, src=src, group=group)
     return tensor
+
+
+def any_rank(flag: bool, device: torch.device | str = "cpu", group=None) -> bool:
+    """True on every rank when `flag` is True on any rank: one all-reduce (max) of one element."""
+    local = torch.tensor([1 if flag else 0], dtype=torch.int32, device=device)
+    return bool(all_reduce_(local, group, op="max").item())
+
+
+def failed_in_collective(exc: BaseException) -> bool:
+    """Whether `exc` was raised inside torch.distributed (gloo raises a plain RuntimeError when a peer's
+    connection closes), as opposed to an error of the caller's own."""
+    if isinstance(exc, dist.DistError):
+        return True
+    here = os.path.dirname(dist.__file__)
+    return any(frame.filename.startswith(here) for frame in traceback.extract_tb(exc.__traceback__))
+
+
+def store_client(address: str, port: int, timeout_s: float, prefix: str):
+    """A connection of its own to the TCP store at address:port (e.g. the job's rendezvous store), whose
+    operations give up after `timeout_s`, under key `prefix`."""
+    store = dist.TCPStore(address, port, is_master=False, timeout=timedelta(seconds=timeout_s),
+                          wait_for_workers=False)
+    return dist.PrefixStore(prefix, store)
 
 
 def all_gather_stacked(tensor: torch.Tensor, group=None) -> torch.Tensor:
