@@ -9,7 +9,7 @@ from megaclass import cli
 
 def _commands():
     out = [(name,) for name in cli.COMMANDS]
-    return out + [("bench", name) for name in ("ce", "weights", "knn", "lm", "train")]
+    return out + [("bench", name) for name in ("ce", "weights", "knn", "lm", "train", "data", "shards", "input")]
 
 
 @pytest.mark.parametrize("command", _commands(), ids=" ".join)

@@ -211,7 +211,7 @@ def test_7_a_rank_must_be_a_positive_integer(tmp_path):
 
 
 @pytest.mark.parametrize("row, message", [
-    ("img.jpg\tn01440764:0.7 n01443537:0.5", r"pred.tsv:2: probabilities sum to 1.200000 > 1"),
+    ("img.jpg\tn01440764:0.7 n01443537:0.5", r"pred.tsv:2: probabilities sum to 1.2, above 1 by more than"),
     ("img.jpg\tn01440764:0.4 n01440764:0.4", r"pred.tsv:2: class n01440764 named twice"),
 ])
 def test_7_predictions_summing_above_1_or_naming_a_class_twice_are_errors(tmp_path, row, message):
