@@ -18,8 +18,9 @@ A write that fails on any rank (no space, an I/O error, no permission) raises `S
 naming the file and the OS's cause, after the partial folder is removed (`save`).
 
 Head shards re-shard on load (see `megaclass.nn.checkpoint.load_head_shard`), so a run can resume on another number of
-ranks; the backbone's DeepSpeed checkpoint is world-size independent only at ZeRO stage 0, so `load`
-refuses other stages at a new world size (convert with DeepSpeed's universal checkpoints first).
+ranks. The backbone's DeepSpeed checkpoint is world-size independent at ZeRO stage 0; at stages 1-3 `load`
+converts it to DeepSpeed's universal checkpoint first (`megaclass.engine.universal`, into
+`step-…/universal/`) and loads that.
 
 A damaged checkpoint (truncated or empty `.pt` files, a broken or incomplete `meta.json`, a missing
 `ds/` folder, `latest` naming anything but a folder of its own `checkpoints/`) raises
@@ -39,6 +40,7 @@ import zipfile
 import torch
 from deepspeed.runtime.checkpoint_engine.torch_checkpoint_engine import TorchCheckpointEngine
 
+from megaclass.engine import universal
 from megaclass.nn.checkpoint import head_shard_state, load_head_shard, save_head_shard
 from megaclass.io import atomic_write_text, replace_folder, torch_save
 from megaclass.parallel import comm
@@ -92,6 +94,7 @@ def save(root: str, step: int, engine, head, head_optimizer, class_range, num_cl
     if writer:
         _attempt(failures, tmp, lambda: _fresh_folder(root, tmp))
     _agree(failures, step, root, tmp, writer)
+    universal.describe(engine.module)
     with _recorded_writes(engine, failures):
         _attempt(failures, os.path.join(tmp, "ds"),
                  lambda: engine.save_checkpoint(tmp, tag="ds", client_state={"step": step}, save_latest=False))
@@ -312,21 +315,53 @@ def load(folder: str, engine, head, head_optimizer, class_range, num_classes: in
     if meta["num_classes"] != num_classes:
         raise CheckpointError(f"{folder}: checkpoint has {meta['num_classes']} classes, this run {num_classes}")
     same_world = meta["world_size"] == comm.world_size()
-    zero_stage = meta.get("zero_stage", engine.zero_optimization_stage())
-    if not same_world and max(zero_stage, engine.zero_optimization_stage()) > 0:
-        raise ValueError(
-            f"{folder}: saved by {meta['world_size']} ranks with ZeRO stage {zero_stage}, resumed by {comm.world_size()} "
-            f"ranks with ZeRO stage {engine.zero_optimization_stage()}: ZeRO's partitioned checkpoints only load at the "
-            f"world size that wrote them. Resume with {meta['world_size']} ranks, or convert {folder}/ds to a DeepSpeed "
-            f"universal checkpoint (python -m deepspeed.checkpoint.ds_to_universal) and load that with "
-            f"checkpoint.load_universal in the deepspeed config")
+    stage = engine.zero_optimization_stage()
+    saved_stage = meta.get("zero_stage", stage)
+    convert = not same_world and stage > 0
+    if not same_world:
+        _check_reshardable(folder, meta, saved_stage, engine)
     try:
-        path, client = engine.load_checkpoint(folder, tag="ds", load_optimizer_states=same_world,
-                                              load_lr_scheduler_states=True)
+        source = universal.convert(folder, saved_stage) if convert else folder
+    except universal.ConversionError as exc:
+        raise CheckpointError(str(exc)) from None
+    try:
+        with universal.loading(engine) if convert else contextlib.nullcontext():
+            path, client = engine.load_checkpoint(source, tag="ds", load_lr_scheduler_states=True,
+                                                  load_optimizer_states=same_world or not _is_pipeline(engine))
     except (AssertionError, KeyError, RuntimeError, EOFError, pickle.UnpicklingError) as exc:
-        raise CheckpointError(f"{folder}/ds: DeepSpeed could not load it ({type(exc).__name__}: {exc})") from exc
+        raise CheckpointError(f"{source}/ds: DeepSpeed could not load it ({type(exc).__name__}: {exc})") from exc
     if path is None:
         raise FileNotFoundError(f"{folder}/ds: DeepSpeed found no checkpoint to load")
+    if convert:
+        universal.restore_sgd_state(engine, source)
     if head is not None:
         load_head_shard(os.path.join(folder, "head"), head, head_optimizer, class_range, num_classes)
     return int(client["step"])
+
+
+def _is_pipeline(engine) -> bool:
+    from deepspeed.runtime.pipe.engine import PipelineEngine
+
+    return isinstance(engine, PipelineEngine)
+
+
+def _check_reshardable(folder: str, meta: dict, saved_stage: int, engine) -> None:
+    """What a load at another world size cannot do, refused before anything is read. ZeRO 0 keeps whole
+    replicas (any world size loads them, the optimizer state too, except a pipeline's: below); ZeRO 1-3
+    go through the universal checkpoint, which needs ZeRO at both ends, at the same stage."""
+    stage = engine.zero_optimization_stage()
+    where = (f"{folder}: saved by {meta['world_size']} ranks with ZeRO stage {saved_stage}, resumed by "
+             f"{comm.world_size()} ranks with ZeRO stage {stage}")
+    if saved_stage != stage and max(saved_stage, stage) > 0:
+        raise CheckpointError(
+            f"{where}: at another world size a ZeRO checkpoint is resumed through DeepSpeed's universal checkpoint, "
+            f"which megaclass converts for the same ZeRO stage only. Resume with ZeRO stage {saved_stage} "
+            f"(parallel.zero_stage), or with {meta['world_size']} ranks")
+    if _is_pipeline(engine) or glob.glob(os.path.join(folder, "ds", "layer_*-model_states.pt")):
+        if stage > 0:
+            raise CheckpointError(
+                f"{where}: a pipeline-parallel checkpoint at ZeRO stage {stage} does not re-shard to another world size "
+                f"(DeepSpeed's universal checkpoint needs Megatron's tensor and pipeline layout description, which a "
+                f"PipelineModule does not give). Resume with {meta['world_size']} ranks")
+        log.warning("%s: a pipeline's optimizer state (momentum) is not loaded at another world size, only its "
+                    "weights", where)
