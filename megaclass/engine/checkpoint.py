@@ -39,6 +39,7 @@ import zipfile
 
 import torch
 from deepspeed.runtime.checkpoint_engine.torch_checkpoint_engine import TorchCheckpointEngine
+from deepspeed.runtime.pipe.engine import PipelineEngine
 
 from megaclass.engine import universal
 from megaclass.nn.checkpoint import head_shard_state, load_head_shard, save_head_shard
@@ -340,8 +341,6 @@ def load(folder: str, engine, head, head_optimizer, class_range, num_classes: in
 
 
 def _is_pipeline(engine) -> bool:
-    from deepspeed.runtime.pipe.engine import PipelineEngine
-
     return isinstance(engine, PipelineEngine)
 
 
@@ -360,8 +359,8 @@ def _check_reshardable(folder: str, meta: dict, saved_stage: int, engine) -> Non
     if _is_pipeline(engine) or glob.glob(os.path.join(folder, "ds", "layer_*-model_states.pt")):
         if stage > 0:
             raise CheckpointError(
-                f"{where}: a pipeline-parallel checkpoint at ZeRO stage {stage} does not re-shard to another world size "
-                f"(DeepSpeed's universal checkpoint needs Megatron's tensor and pipeline layout description, which a "
-                f"PipelineModule does not give). Resume with {meta['world_size']} ranks")
+                f"{where}: megaclass converts data-parallel checkpoints to DeepSpeed's universal checkpoint, not a "
+                f"pipeline's (parallel.pipeline_stages > 1: per-layer files, optimizer partitions per stage). Resume "
+                f"with {meta['world_size']} ranks")
         log.warning("%s: a pipeline's optimizer state (momentum) is not loaded at another world size, only its "
                     "weights", where)
