@@ -24,16 +24,22 @@ from megaclass.engine.trainer import TrainData, Trainer
 from megaclass.parallel import comm
 
 N, CLASSES, GLOBAL_BATCH = 24, 7, 6
-RTOL = 1e-5  # float sums in another order: measured differences are about 1e-7 (docs/faults.md)
+# fp32: float sums in another order, measured up to 7e-8. bf16: the backbone's gradients are summed over
+# the ranks in bf16 (unit roundoff 2^-8), so 2 and 3 ranks round them differently: measured up to 4e-4 at
+# the second step, where two uninterrupted runs of 2 and 3 ranks already differ by 1.4e-4 (docs/faults.md)
+RTOL = {"fp32": 1e-5, "bf16": 2e-3}
 OPTIMS = {"adamw": {"name": "adamw", "lr": 0.02, "weight_decay": 0.01},
           "sgd": {"name": "sgd", "lr": 0.3, "momentum": 0.9, "weight_decay": 1e-4}}
-# (ZeRO stage, optimizer): the shipped configs use SGD at ZeRO 1 and 2; stage 0 keeps whole replicas
-CASES = [(0, "sgd"), (1, "adamw"), (1, "sgd"), (2, "adamw"), (3, "adamw"), (3, "sgd")]
+# (ZeRO stage, optimizer[-precision]): the shipped configs train with SGD in bf16 at ZeRO 1 and 2; stage 0
+# keeps whole replicas (no conversion)
+CASES = [(0, "sgd"), (1, "adamw"), (1, "sgd"), (1, "sgd-bf16"), (2, "adamw"), (3, "adamw"), (3, "sgd")]
 
 
 def _trainer(run_dir, world, stage, optim, max_steps=4):
+    optim, _, precision = optim.partition("-")
     cfg = config_from_dict({
-        "run_dir": run_dir, "head": {"bias": True}, "data": {"num_workers": 0}, "parallel": {"zero_stage": stage},
+        "run_dir": run_dir, "head": {"bias": True}, "data": {"num_workers": 0},
+        "parallel": {"zero_stage": stage, "precision": precision or "fp32"},
         "optim": {**OPTIMS[optim], "warmup_steps": 1, "schedule": "cosine"},
         "train": {"micro_batch_size": GLOBAL_BATCH // world, "epochs": 1, "max_steps": max_steps,
                   "save_every": 2, "progress": False},
@@ -129,13 +135,17 @@ def _errors(rank, world, root):
     return errors
 
 
-def _compare(saved, resumed, label):
+def _rtol(optim):
+    return RTOL["bf16" if optim.endswith("-bf16") else "fp32"]
+
+
+def _compare(saved, resumed, case, label):
     """resumed[3], resumed[4] against the uninterrupted saved[3], saved[4]; returns the relative differences."""
     assert sorted(resumed) == [3, 4], label
     diffs = {}
     for step in (3, 4):
         diffs[step] = abs(resumed[step] - saved[step]) / abs(saved[step])
-        assert diffs[step] <= RTOL, f"{label} step {step}: resumed {resumed[step]!r}, uninterrupted {saved[step]!r}"
+        assert diffs[step] <= _rtol(case[1]), f"{label} step {step}: resumed {resumed[step]!r}, uninterrupted {saved[step]!r}"
     return diffs
 
 
@@ -147,13 +157,15 @@ def test_every_zero_stage_resumes_at_another_world_size_with_the_saved_models_lo
     to_three, forgotten = run_ranks(_resume_and_forget, 3, root)[0]
     diffs, lost = {}, {}
     for case in CASES:
-        diffs[(*case, "3->2")] = _compare(three[0][case], to_two[case], f"{case} 3 -> 2 ranks")
-        diffs[(*case, "2->3")] = _compare(two[case], to_three[case], f"{case} 2 -> 3 ranks")
+        diffs[(*case, "3->2")] = _compare(three[0][case], to_two[case], case, f"{case} 3 -> 2 ranks")
+        diffs[(*case, "2->3")] = _compare(two[case], to_three[case], case, f"{case} 2 -> 3 ranks")
         lost[case] = abs(forgotten[case][4] - two[case][4]) / abs(two[case][4])
-        assert forgotten[case][3] == to_three[case][3] and lost[case] > 100 * RTOL, (case, lost[case])
+        assert forgotten[case][3] == to_three[case][3] and lost[case] > 5 * _rtol(case[1]), (case, lost[case])
     print("relative loss difference to the uninterrupted run (step 3, step 4):",
           {f"ZeRO {s} {o} {d}": (f"{v[3]:.1e}", f"{v[4]:.1e}") for (s, o, d), v in diffs.items()})
     print("step 4 with the backbone's optimizer state dropped:", {f"ZeRO {s} {o}": f"{v:.1e}" for (s, o), v in lost.items()})
+    print("step 4 of the uninterrupted runs, 2 against 3 ranks:",
+          {f"ZeRO {s} {o}": f"{abs(two[(s, o)][4] - three[0][(s, o)][4]) / abs(two[(s, o)][4]):.1e}" for s, o in CASES})
     for stage, optim in CASES:
         folder = tmp_path / f"{_name(stage, optim, 2)}-to-3/checkpoints/step-00000002"
         # converted once, beside the checkpoint, at ZeRO 1-3 only; the dead conversion's folder replaced
