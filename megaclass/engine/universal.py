@@ -24,9 +24,11 @@ import argparse
 import contextlib
 import glob
 import json
+import logging
 import os
 import shutil
 import sys
+import time
 
 import torch
 from deepspeed.checkpoint import ds_to_universal
@@ -35,6 +37,8 @@ from deepspeed.checkpoint.constants import (UNIVERSAL_CHECKPOINT_INFO, UNIVERSAL
 
 from megaclass.io import atomic_write_text, replace_folder, torch_save
 from megaclass.parallel import comm
+
+log = logging.getLogger(__name__)
 
 FOLDER, TMP = "universal", ".tmp-universal"
 MARKER = "megaclass.json"  # in the universal folder: how SGD's state was carried
@@ -73,6 +77,7 @@ def convert(folder: str, stage: int) -> str:
 
 
 def _convert(folder: str, target: str, stage: int) -> None:
+    start = time.perf_counter()
     tmp = os.path.join(folder, TMP)
     shutil.rmtree(tmp, ignore_errors=True)  # a conversion that died before its rename
     os.makedirs(tmp)
@@ -89,8 +94,9 @@ def _convert(folder: str, target: str, stage: int) -> None:
         shutil.rmtree(os.path.join(tmp, "input"))
         if stage < 3:
             _rename_states(os.path.join(tmp, "ds", "zero"))
-    atomic_write_text(os.path.join(tmp, MARKER), json.dumps({"source": "ds", "zero_stage": stage, "sgd": sgd}))
+    atomic_write_text(os.path.join(tmp, MARKER), json.dumps({"zero_stage": stage, "sgd": sgd}))
     replace_folder(tmp, target)
+    log.info("converted %s/ds to a universal checkpoint in %s (%.1f s)", folder, target, time.perf_counter() - start)
 
 
 def _base_state(sd: dict, stage: int) -> tuple[dict, list[torch.Tensor]]:
