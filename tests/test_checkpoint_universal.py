@@ -15,6 +15,7 @@ import shutil
 
 import pytest
 import torch
+from deepspeed.checkpoint.constants import UNIVERSAL_CHECKPOINT_INFO
 from dist_utils import run_ranks
 from engine_helpers import FlatLinear, random_items
 
@@ -115,10 +116,19 @@ def _train_then_resume(rank, world, root):
 
 
 def _errors(rank, world, root):
-    """A checkpoint DeepSpeed cannot convert, and a ZeRO stage change with the world size."""
+    """A checkpoint DeepSpeed cannot convert, and a ZeRO stage change with the world size; and one saved
+    before megaclass described it for the converter, which converts all the same."""
     os.environ["LOCAL_RANK"] = str(rank)
-    src, bad = f"{root}/{_name(1, 'adamw', 2)}", f"{root}/damaged"
+    src, bad, old = f"{root}/{_name(1, 'adamw', 2)}", f"{root}/damaged", f"{root}/old"
     _copy_checkpoint(src, bad)
+    _copy_checkpoint(src, old)
+    model_states = f"{old}/checkpoints/step-00000002/ds/mp_rank_00_model_states.pt"
+    described = UNIVERSAL_CHECKPOINT_INFO in torch.load(model_states, weights_only=False)
+    comm.barrier()
+    if rank == 0:
+        state = torch.load(model_states, weights_only=False)
+        del state[UNIVERSAL_CHECKPOINT_INFO]
+        torch.save(state, model_states)
     if rank == 0:  # a complete torch.save file, but not an optimizer partition
         torch.save({"not": "an optimizer partition"}, f"{bad}/checkpoints/step-00000002/ds/"
                    "zero_pp_rank_1_mp_rank_00_optim_states.pt")
@@ -132,7 +142,10 @@ def _errors(rank, world, root):
         except checkpoint.CheckpointError as exc:
             errors[name] = str(exc)
         t.close()
-    return errors
+    t = _trainer(old, world, 1, "adamw")
+    old_step = t.resume()
+    t.close()
+    return errors, described, old_step
 
 
 def _rtol(optim):
@@ -178,11 +191,13 @@ def test_every_zero_stage_resumes_at_another_world_size_with_the_saved_models_lo
 
 
 @pytest.mark.timeout(300)
-def test_a_checkpoint_that_does_not_convert_or_another_zero_stage_is_refused_on_every_rank(tmp_path):
+def test_a_checkpoint_that_does_not_convert_or_another_zero_stage_is_refused_on_every_rank_an_old_one_converts(tmp_path):
     run_ranks(_fit_two_ranks_zero1, 2, str(tmp_path))
-    errors = run_ranks(_errors, 3, str(tmp_path))
+    got = run_ranks(_errors, 3, str(tmp_path))
+    errors = [g[0] for g in got]
     assert errors[0] == errors[1] == errors[2]  # the same error on every rank, none left waiting
     damaged, stage = errors[0]["damaged"], errors[0]["stage"]
+    assert all(described and old_step == 2 for _, described, old_step in got)
     assert "converting it to a DeepSpeed universal checkpoint (to resume at another world size) failed on rank 0" \
         in damaged and "KeyError: 'optimizer_state_dict'" in damaged and "damaged/checkpoints/step-00000002/ds" in damaged
     assert not os.path.exists(tmp_path / "damaged/checkpoints/step-00000002/.tmp-universal")
