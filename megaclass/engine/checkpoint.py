@@ -325,10 +325,12 @@ def load(folder: str, engine, head, head_optimizer, class_range, num_classes: in
         source = universal.convert(folder, saved_stage) if convert else folder
     except universal.ConversionError as exc:
         raise CheckpointError(str(exc)) from None
+    # ZeRO 0's optimizer state is whole on every rank: it loads at any world size (a pipeline's: `_check_reshardable`)
+    optimizer_states = same_world or not isinstance(engine, PipelineEngine)
     try:
         with universal.loading(engine) if convert else contextlib.nullcontext():
             path, client = engine.load_checkpoint(source, tag="ds", load_lr_scheduler_states=True,
-                                                  load_optimizer_states=same_world or not _is_pipeline(engine))
+                                                  load_optimizer_states=optimizer_states)
     except (AssertionError, KeyError, RuntimeError, EOFError, pickle.UnpicklingError) as exc:
         raise CheckpointError(f"{source}/ds: DeepSpeed could not load it ({type(exc).__name__}: {exc})") from exc
     if path is None:
@@ -338,10 +340,6 @@ def load(folder: str, engine, head, head_optimizer, class_range, num_classes: in
     if head is not None:
         load_head_shard(os.path.join(folder, "head"), head, head_optimizer, class_range, num_classes)
     return int(client["step"])
-
-
-def _is_pipeline(engine) -> bool:
-    return isinstance(engine, PipelineEngine)
 
 
 def _check_reshardable(folder: str, meta: dict, saved_stage: int, engine) -> None:
@@ -356,7 +354,7 @@ def _check_reshardable(folder: str, meta: dict, saved_stage: int, engine) -> Non
             f"{where}: at another world size a ZeRO checkpoint is resumed through DeepSpeed's universal checkpoint, "
             f"which megaclass converts for the same ZeRO stage only. Resume with ZeRO stage {saved_stage} "
             f"(parallel.zero_stage), or with {meta['world_size']} ranks")
-    if _is_pipeline(engine) or glob.glob(os.path.join(folder, "ds", "layer_*-model_states.pt")):
+    if isinstance(engine, PipelineEngine) or glob.glob(os.path.join(folder, "ds", "layer_*-model_states.pt")):
         if stage > 0:
             raise CheckpointError(
                 f"{where}: megaclass converts data-parallel checkpoints to DeepSpeed's universal checkpoint, not a "
