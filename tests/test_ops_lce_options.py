@@ -148,3 +148,15 @@ def test_kernels_reject_stored_exponentials_with_softcap():
     if _extension_built():
         with pytest.raises(ValueError, match=r"class_weight must be a contiguous float32 \[C_local\]"):
             kernels.chunk_stats(logits, target, 0, False, True, 0.0, torch.ones(4))
+
+
+@pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_is_unaffected_by_nan_left_in_the_reused_logits_buffer(implementation, dtype):
+    # the thread's logits buffer is reused between calls and its rows are padded (C = 53 → pitch 56): memory
+    # that held NaN before must not reach the gradients (torch's CPU bf16 GEMM reads the row padding)
+    from megaclass.ops import lce
+
+    lce._logits_buffer(N, C, dtype, torch.device("cpu"))
+    lce._BUFFERS.by_dtype[dtype].fill_(float("nan"))
+    _check(dtype, implementation, "mean", OPTIONS["all"], eps=0.1, chunk_size=None)

@@ -596,15 +596,20 @@ def _logits_buffer(rows, cols, dtype, device):
     GPU allocators cache by themselves."""
     pitch = _pitch(cols, dtype)
     if device.type != "cpu":
-        return torch.empty(rows, pitch, dtype=dtype, device=device)[:, :cols]
-    cache = getattr(_BUFFERS, "by_dtype", None)
-    if cache is None:
-        cache = _BUFFERS.by_dtype = {}
-    flat = cache.get(dtype)
-    if flat is None or flat.numel() < rows * pitch:
-        cache.pop(dtype, None)  # free the old one before allocating the new
-        flat = cache[dtype] = torch.empty(rows * pitch, dtype=dtype)
-    return flat[:rows * pitch].view(rows, pitch)[:, :cols]
+        padded = torch.empty(rows, pitch, dtype=dtype, device=device)
+    else:
+        cache = getattr(_BUFFERS, "by_dtype", None)
+        if cache is None:
+            cache = _BUFFERS.by_dtype = {}
+        flat = cache.get(dtype)
+        if flat is None or flat.numel() < rows * pitch:
+            cache.pop(dtype, None)  # free the old one before allocating the new
+            flat = cache[dtype] = torch.empty(rows * pitch, dtype=dtype)
+        padded = flat[:rows * pitch].view(rows, pitch)
+    # Zeroed padding: torch's CPU bf16 GEMM reads a strided operand's row padding into its sums, so a NaN
+    # left there by earlier use of the memory made dX NaN (tests/test_ops_lce_options.py: poisoned buffer).
+    padded[:, cols:].zero_()
+    return padded[:, :cols]
 
 
 def _fresh(shape, dtype, device):
