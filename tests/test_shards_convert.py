@@ -117,9 +117,13 @@ def test_a_conversion_killed_halfway_resumes_to_the_clean_result_keeping_finishe
             assert (out / name).read_bytes() == (tmp_path / "clean" / name).read_bytes(), name
 
     same_as_clean()
-    # a finished shard whose sample index is lost since: rewritten with it, the others kept
+    # finished shards whose sample index is lost or damaged since (as the reader would refuse it): rewritten
+    # with it, the others kept
     (out / "train-000002.idx").unlink()
-    kept = {name: os.stat(out / name).st_mtime_ns for name in ("train-000000.tar", "train-000003.tar")}
+    damaged = bytearray((out / "train-000003.idx").read_bytes())
+    damaged[-1] ^= 1
+    (out / "train-000003.idx").write_bytes(bytes(damaged))
+    kept = {name: os.stat(out / name).st_mtime_ns for name in ("train-000000.tar", "train-000004.tar")}
     assert convert(root, out, per_shard=4, progress=False) == clean
     assert {name: os.stat(out / name).st_mtime_ns for name in kept} == kept
     same_as_clean()

@@ -156,7 +156,8 @@ _LOAD = textwrap.dedent("""\
     seconds, after = time.perf_counter() - t0, resource.getrusage(resource.RUSAGE_SELF)
     print(json.dumps({"samples": sum(sum(v) for v in shards.sizes.values()), "seconds": seconds,
                       "cpu_seconds": after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime,
-                      "peak_rss_rise": (kib("VmHWM") - rss) * 1024, "rss_rise": (kib("VmRSS") - rss) * 1024}))
+                      "peak_rss_rise": (kib("VmHWM") - rss) * 1024, "rss_rise": (kib("VmRSS") - rss) * 1024,
+                      "column_bytes": sum(c.nbytes for c in getattr(shards, "columns", {}).values())}))
     """)
 
 
@@ -206,7 +207,8 @@ def startup(args) -> int:
                 rows.append(got)
                 print(f"{got['samples']:>9} samples  {how:>6}  {got['seconds']:7.2f} s  {got['cpu_seconds']:7.2f} CPU-s "
                       f"({got['cpu_ms_per_sample']:.4f} ms a sample)  peak RSS +{got['peak_rss_rise'] / 2**20:7.1f} MiB "
-                      f"({got['bytes_per_sample']:.0f} B a sample; held after: {got['rss_rise'] / 2**20:.1f} MiB)",
+                      f"({got['bytes_per_sample']:.0f} B a sample; held after: {got['rss_rise'] / 2**20:.1f} MiB; "
+                      f"columns {got['column_bytes'] / got['samples']:.0f} B a sample)",
                       flush=True)
             shutil.rmtree(out)
             shutil.rmtree(scan)

@@ -21,13 +21,14 @@ each tar (`scan_shard`; slow at 16M images: rerun `megaclass shards`, which rewr
 Conversion (`convert`): shard k of a split holds the split's records [k·N, (k+1)·N) in `load_webvision`
 order, minus those whose file cannot be read or does not open as an image (header only: no decode, so
 conversion runs at file-copy speed; a file that opens but does not decode is counted by the reader at
-run time, as on files). Each shard is written to a temp file and renamed, then its completion record
-(`DIR/.progress/NAME.json`: which records, how many bytes) is written; a rerun keeps every shard whose
-record matches its plan and size, and rewrites the rest. `index.json` is written last, atomically.
+run time, as on files). Each shard is written to a temp file and renamed, then its sample index (the
+same way), then its completion record (`DIR/.progress/NAME.json`: which records, how many bytes, the
+index's size and SHA-256); a rerun keeps every shard whose record matches its plan, its size and its
+index, and rewrites the rest. `index.json` is written last, atomically.
 
 Reading (`load_shards`, `ShardDataset`): the sample indexes, checked against index.json (sizes, SHA-256,
-sample counts, each tar's size), give every sample's byte range, label and path as numpy columns (about
-60 bytes a sample, no Python object per sample); `ShardDataset[i]` then reads sample i (position i of the
+sample counts, each tar's size), give every sample's byte range, label and path as numpy columns (36
+bytes a sample plus its path's, no Python object per sample); `ShardDataset[i]` then reads sample i (position i of the
 concatenated shards) with one `pread`, so the engine's world-size-independent global
 order (`megaclass.engine.data.RankBatches`) works on shards as it does on files. `shard_epoch_order`
 is that order for shards: a seeded shard permutation, then a shuffle buffer.
@@ -175,13 +176,14 @@ def _kept(job: _Job) -> dict | None:
     try:
         record = json.loads((Path(job.out) / PROGRESS / f"{job.name}.json").read_text())
         size = (Path(job.out) / job.name).stat().st_size
-        index_size = (Path(job.out) / index_name(job.name)).stat().st_size
+        index = (Path(job.out) / index_name(job.name)).read_bytes()
     except (OSError, ValueError):
-        return None
+        return None  # no sample index (a conversion before them): the shard is rewritten with one
     plan = job.plan()
     if (not isinstance(record, dict) or any(record.get(k) != v for k, v in plan.items()) or record.get("bytes") != size
-            or not isinstance(record.get("index"), dict) or record["index"].get("bytes") != index_size):
-        return None  # records of a conversion before sample indexes: the shard is rewritten with its index
+            or not isinstance(record.get("index"), dict) or record["index"].get("bytes") != len(index)
+            or record["index"].get("sha256") != hashlib.sha256(index).hexdigest()):
+        return None  # the reader's checks, so that what it refuses a rerun rewrites
     return record
 
 
@@ -313,23 +315,30 @@ class ShardColumns:
     def nbytes(self) -> int:
         return self.shard.nbytes + self.offset.nbytes + self.size.nbytes + self.label.nbytes + self.paths.nbytes
 
-    @classmethod
-    def concatenate(cls, parts: list[tuple]) -> ShardColumns:
-        """From each shard's (offsets, sizes, labels, paths), in position order."""
-        counts = [len(p[0]) for p in parts]
-        path_offsets = [np.zeros(1, dtype=np.int64)]
-        base = 0
-        for p in parts:
-            path_offsets.append(p[3].offsets[1:] + base)
-            base += len(p[3].buffer)
-        paths = StringColumn(np.concatenate([np.zeros(0, np.uint8)] + [p[3].buffer for p in parts]),
-                             np.concatenate(path_offsets))
 
-        def joined(k: int, dtype) -> np.ndarray:
-            return np.concatenate([np.zeros(0, dtype)] + [np.asarray(p[k], dtype=dtype) for p in parts])
+class _ColumnsBuilder:
+    """Fills the columns of `n` samples shard by shard: the numeric ones in place, so that loading
+    never holds two copies of them (only the path bytes are joined at the end)."""
 
-        return cls(np.repeat(np.arange(len(parts), dtype=np.int32), counts), joined(0, np.int64), joined(1, np.int64),
-                   joined(2, np.int64), paths)
+    def __init__(self, n: int):
+        self.shard, self.label = np.empty(n, np.int32), np.empty(n, np.int64)
+        self.offset, self.size, self.path_lengths = (np.empty(n, np.int64) for _ in range(3))
+        self.path_bytes: list[np.ndarray] = []
+        self.at = 0
+
+    def add(self, number: int, offsets, sizes, labels, paths: StringColumn) -> None:
+        rows = slice(self.at, self.at + len(paths))
+        self.shard[rows], self.offset[rows], self.size[rows], self.label[rows] = number, offsets, sizes, labels
+        self.path_lengths[rows] = paths.lengths()
+        self.path_bytes.append(paths.buffer)
+        self.at = rows.stop
+
+    def finish(self) -> ShardColumns:
+        assert self.at == len(self.label)
+        path_offsets = np.zeros(self.at + 1, dtype=np.int64)
+        np.cumsum(self.path_lengths, out=path_offsets[1:])
+        buffer = np.concatenate([np.zeros(0, np.uint8)] + self.path_bytes)
+        return ShardColumns(self.shard, self.offset, self.size, self.label, StringColumn(buffer, path_offsets))
 
 
 @dataclass(slots=True)
@@ -458,8 +467,8 @@ def load_shards(folder: str | os.PathLike, splits=SPLITS) -> Shards:
         entries = index["splits"][split]["shards"]
         files[split] = [folder / e["name"] for e in entries]
         sizes[split] = [int(e["samples"]) for e in entries]
-        parts = []
-        for path, entry in zip(files[split], entries):
+        builder = _ColumnsBuilder(sum(sizes[split]))
+        for number, (path, entry) in enumerate(zip(files[split], entries)):
             expected, tar_bytes = int(entry["samples"]), int(entry["bytes"])
             try:
                 actual = path.stat().st_size
@@ -474,8 +483,8 @@ def load_shards(folder: str | os.PathLike, splits=SPLITS) -> Shards:
                 got = read_shard_index(folder / entry["index"]["name"], entry["index"], expected, tar_bytes, len(classes))
             if len(got[0]) != expected:
                 raise ShardFormatError(f"{path}: holds {len(got[0])} samples, index.json says {expected} (truncated or replaced?)")
-            parts.append(got)
-        columns[split] = ShardColumns.concatenate(parts)
+            builder.add(number, *got)
+        columns[split] = builder.finish()
     if scanned:
         log.info("%s: %d shards have no sample index and were scanned instead (slow at millions of images); "
                  "rerun `megaclass shards` on this folder to write the indexes", folder, scanned)
