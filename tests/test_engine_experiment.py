@@ -167,7 +167,7 @@ def test_every_training_image_gets_exactly_one_held_out_prediction(monkeypatch, 
     weights = torch.rand(n, generator=torch.Generator().manual_seed(0))
     data = type("Data", (), {})()
     data.train, data.train_eval, data.labels = _Items(n), _Items(n), labels
-    data.webvision = type("WV", (), {"num_classes": classes, "wnids": [f"n{c:08d}" for c in range(classes)]})()
+    data.num_classes, data.wnids = classes, [f"n{c:08d}" for c in range(classes)]  # as RunData has them
     monkeypatch.setattr(experiment, "trainer_class", lambda cfg: _FoldTrainer)
     _FoldTrainer.made = []
     cfg = config_from_dict({"run_dir": str(tmp_path), "experiment": {"folds": 3}})

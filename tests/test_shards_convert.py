@@ -278,3 +278,31 @@ def test_a_damaged_replaced_or_inconsistent_sample_index_is_a_clear_error(tmp_pa
         check(good[:200])
     with pytest.raises(ShardFormatError, match="bad.idx: not a sample index"):
         check(b"x" * 300)
+
+
+def test_verify_finds_a_sample_index_that_matches_index_json_but_not_its_tar(tmp_path, capsys):
+    from megaclass.data.shards import index_bytes, load_shards, read_shard_index
+
+    root = write_webvision(str(tmp_path / "wv"), classes=2, per_class=5, val_per_class=1, size=16)
+    convert(root, tmp_path / "out", per_shard=4, progress=False)
+    out = tmp_path / "out"
+    assert main(["shards", "--verify", str(out)]) == 0
+    assert "12 samples, every sample index agrees with its shard" in capsys.readouterr().out
+    # shard 1's index with its first two samples' byte ranges swapped, and index.json updated to match it:
+    # the start-up checks pass, the deep check does not
+    index = json.loads((out / "index.json").read_text())
+    entry = index["splits"]["train"]["shards"][1]
+    offsets, sizes, labels, paths = read_shard_index(out / entry["index"]["name"], entry["index"], entry["samples"],
+                                                     entry["bytes"], 2)
+    offsets, sizes = offsets.copy(), sizes.copy()
+    offsets[[0, 1]], sizes[[0, 1]] = offsets[[1, 0]], sizes[[1, 0]]
+    forged = index_bytes(offsets, sizes, labels, paths)
+    (out / entry["index"]["name"]).write_bytes(forged)
+    entry["index"].update(bytes=len(forged), sha256=hashlib.sha256(forged).hexdigest())
+    (out / "index.json").write_text(json.dumps(index))
+    load_shards(out)
+    assert main(["shards", "--verify", str(out)]) == 2
+    assert "train-000001.idx: byte ranges, labels or paths differ from what train-000001.tar holds" in \
+        capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["shards", "--out", str(out)])  # converting needs --data
