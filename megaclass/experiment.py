@@ -35,11 +35,10 @@ def run(args: argparse.Namespace) -> int:
     logs.setup()
     try:
         cfg, data = start_run(args.config, args.overrides)
-        if data.webvision is None:
-            raise ValueError("data.shards: megaclass experiment reads side information and writes weights through "
-                             "data.root's files; run it on data.root (train and predict read shards)")
         if len(data.val_labels) == 0:
-            raise ValueError(f"{cfg.data.root}/info/val_filelist.txt: no validation images to evaluate on")
+            where = (f"{cfg.data.shards}/index.json's val split" if cfg.data.shards
+                     else f"{cfg.data.root}/info/val_filelist.txt")
+            raise ValueError(f"{where}: no validation images to evaluate on")
         # read here, where a missing or short truth file is a clean error, and once
         oracle = oracle_weights(cfg, data.paths) if cfg.experiment.oracle else None
     except (OSError, ValueError) as exc:

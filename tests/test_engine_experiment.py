@@ -31,12 +31,13 @@ def test_a_rank0_step_that_fails_raises_on_every_rank():
 
 # -- the experiment end to end on a tiny synthetic data set ---------------------------------------------
 
-def _experiment_config(root, run_dir, **experiment):
+def _experiment_config(root, run_dir, shards=None, **experiment):
     from megaclass.engine.config import config_from_dict
 
+    source = {"shards": str(shards)} if shards else {"root": str(root)}
     return config_from_dict({
         "run_dir": str(run_dir), "model": {"name": "resnet_tiny"},
-        "data": {"root": str(root), "image_size": 16, "num_workers": 0},
+        "data": {**source, "image_size": 16, "num_workers": 0},
         "optim": {"name": "sgd", "lr": 0.1, "warmup_steps": 2},
         "train": {"epochs": 1, "micro_batch_size": 16, "seed": 0, "resume": False, "progress": False},
         "eval": {"batch_size": 64, "every_epochs": 1},
@@ -166,7 +167,7 @@ def test_every_training_image_gets_exactly_one_held_out_prediction(monkeypatch, 
     weights = torch.rand(n, generator=torch.Generator().manual_seed(0))
     data = type("Data", (), {})()
     data.train, data.train_eval, data.labels = _Items(n), _Items(n), labels
-    data.webvision = type("WV", (), {"num_classes": classes, "wnids": [f"n{c:08d}" for c in range(classes)]})()
+    data.num_classes, data.wnids = classes, [f"n{c:08d}" for c in range(classes)]  # as RunData has them
     monkeypatch.setattr(experiment, "trainer_class", lambda cfg: _FoldTrainer)
     _FoldTrainer.made = []
     cfg = config_from_dict({"run_dir": str(tmp_path), "experiment": {"folds": 3}})
@@ -203,6 +204,9 @@ def test_the_oracle_needs_the_truth_file(tmp_path):
     from megaclass.engine.config import ConfigError, config_from_dict
     from megaclass.engine.experiment import oracle_weights
 
+    on_shards = config_from_dict({"data": {"shards": str(tmp_path)}, "experiment": {"oracle": True}})
+    with pytest.raises(ConfigError, match=r"experiment.oracle: needs data.root/truth_train.tsv .* on shards, set data.root"):
+        oracle_weights(on_shards, ["google/q0001/a.jpg"])
     cfg = config_from_dict({"data": {"root": str(tmp_path)}, "experiment": {"oracle": True}})
     with pytest.raises(ConfigError, match=r"experiment.oracle: needs .*truth_train.tsv"):
         oracle_weights(cfg, ["google/q0001/a.jpg"])
@@ -244,3 +248,38 @@ def test_the_table_gives_the_share_of_the_oracle_gap_closed():
     assert lines[5] == "| Clean-only oracle | 80.00 | 95.00 | |"
     del results["oracle"]
     assert table(results).splitlines()[0] == "| Method | Top-1 (%) | Top-5 (%) |"
+
+
+def _experiment_on_shards(rank, world, shards, run_dir):
+    import os
+
+    from megaclass.engine.data import load_run_data
+    from megaclass.engine.experiment import run
+
+    os.environ["LOCAL_RANK"] = str(rank)
+    cfg = _experiment_config(None, run_dir, shards=shards)
+    return run(cfg, load_run_data(cfg))
+
+
+@pytest.mark.timeout(300)
+def test_the_experiment_runs_on_shards_with_the_side_information_of_their_json(tmp_path):
+    """On shards alone (no data.root), the experiment trains, predicts and weighs every training image;
+    its stage-1 weights are those the file path's metadata gives for the same predictions."""
+    from megaclass.data import load_webvision
+    from megaclass.data.shards import convert
+    from megaclass.data.synth import SynthConfig, generate
+    from megaclass.weighting.pipeline import compute_weights, save_weights
+
+    root = tmp_path / "data"
+    generate(root, SynthConfig(classes=6, per_class=24, val_per_class=2, image_size=16, seed=3), progress=False)
+    convert(root, tmp_path / "shards", per_shard=40, progress=False)
+    results = run_ranks(_experiment_on_shards, 1, str(tmp_path / "shards"), str(tmp_path / "run"), timeout=280)[0]
+    assert all("top1" in results[key] for key in ("baseline", "stage1", "stage2"))
+    files = load_webvision(root)
+    for name in ("weights_stage1.tsv", "weights_stage2.tsv"):
+        rows = (tmp_path / "run" / name).read_text().splitlines()
+        assert sorted(r.split("\t")[0] for r in rows if not r.startswith("#")) == sorted(files.train.paths)
+    # the same predictions weighed with the side information read from data.root's files
+    result = compute_weights(root, tmp_path / "run/semantics/knn.tsv", tmp_path / "run/baseline/predictions_train.tsv", 1)
+    save_weights(result, root, tmp_path / "from_files.tsv", plot=False)
+    assert (tmp_path / "from_files.tsv").read_bytes() == (tmp_path / "run/weights_stage1.tsv").read_bytes()

@@ -99,7 +99,7 @@ def _trainer(shard_dir, run_dir, max_steps, workers, micro=2, epochs=1.0):
     })
     shards = load_shards(shard_dir)
     dataset = ShardDataset(shards, "train", 16, train=True)
-    labels = torch.tensor([s.label for s in shards.samples["train"]])
+    labels = torch.from_numpy(shards.columns["train"].label)
     weights = torch.linspace(0.2, 1.5, len(labels))
     torch.manual_seed(0)
     return Trainer(cfg, TrainData(dataset, len(shards.classes), labels, weights), backbone=FlatLinear(768, 8, dropout=0.3))

@@ -7,6 +7,13 @@ conversion reads, checks and writes N files' bytes while the disk holds only the
 whole `convert` call: the metadata reader, the image header checks, the tar writing and fsyncs.
 Target: at least 2,000 images/s on 2 cores (`--workers 2`). Also reported: images per CPU-second (user +
 system time of the command and its workers), which a loaded machine does not distort.
+
+`--startup SIZES` measures instead what a training rank pays at start-up to read a shard folder
+(`load_shards`): wall and CPU seconds and the rise of peak RSS, each in a fresh process, for folders of N
+16-px JPEGs (~0.7 kB; the cost is per sample, not per byte) in shards of 10,000, read three ways: through
+the sample indexes ("index"), by scanning the same tars without them ("scan", the fallback for folders
+written before indexes), and with `--compare-with DIR` by the `load_shards` of the megaclass source tree
+at DIR ("before": e.g. `git archive` of an older commit), on the same folder.
 """
 from __future__ import annotations
 
@@ -16,7 +23,10 @@ import os
 import platform
 import resource
 import shutil
+import subprocess
+import sys
 import tempfile
+import textwrap
 import time
 from pathlib import Path
 
@@ -36,6 +46,10 @@ def register(subparsers) -> None:
     parser.add_argument("--out", type=output_file, default=None, metavar="FILE.json", help="also write the results here")
     parser.add_argument("--plot", type=output_file, default=None, metavar="FILE.png",
                         help="also plot seconds against images, log-log, with the 2,000 images/s target line")
+    parser.add_argument("--startup", default=None, metavar="SIZES",
+                        help="instead: load_shards' start-up time and peak memory at these sizes, e.g. 20000,80000,320000")
+    parser.add_argument("--compare-with", default=None, metavar="DIR",
+                        help="with --startup: also time the load_shards of the megaclass source tree at DIR")
     parser.set_defaults(func=run)
 
 
@@ -127,8 +141,95 @@ def _histograms(classes: int = 100, epochs: int = 20) -> dict:
             "shards_histogram": shard.astype(int).tolist(), "files_histogram": files.astype(int).tolist()}
 
 
+_LOAD = textwrap.dedent("""\
+    import json, re, resource, sys, time
+    from megaclass.data.shards import load_shards
+
+    def kib(field):
+        return int(re.search(field + r":\\s+(\\d+) kB", open("/proc/self/status").read()).group(1))
+
+    rss = kib("VmRSS")
+    with open("/proc/self/clear_refs", "w") as f:  # peak RSS (VmHWM) restarts here: the imports' peak is not counted
+        f.write("5")
+    before, t0 = resource.getrusage(resource.RUSAGE_SELF), time.perf_counter()
+    shards = load_shards(sys.argv[1])
+    seconds, after = time.perf_counter() - t0, resource.getrusage(resource.RUSAGE_SELF)
+    print(json.dumps({"samples": sum(sum(v) for v in shards.sizes.values()), "seconds": seconds,
+                      "cpu_seconds": after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime,
+                      "peak_rss_rise": (kib("VmHWM") - rss) * 1024, "rss_rise": (kib("VmRSS") - rss) * 1024,
+                      "column_bytes": sum(c.nbytes for c in getattr(shards, "columns", {}).values())}))
+    """)
+
+
+def _load_in_fresh_process(folder: Path, code: Path) -> dict:
+    """load_shards(folder) with the megaclass at `code` (first on the path: the command runs outside any
+    source tree), in a process of its own (Linux: its peak RSS from /proc/self)."""
+    done = subprocess.run([sys.executable, "-c", _LOAD, str(folder)], env={**os.environ, "PYTHONPATH": str(code)},
+                          cwd=folder, capture_output=True, text=True, check=True)
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def startup(args) -> int:
+    """`--startup`: load_shards through the sample indexes, by the scan, and (--compare-with) by other code."""
+    from PIL import Image
+
+    import megaclass
+    from megaclass.data.shards import convert
+    from megaclass.io import atomic_write_text
+
+    here = Path(megaclass.__file__).resolve().parents[1]
+    codes = {"index": here, "scan": here}
+    if args.compare_with:
+        codes["before"] = Path(args.compare_with).resolve()
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="bench-startup-") as tmp:
+        rng = np.random.default_rng(0)
+        pool = []
+        for i in range(20):
+            pool.append(Path(tmp) / f"{i}.jpg")
+            Image.fromarray(rng.integers(0, 256, (16, 16, 3), dtype=np.uint8)).save(pool[-1], quality=90)
+        for n in [int(s) for s in args.startup.split(",")]:
+            root, out, scan = Path(tmp) / "data", Path(tmp) / "shards", Path(tmp) / "scan"
+            _write_layout(root, n, pool, args.classes)
+            convert(root, out, per_shard=10_000, workers=args.workers, progress=False)
+            shutil.rmtree(root)
+            scan.mkdir()  # the same tars, an index.json without sample indexes
+            index = json.loads((out / "index.json").read_text())
+            for split in index["splits"].values():
+                for shard in split["shards"]:
+                    del shard["index"]
+                    os.link(out / shard["name"], scan / shard["name"])
+            (scan / "index.json").write_text(json.dumps(index))
+            for how, code in codes.items():
+                got = _load_in_fresh_process(scan if how == "scan" else out, code)
+                got.update(how=how, cpu_ms_per_sample=got["cpu_seconds"] / got["samples"] * 1e3,
+                           bytes_per_sample=got["peak_rss_rise"] / got["samples"])
+                rows.append(got)
+                print(f"{got['samples']:>9} samples  {how:>6}  {got['seconds']:7.2f} s  {got['cpu_seconds']:7.2f} CPU-s "
+                      f"({got['cpu_ms_per_sample']:.4f} ms a sample)  peak RSS +{got['peak_rss_rise'] / 2**20:7.1f} MiB "
+                      f"({got['bytes_per_sample']:.0f} B a sample; held after: {got['rss_rise'] / 2**20:.1f} MiB; "
+                      f"columns {got['column_bytes'] / got['samples']:.0f} B a sample)",
+                      flush=True)
+            shutil.rmtree(out)
+            shutil.rmtree(scan)
+    largest = max(r["samples"] for r in rows)
+    at_16m = {r["how"]: {"cpu_seconds": r["cpu_ms_per_sample"] * 16e3, "peak_rss_rise_gib": r["bytes_per_sample"] * 16e6 / 2**30}
+              for r in rows if r["samples"] == largest}
+    for how, x in at_16m.items():
+        print(f"extrapolated to 16M samples from {largest:,} ({how}): {x['cpu_seconds']:.0f} CPU-s, "
+              f"peak RSS +{x['peak_rss_rise_gib']:.2f} GiB")
+    if args.out:
+        result = {"benchmark": "shards startup", "machine": f"{platform.node()}, {os.cpu_count()} cores (shared, loaded by other work)",
+                  "per_shard": 10_000, "rows": rows, "extrapolated_to_16M": at_16m}
+        atomic_write_text(args.out, json.dumps(result, indent=1))
+    return 0
+
+
 def run(args) -> int:
     from PIL import Image
+
+    if args.startup:
+        return startup(args)
 
     from megaclass.data.shards import convert
     from megaclass.io import atomic_write_text

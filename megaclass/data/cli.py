@@ -38,12 +38,14 @@ def register(subparsers) -> None:
         description="Write DIR/train-NNNNNN.tar, DIR/val-NNNNNN.tar and DIR/index.json (last, atomically): each "
                     "sample's original image bytes, its side information as json and its class index (docs/data.md). "
                     "A rerun keeps the shards an earlier run finished and rewrites the rest.")
-    shards.add_argument("--data", required=True, metavar="ROOT", help="WebVision-layout data root")
-    shards.add_argument("--out", required=True, type=output_folder, metavar="DIR", help="output folder (created)")
+    shards.add_argument("--data", metavar="ROOT", help="WebVision-layout data root (required to convert)")
+    shards.add_argument("--out", type=output_folder, metavar="DIR", help="output folder (created; required to convert)")
     shards.add_argument("--per-shard", type=positive_int, default=10_000, metavar="N",
                         help="records of the filelist per shard (default 10000; skipped images leave a shard shorter)")
     shards.add_argument("--workers", type=positive_int, default=1, metavar="W", help="processes writing shards (default 1)")
-    shards.set_defaults(func=_run_shards)
+    shards.add_argument("--verify", metavar="DIR", help="instead of converting: check every shard's sample index "
+                        "against its tar (a full scan; training checks only sizes, counts and checksums)")
+    shards.set_defaults(func=_run_shards, parser=shards)
 
 
 def _run(args) -> int:
@@ -62,8 +64,17 @@ def _run(args) -> int:
 
 
 def _run_shards(args) -> int:
-    from megaclass.data.shards import convert
+    from megaclass.data.shards import convert, verify
 
+    if args.verify:
+        try:
+            print(f"{args.verify}: {verify(args.verify)} samples, every sample index agrees with its shard")
+        except (ValueError, OSError) as exc:
+            print(f"megaclass shards: {exc}", file=sys.stderr)
+            return 2
+        return 0
+    if not (args.data and args.out):
+        args.parser.error("--data and --out are required (or --verify DIR)")
     try:
         index = convert(args.data, args.out, per_shard=args.per_shard, workers=args.workers)
     except (ValueError, OSError) as exc:

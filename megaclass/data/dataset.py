@@ -77,7 +77,8 @@ class ImageDataset(Dataset):
                  preload: bool = False):
         self.root = Path(root)
         self._real_root = real_root(root)
-        self.items = list(items)
+        # a list is copied; another sequence (a shard split's columns) is kept, not made N tuples
+        self.items = list(items) if isinstance(items, list) or not isinstance(items, Sequence) else items
         self.image_size = image_size
         self.train = train
         self.transform = _transform(image_size, train)

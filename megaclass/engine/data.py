@@ -179,6 +179,8 @@ class RunData:
     @property
     def paths(self) -> list[str]:
         """Each training image's key: its path relative to the data root (also on shards)."""
+        if isinstance(self.train, ShardDataset):
+            return self.train.columns.paths.tolist()
         return [p for p, _ in self.train.items]
 
     @property
@@ -194,22 +196,22 @@ def load_shard_data(cfg) -> RunData:
     """Everything `cfg.data` names, from the shard folder `cfg.data.shards`."""
     shards = load_shards(cfg.data.shards)
     if cfg.data.limit_train:  # the first N positions, as the first N images on files
-        shards.samples["train"] = shards.samples["train"][: cfg.data.limit_train]
-        left, sizes = len(shards.samples["train"]), []
+        shards.columns["train"] = shards.columns["train"].head(cfg.data.limit_train)
+        left, sizes = len(shards.columns["train"]), []
         for size in shards.sizes["train"]:
             sizes.append(min(size, left))
             left -= sizes[-1]
         shards.sizes["train"] = [s for s in sizes if s]
-    if not shards.samples["train"]:
+    columns = shards.columns["train"]
+    if not len(columns):
         raise ValueError(f"data.shards: {cfg.data.shards} has no training samples")
     small = cfg.data.image_size <= 64
     sets = [ShardDataset(shards, split, cfg.data.image_size, train=train, preload=small)
             for split, train in (("train", True), ("train", False), ("val", False))]
-    paths = [s.path for s in shards.samples["train"]]
-    sample_weights = (read_weight_table(cfg.data.weights, paths, allow_extra=bool(cfg.data.limit_train))
+    sample_weights = (read_weight_table(cfg.data.weights, columns.paths.tolist(), allow_extra=bool(cfg.data.limit_train))
                       if cfg.data.weights else None)
-    return RunData(None, *sets, torch.tensor([s.label for s in shards.samples["train"]]),
-                   torch.tensor([s.label for s in shards.samples["val"]], dtype=torch.long), sample_weights, shards)
+    return RunData(None, *sets, torch.from_numpy(columns.label), torch.from_numpy(shards.columns["val"].label),
+                   sample_weights, shards)
 
 
 def load_run_data(cfg) -> RunData:

@@ -19,6 +19,11 @@ Outputs in `run_dir`: `results.json` ({"baseline": {"top1", "top5", "seconds", "
 seconds), `weights_stage1.tsv`, `weights_stage2.tsv`, `curves.png`, and one folder per run
 (checkpoints, metrics CSV, TensorBoard, predictions; the fold models' under `<run>/fold<f>/`).
 The validation set is only scored: the weights do not depend on it (tests/test_engine_experiment.py).
+
+On shards (`data.shards`) the side information comes from each sample's KEY.json
+(`megaclass.data.metadata`), as `megaclass weights` reads it; `truth_train.tsv` (the AUC, the oracle)
+and the plots' thumbnails come from `data.root` when it is set beside `data.shards` (the shards folder
+has neither: the plots then show no thumbnails).
 """
 from __future__ import annotations
 
@@ -30,6 +35,7 @@ import time
 
 import torch
 
+from megaclass.data import WebVision
 from megaclass.engine.config import Config, ConfigError
 from megaclass.engine.data import RunData, Subset, read_weight_table
 from megaclass.engine.pipeline import trainer_class
@@ -64,28 +70,36 @@ def on_rank0(what: str, fn, device) -> None:
         raise StepFailed(f"{what} failed on rank 0 ({reason})") from error
 
 
-def _semantics(cfg: Config, data: RunData, knn: str) -> None:
+def side_information(cfg: Config, data: RunData) -> WebVision:
+    """The training images' side information: data.root's (read with the data), or on shards their KEY.json."""
+    from megaclass.data.metadata import load_metadata
+
+    return data.webvision if data.webvision is not None else load_metadata(cfg.data.shards)
+
+
+def _semantics(cfg: Config, info: WebVision, knn: str) -> None:
     """`RUN_DIR/semantics/knn.tsv`: the K nearest categories of every class (cached beside it)."""
     from megaclass.semantics import nearest_categories, write_knn_tsv
 
-    wnids = data.webvision.wnids
+    wnids = info.wnids
     neighbors, scores = nearest_categories(wnids, cfg.experiment.knn_k, encoder=cfg.experiment.encoder,
                                            cache_dir=os.path.join(os.path.dirname(knn), "cache"),
-                                           names=[text for _, text in data.webvision.synsets],
+                                           names=[text for _, text in info.synsets],
                                            progress=cfg.train.progress)
     write_knn_tsv(knn, wnids, neighbors, scores)
 
 
-def _weights(cfg: Config, data: RunData, knn: str, predictions: str, stage: int, out: str,
+def _weights(cfg: Config, info: WebVision, knn: str, predictions: str, stage: int, out: str,
              stage1_tsv: str | None = None) -> float | None:
     """Stage-`stage` weights of every training image -> `out` (TSV) and a PNG of examples beside it;
     stage 2 adds its text evidence to the stage-1 weights in `stage1_tsv`. Returns their AUC for clean
     vs noisy images where `data.root/truth_train.tsv` tells (synthetic data), else None."""
     from megaclass.weighting.pipeline import compute_weights, save_weights
 
-    result = compute_weights(cfg.data.root, knn, predictions, stage, data=data.webvision, progress=cfg.train.progress,
+    root = cfg.data.root or cfg.data.shards  # truth and thumbnails live in data.root, when there is one
+    result = compute_weights(root, knn, predictions, stage, data=info, progress=cfg.train.progress,
                              stage1_tsv=stage1_tsv)
-    log.info("%s", save_weights(result, cfg.data.root, out))
+    log.info("%s", save_weights(result, root, out))
     return result.auc
 
 
@@ -118,8 +132,8 @@ def crossfit_predictions(cfg: Config, data: RunData, weights: torch.Tensor | Non
     probs, classes = torch.zeros(n, k), torch.full((n, k), -1, dtype=torch.long)
     for f in range(cfg.experiment.folds):
         train, held = (fold != f).nonzero().squeeze(1), (fold == f).nonzero().squeeze(1)
-        subset = TrainData(Subset(data.train, train), data.webvision.num_classes, data.labels[train],
-                           None if weights is None else weights[train], data.webvision.wnids)
+        subset = TrainData(Subset(data.train, train), data.num_classes, data.labels[train],
+                           None if weights is None else weights[train], data.wnids)
         trainer, _, _ = _fit(cfg, subset, os.path.join(cfg.run_dir, key, f"fold{f}"), f"{key}_fold{f}")
         probs[held], classes[held] = trainer.predict(Subset(data.train_eval, held), k, desc=f"predict {key} fold {f}")
         trainer.close()
@@ -131,6 +145,9 @@ def oracle_weights(cfg: Config, paths: list[str]) -> torch.Tensor:
     `data.root/truth_train.tsv` (written by `megaclass synth`)."""
     from megaclass.data.synth import TRUTH_FILE, read_truth
 
+    if not cfg.data.root:
+        raise ConfigError(f"experiment.oracle: needs data.root/{TRUTH_FILE} (which images are clean); on shards, "
+                          f"set data.root to the folder they were converted from, or experiment.oracle=false")
     truth = read_truth(cfg.data.root)
     where = os.path.join(cfg.data.root, TRUTH_FILE)
     if truth is None:
@@ -200,12 +217,13 @@ def run(cfg: Config, data: RunData, oracle: torch.Tensor | None = None) -> dict:
     paths = data.paths
     if cfg.experiment.oracle and oracle is None:
         oracle = oracle_weights(cfg, paths)  # a missing truth file: before any work
+    info = side_information(cfg, data)
     if rank0:
-        log.info("%s", data.webvision.summary())
+        log.info("%s", info.summary())
 
     device = device_of_rank()
     knn = os.path.join(run_dir, "semantics", "knn.tsv")
-    on_rank0("semantics (K nearest categories)", lambda: _semantics(cfg, data, knn), device)
+    on_rank0("semantics (K nearest categories)", lambda: _semantics(cfg, info, knn), device)
 
     # The validation set is only ever scored: without it every weight and model come out the same.
     val = (data.val, data.val_labels) if len(data.val_labels) > 0 else None
@@ -214,8 +232,7 @@ def run(cfg: Config, data: RunData, oracle: torch.Tensor | None = None) -> dict:
     for index, (key, label) in enumerate(runs):
         if key == "oracle":
             weights = oracle
-        trainer, rows, seconds = _fit(cfg, TrainData(data.train, data.webvision.num_classes, data.labels, weights,
-                                                    data.webvision.wnids),
+        trainer, rows, seconds = _fit(cfg, TrainData(data.train, data.num_classes, data.labels, weights, data.wnids),
                                       os.path.join(run_dir, key), key, val)
         curves[key] = {"train": rows, "val": trainer.eval_rows}
         results[key] = {"seconds": round(seconds, 1)}
@@ -242,8 +259,8 @@ def run(cfg: Config, data: RunData, oracle: torch.Tensor | None = None) -> dict:
         predictions = os.path.join(run_dir, key, "predictions_train.tsv")
 
         def weigh():
-            write_predictions(predictions, paths, data.webvision.wnids, classes.numpy(), probs.numpy())
-            aucs[f"stage{stage}"] = _weights(cfg, data, knn, predictions, stage, weights_path,
+            write_predictions(predictions, paths, data.wnids, classes.numpy(), probs.numpy())
+            aucs[f"stage{stage}"] = _weights(cfg, info, knn, predictions, stage, weights_path,
                                              os.path.join(run_dir, "weights_stage1.tsv") if stage == 2 else None)
 
         on_rank0(f"stage-{stage} weights", weigh, device)
