@@ -260,8 +260,35 @@ def run(args) -> int:
     finally:
         if not args.work:
             shutil.rmtree(work, ignore_errors=True)
-    print(json.dumps(result, indent=1))
+    print(markdown(result))
     return 0
+
+
+def markdown(result: dict) -> str:
+    """The results as Markdown tables (the figures of docs/scale.md): every step of every size, measured
+    or extrapolated (marked), then each fit."""
+    lines = ["| N | | step | wall s | CPU s | peak RSS GB | EM steps (mean move) |", "| ---: | --- | --- | ---: | ---: | ---: | --- |"]
+    for row in result["measured"] + result["extrapolated"]:
+        kind = "**extrapolated**" if row["extrapolated"] else "measured"
+        for step in STEPS:
+            r = row[step]
+            em = "; ".join(f"{r[steps]} ({r[move]:.1e}{'' if r[ok] else ', NOT converged'})"
+                           for steps, move, ok in (("em_steps", "em_mean_change", "em_converged"),
+                                                   ("text_em_steps", "text_em_mean_change", "text_em_converged"))
+                           if steps in r)
+            lines.append(f"| {row['images']:,} | {kind} | {step} | {r['seconds']:.1f} | {r['cpu_seconds']:.1f} | "
+                         f"{r['peak_rss_bytes'] / 1e9:.2f} | {em} |")
+        lines.append(f"| {row['images']:,} | {kind} | read + stage 1 + stage 2 | {row['read_plus_stages_s']:.0f} | "
+                     f"{row['read_plus_stages_cpu_s']:.0f} | {row['max_peak_rss_bytes'] / 1e9:.2f} (max) | |")
+    if result["fits"]:
+        lines += ["", "| step | quantity | fixed | per image | per million | log-log slope, largest two |",
+                  "| --- | --- | ---: | ---: | ---: | ---: |"]
+        for step in STEPS:
+            for key, unit, scale in (("seconds", "s", 1.0), ("cpu_seconds", "s", 1.0), ("peak_rss_bytes", "GB", 1e9)):
+                fit = result["fits"][f"{step}_{key}"]
+                lines.append(f"| {step} | {key} | {fit['fixed'] / scale:.3g} {unit} | {fit['per_image'] / scale:.3g} {unit} "
+                             f"| {fit['per_image'] * 1e6 / scale:.3g} {unit} | {fit['loglog_slope_largest_two']} |")
+    return "\n".join(lines)
 
 
 def _results(args, measured: list[dict]) -> dict:
