@@ -68,6 +68,7 @@ def compute_weights(root: str | os.PathLike, knn_tsv: str | os.PathLike, predict
     if not found.any():
         raise WeightingInputError(f"{predictions_tsv}: no row names a training image of {root} "
                                   f"(first row: {preds.paths[0]!r}, first image: {paths[0]!r})")
+    del preds  # aligned now: its own columns (~100 bytes an image) are not needed again
     notes = {"images": len(paths), "without_predictions": int((~found).sum()),
              "classes_without_neighbours": data.num_classes - known}
     if notes["without_predictions"]:
