@@ -224,3 +224,10 @@ def test_hashes_depend_on_the_bytes_only():
     ha, hb = string_hashes(a), string_hashes(b)
     assert ha[1] == hb[1] and ha[2] == hb[2] and ha[3] == hb[0]
     assert len(set(ha.tolist())) == 4  # different strings, different hashes (here)
+
+
+def test_string_column_iterates_in_blocks_as_the_strings_were():
+    strings = ["", "crane", "é€", "", "x" * 70, "日本", "a"] * 3
+    col = StringColumn.from_strings(strings)
+    assert list(col.__iter__(block=4)) == strings and list(col) == strings  # 21 strings: the last block short
+    assert list(StringColumn.from_strings([])) == []

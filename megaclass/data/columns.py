@@ -38,10 +38,14 @@ class StringColumn:
     def __getitem__(self, i: int) -> str:
         return self.buffer[self.offsets[i]:self.offsets[i + 1]].tobytes().decode("utf-8")
 
-    def __iter__(self):
-        data, offsets = self.buffer.tobytes(), self.offsets.tolist()
-        for lo, hi in zip(offsets[:-1], offsets[1:]):
-            yield data[lo:hi].decode("utf-8")
+    def __iter__(self, block: int = 65536):
+        # a block of strings at a time: the whole buffer as bytes and N offsets as Python ints would
+        # cost ~40 bytes an image beside the column while it is iterated
+        for start in range(0, len(self), block):
+            offsets = self.offsets[start:start + block + 1]
+            data, offsets = self.buffer[offsets[0]:offsets[-1]].tobytes(), (offsets - offsets[0]).tolist()
+            for lo, hi in zip(offsets[:-1], offsets[1:]):
+                yield data[lo:hi].decode("utf-8")
 
     def tolist(self) -> list[str]:
         return list(self)
