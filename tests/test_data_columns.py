@@ -89,6 +89,13 @@ def test_string_column_take_and_round_trip():
     assert column.lengths().tolist() == [len(s.encode()) for s in strings]
 
 
+def test_take_in_blocks_equals_indexing(monkeypatch):
+    monkeypatch.setattr(StringColumn, "TAKE_BLOCK", 3)  # 10 strings taken: the last block short
+    strings = ["", "crane", "grüne Küken", "", "x" * 300, "鶴"]
+    index = [5, 0, 2, 2, 4, 3, 1, 1, 0, 5]
+    assert StringColumn.from_strings(strings).take(np.array(index)).tolist() == [strings[i] for i in index]
+
+
 def _write_shards(root, out, per_shard=4):
     """Shards in the pinned format (HELPERS/docs: index.json + KEY.jpg/.json/.cls) from the plain reading."""
     import webdataset as wds

@@ -21,6 +21,7 @@ class StringColumn:
     `buffer[offsets[i]:offsets[i + 1]]`."""
 
     __slots__ = ("buffer", "offsets")
+    TAKE_BLOCK = 65536
 
     def __init__(self, buffer: np.ndarray, offsets: np.ndarray):
         self.buffer, self.offsets = buffer, offsets
@@ -59,9 +60,14 @@ class StringColumn:
         starts, lengths = self.offsets[:-1][index], self.lengths()[index]
         offsets = np.zeros(len(index) + 1, dtype=np.int64)
         np.cumsum(lengths, out=offsets[1:])
-        # byte positions of the new buffer in the old one: each string's start, then +1 per byte
-        position = np.repeat(starts - offsets[:-1], lengths) + np.arange(offsets[-1], dtype=np.int64)
-        return StringColumn(self.buffer[position], offsets)
+        buffer = np.empty(offsets[-1], dtype=np.uint8)
+        for lo in range(0, len(index), self.TAKE_BLOCK):  # int64 positions of a block of strings, not of all bytes
+            hi = min(lo + self.TAKE_BLOCK, len(index))
+            # byte positions of the new buffer in the old one: each string's start, then +1 per byte
+            position = (np.repeat(starts[lo:hi] - offsets[lo:hi], lengths[lo:hi])
+                        + np.arange(offsets[lo], offsets[hi], dtype=np.int64))
+            buffer[offsets[lo]:offsets[hi]] = self.buffer[position]
+        return StringColumn(buffer, offsets)
 
     def __eq__(self, other) -> bool:
         return (isinstance(other, StringColumn) and np.array_equal(self.offsets, other.offsets)
