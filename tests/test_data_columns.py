@@ -89,6 +89,13 @@ def test_string_column_take_and_round_trip():
     assert column.lengths().tolist() == [len(s.encode()) for s in strings]
 
 
+def test_take_in_blocks_equals_indexing(monkeypatch):
+    monkeypatch.setattr(StringColumn, "TAKE_BLOCK", 3)  # 10 strings taken: the last block short
+    strings = ["", "crane", "grüne Küken", "", "x" * 300, "鶴"]
+    index = [5, 0, 2, 2, 4, 3, 1, 1, 0, 5]
+    assert StringColumn.from_strings(strings).take(np.array(index)).tolist() == [strings[i] for i in index]
+
+
 def _write_shards(root, out, per_shard=4):
     """Shards in the pinned format (HELPERS/docs: index.json + KEY.jpg/.json/.cls) from the plain reading."""
     import webdataset as wds
@@ -187,3 +194,47 @@ def test_weights_from_shards_equal_weights_from_the_json(root, tmp_path):
                      "--out", str(out), "--no-plot"]) == 0
         outs.append(out.read_text())
     assert outs[0] == outs[1] and len(outs[0].splitlines()) == 6
+
+
+def _dict_first_rows(strings):
+    first = {}
+    return [first.setdefault(s, i) for i, s in enumerate(strings)]
+
+
+@pytest.mark.parametrize("buckets", [None, 1, 3])
+def test_joins_equal_a_dict_even_when_every_hash_collides(buckets):
+    """`lookup` and `first_rows` against a plain dict; with `buckets` the hash is cut to that many values,
+    so nearly every pair of strings collides and only the byte comparison keeps the join right."""
+    from megaclass.data.columns import first_rows, lookup, string_hashes, strings_equal
+
+    hashes = string_hashes if buckets is None else (lambda col: string_hashes(col) % np.uint64(buckets))
+    rng = np.random.default_rng(1)
+    pool = ["", "a", "b", "ab", "ba", "aa", "é", "e\u0301", "google/q0001/a.jpg", "google/q0001/a.jpq",
+            "flickr/q0002/日本.jpg", "x" * 300]
+    keys = [pool[i] for i in rng.integers(0, len(pool), 40)]
+    queries = [pool[i] for i in rng.integers(0, len(pool), 60)] + ["missing", "abc"]
+    key_col, query_col = StringColumn.from_strings(keys), StringColumn.from_strings(queries)
+    first = {}
+    for i, s in enumerate(keys):
+        first.setdefault(s, i)
+    assert lookup(key_col, query_col, hashes).tolist() == [first.get(q, -1) for q in queries]
+    assert first_rows(key_col, hashes).tolist() == _dict_first_rows(keys)
+    ia, ib = rng.integers(0, 40, 100), rng.integers(0, 62, 100)
+    assert strings_equal(key_col, ia, query_col, ib).tolist() == [keys[a] == queries[b] for a, b in zip(ia, ib)]
+
+
+def test_hashes_depend_on_the_bytes_only():
+    from megaclass.data.columns import string_hashes
+
+    a = StringColumn.from_strings(["x", "heron", "", "crane"])
+    b = StringColumn.from_strings(["crane", "heron", "", "longer prefix"])
+    ha, hb = string_hashes(a), string_hashes(b)
+    assert ha[1] == hb[1] and ha[2] == hb[2] and ha[3] == hb[0]
+    assert len(set(ha.tolist())) == 4  # different strings, different hashes (here)
+
+
+def test_string_column_iterates_in_blocks_as_the_strings_were():
+    strings = ["", "crane", "é€", "", "x" * 70, "日本", "a"] * 3
+    col = StringColumn.from_strings(strings)
+    assert list(col.__iter__(block=4)) == strings and list(col) == strings  # 21 strings: the last block short
+    assert list(StringColumn.from_strings([])) == []

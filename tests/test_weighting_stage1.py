@@ -141,3 +141,22 @@ def test_tables_round_trip_and_errors(tmp_path):
         read_weights(bad)
     with pytest.raises(ValueError, match="finite and non-negative"):
         write_weights(tmp_path / "w.tsv", paths, [float("nan"), 1.0])
+
+
+def test_weights_written_in_blocks_are_the_pinned_bytes(tmp_path):
+    """OUT_TSV written 3 rows at a time (7 rows: the last block short) = the format built here by hand;
+    read back as columns it gives the same paths and floats; a repeated image names its second line."""
+    from megaclass.data.columns import StringColumn
+    from megaclass.weighting.tables import read_weight_column
+
+    rng = np.random.default_rng(0)
+    paths = [f"google/q{i:04d}/é{i}.jpg" for i in range(7)]
+    weights = rng.random(7).tolist()
+    weights[2] = 1.0
+    write_weights(tmp_path / "w.tsv", StringColumn.from_strings(paths), weights, block=3)
+    assert (tmp_path / "w.tsv").read_bytes() == "".join(f"{p}\t{repr(w)}\n" for p, w in zip(paths, weights)).encode()
+    images, read = read_weight_column(tmp_path / "w.tsv")
+    assert images.tolist() == paths and read.tolist() == weights
+    (tmp_path / "twice.tsv").write_text("a.jpg\t0.5\nb.jpg\t0.5\n\na.jpg\t0.25\n")
+    with pytest.raises(TableError, match="twice.tsv:4: image 'a.jpg' listed twice"):
+        read_weight_column(tmp_path / "twice.tsv")

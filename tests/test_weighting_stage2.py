@@ -86,3 +86,44 @@ def test_idf_bags_match_a_direct_computation():
     assert select_vocabulary(lists, min_df=2) == {"heron"}
     image_vectors, _ = text_vectors(lists, [["bird"]], embeddings, min_df=2)  # only "heron" is on ≥ 2 images
     np.testing.assert_allclose(image_vectors[0], vec["heron"] / np.linalg.norm(vec["heron"]), atol=1e-5)
+
+
+def test_chunked_text_margins_equal_a_float64_reference():
+    """`text_margins` in chunks of 7 (41 images: the last chunk short) = the margin computed here in
+    float64 from the encoder's word vectors, with IDF and the min_df rule by hand."""
+    from megaclass.weighting.stage2 import text_margins
+    from megaclass.weighting.text import KeywordBags
+
+    rng = np.random.default_rng(3)
+    vocabulary = ["heron", "marsh", "steel", "beam", "crane", "tower", "river", "feather"]
+    lists = [list(dict.fromkeys(rng.choice(vocabulary, size=rng.integers(0, 5)).tolist())) for _ in range(41)]
+    lists[5] = ["lonely"]  # on one image only: dropped by min_df=2, so image 5 says nothing
+    class_kw = [["bird", "heron"], ["machine", "crane", "steel"], ["water", "river"], ["tower"]]
+    labels = rng.integers(0, 4, size=41)
+    preds = rng.integers(-1, 4, size=(41, 3))
+    preds[0] = [labels[0], -1, -1]  # no alternative to the label
+    embeddings = KeywordEmbeddings()
+    got = text_margins(KeywordBags.of(lists), class_kw, labels, preds, embeddings, min_df=2, chunk=7)
+
+    words = sorted({w for ks in lists for w in ks} | {w for ks in class_kw for w in ks})
+    vec = dict(zip(words, embeddings.encoder.encode(words).astype(np.float64)))
+    df = {w: sum(w in ks for ks in lists) for w in words}
+    idf = {w: math.log(42 / (1 + df[w])) + 1 for w in words if df[w] >= 2}
+    unseen = math.log(42) + 1
+
+    def feature(ks):  # IDF-weighted mean, normalised; None without a word
+        if not ks:
+            return None
+        v = sum(idf.get(k, unseen) * vec[k] for k in ks)
+        return v / np.linalg.norm(v)
+
+    classes = [feature(ks) for ks in class_kw]
+    for i, ks in enumerate(lists):
+        t = feature([k for k in ks if k in idf])  # the image's words below min_df are left out
+        others = [int(c) for c in preds[i] if c >= 0 and c != labels[i]]
+        if t is None or not others:
+            assert np.isnan(got[i]), i
+        else:
+            want = t @ classes[labels[i]] - max(t @ classes[c] for c in others)
+            assert got[i] == pytest.approx(want, abs=1e-5), i
+    assert np.isnan(got[0]) and np.isnan(got[5])

@@ -13,8 +13,13 @@ recorded: on a shared machine the CPU time of the step's process is the steadier
 columns), `keywords` (keyword extraction on the columns), `stage1` and `stage2` (`megaclass weights
 --stage 1`, then `--stage 2 --stage1 OUT1`, as `compute_weights` + `save_weights` run them, without
 the PNG). A step's time excludes the reading it repeats; its peak RSS includes it (that is what the
-command needs). Sizes given in `--extrapolate` are predicted from the measured ones by a power law
-fitted per step in log-log (the JSON says which sizes are measured and which extrapolated).
+command needs). Sizes given in `--extrapolate` are predicted, not run: each step's wall time, CPU time
+and peak RSS are fitted as `fixed + per_image·N` (least squares with both terms non-negative) to the
+measured sizes. A straight line, not a power law: a fixed start-up cost (Python, torch, the encoder:
+~0.5 GB and seconds) makes the log-log slope of small runs well below 1 and a power law fitted to them
+would under-predict 16M. The JSON gives fixed, per_image and the log-log slope between the two largest
+measured sizes of each step (1 = linear growth), marks every extrapolated row `"extrapolated": true`,
+and the plot draws them hollow on a dashed line.
 """
 from __future__ import annotations
 
@@ -33,6 +38,7 @@ import numpy as np
 
 from megaclass.argtypes import nonnegative_int, output_file, positive_int
 from megaclass.io import atomic_write_text
+from megaclass.weighting.estimate import MAX_ITERATIONS, TOLERANCE
 
 STEPS = ("read", "keywords", "stage1", "stage2")
 PER_QUERY = 700
@@ -129,7 +135,7 @@ def _step(step: str, root: str, out: str) -> dict:
 
         stage = int(step[-1])
         weights = compute_weights(root_path, root_path / "knn.tsv", root_path / "predictions.tsv", stage, data=data,
-                                  stage1_tsv=Path(out) / "w1.tsv" if stage == 2 else None)
+                                  stage1_tsv=Path(out) / "w1.tsv" if stage == 2 else None, drop_text=True)
         save_weights(weights, root_path, Path(out) / f"w{stage}.tsv", plot=False)
         result.update({k: v for k, v in weights.notes.items()})
     result["step_s"], result["step_cpu_s"] = time.perf_counter() - start, time.process_time() - cpu
@@ -166,18 +172,35 @@ def measure(n: int, classes: int, seed: int, work: Path) -> dict:
     return row
 
 
+def fit_line(n: np.ndarray, y: np.ndarray) -> tuple[float, float]:
+    """(fixed, per_image) ≥ 0 minimising Σ (fixed + per_image·n − y)²: the unconstrained least squares
+    where both are non-negative, else the best fit with one of them 0 (the KKT solutions of 2 variables)."""
+    n, y = np.asarray(n, dtype=np.float64), np.asarray(y, dtype=np.float64)
+    if len(set(n.tolist())) > 1:
+        fixed, per_image = np.linalg.lstsq(np.stack([np.ones_like(n), n], 1), y, rcond=None)[0]
+        if fixed >= 0 and per_image >= 0:
+            return float(fixed), float(per_image)
+    candidates = [(0.0, max(float(n @ y / (n @ n)), 0.0)), (max(float(y.mean()), 0.0), 0.0)]
+    return min(candidates, key=lambda c: float(np.square(c[0] + c[1] * n - y).sum()))
+
+
 def extrapolate(rows: list[dict], sizes: list[int]) -> tuple[list[dict], dict]:
-    """Per step, time and peak RSS as a·N^b fitted to the measured rows (b: the growth exponent; with a
-    single measured size, b = 1 is assumed and `fits` says so)."""
+    """Per step and quantity, `fit_line` to the measured rows, and its value at `sizes`; `fits` holds
+    fixed, per_image and the log-log slope between the two largest measured sizes (None with one size,
+    where the fit is a proportion through 0 and `assumed_proportional` says so)."""
+    rows = sorted(rows, key=lambda r: r["images"])
     n = np.array([r["images"] for r in rows], dtype=np.float64)
-    fits, out = {"assumed_linear": len(set(n)) < 2}, [{"images": s} for s in sizes]
+    fits, out = {"assumed_proportional": len(set(n.tolist())) < 2}, [{"images": s, "extrapolated": True} for s in sizes]
     for step in STEPS:
         for key in ("seconds", "cpu_seconds", "peak_rss_bytes"):
             y = np.array([r[step][key] for r in rows], dtype=np.float64)
-            b, log_a = np.polyfit(np.log(n), np.log(y), 1) if len(set(n)) > 1 else (1.0, np.log(y[0] / n[0]))
-            fits[f"{step}_{key}_exponent"] = round(float(b), 3)
-            for row, s in zip(out, sizes):
-                row.setdefault(step, {})[key] = float(np.exp(log_a) * s ** b)
+            fixed, per_image = fit_line(n, y)
+            slope = (float(np.log(y[-1] / y[-2]) / np.log(n[-1] / n[-2]))
+                     if len(n) > 1 and n[-1] > n[-2] and y[-1] > 0 and y[-2] > 0 else None)
+            fits[f"{step}_{key}"] = {"fixed": fixed, "per_image": per_image,
+                                     "loglog_slope_largest_two": None if slope is None else round(slope, 3)}
+            for row, size in zip(out, sizes):
+                row.setdefault(step, {})[key] = fixed + per_image * size
     return out, fits
 
 
@@ -188,7 +211,7 @@ def _total(row: dict) -> tuple[float, float, float]:
             max(row[s]["peak_rss_bytes"] for s in STEPS))
 
 
-def plot(png: str, measured: list[dict], predicted: list[dict], title: str) -> None:
+def plot(png: str, measured: list[dict], predicted: list[dict], fits: dict, title: str) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -196,22 +219,26 @@ def plot(png: str, measured: list[dict], predicted: list[dict], title: str) -> N
 
     from megaclass.io import atomic_output
 
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
-    # CPU seconds, not wall: on a shared machine a step's wall time is mostly waiting for a core
-    for ax, key, scale, unit, target in ((axes[0], "cpu_seconds", 1.0, "s", TARGET_SECONDS),
-                                         (axes[1], "peak_rss_bytes", 1e9, "GB", TARGET_BYTES / 1e9)):
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4.4))
+    panels = ((axes[0], "seconds", 1.0, "s", "wall time of the step", TARGET_SECONDS),
+              (axes[1], "cpu_seconds", 1.0, "s", "CPU time of the step", TARGET_SECONDS),
+              (axes[2], "peak_rss_bytes", 1e9, "GB", "peak RSS of the step's process", TARGET_BYTES / 1e9))
+    xs = [r["images"] for r in measured]
+    every = sorted(xs + [r["images"] for r in predicted])
+    line = np.geomspace(every[0], every[-1], 50)
+    for ax, key, scale, unit, label, target in panels:
         for step, color in zip(STEPS, ("C0", "C1", "C2", "C3")):
-            xs = [r["images"] for r in measured]
             ax.plot(xs, [r[step][key] / scale for r in measured], "o-", color=color, label=step)
             if predicted:
-                ax.plot(xs[-1:] + [r["images"] for r in predicted],
-                        [measured[-1][step][key] / scale] + [r[step][key] / scale for r in predicted],
-                        "o--", color=color, markerfacecolor="none")
+                fit = fits[f"{step}_{key}"]
+                ax.plot(line, (fit["fixed"] + fit["per_image"] * line) / scale, "--", color=color, linewidth=0.8)
+                ax.plot([r["images"] for r in predicted], [r[step][key] / scale for r in predicted], "o",
+                        color=color, markerfacecolor="none")
         ax.axhline(target, color="gray", linestyle=":", label=f"16M target ({target:g} {unit}" +
-                   (", read + both stages)" if key == "cpu_seconds" else ")"))
+                   (", read + both stages)" if key != "peak_rss_bytes" else ")"))
         ax.set_xscale("log"), ax.set_yscale("log")
-        ax.set_xlabel("training images N (hollow, dashed: extrapolated)")
-        ax.set_ylabel(f"{'CPU time of the step' if key == 'cpu_seconds' else 'peak RSS'} ({unit})")
+        ax.set_xlabel("training images N (hollow on dashed: extrapolated, fixed + per-image fit)")
+        ax.set_ylabel(f"{label} ({unit})")
         ax.grid(True, which="both", alpha=0.3)
     axes[0].legend(fontsize=8)
     fig.suptitle(title, fontsize=9)
@@ -233,8 +260,35 @@ def run(args) -> int:
     finally:
         if not args.work:
             shutil.rmtree(work, ignore_errors=True)
-    print(json.dumps(result, indent=1))
+    print(markdown(result))
     return 0
+
+
+def markdown(result: dict) -> str:
+    """The results as Markdown tables (the figures of docs/scale.md): every step of every size, measured
+    or extrapolated (marked), then each fit."""
+    lines = ["| N | | step | wall s | CPU s | peak RSS GB | EM steps (mean move) |", "| ---: | --- | --- | ---: | ---: | ---: | --- |"]
+    for row in result["measured"] + result["extrapolated"]:
+        kind = "**extrapolated**" if row["extrapolated"] else "measured"
+        for step in STEPS:
+            r = row[step]
+            em = "; ".join(f"{r[steps]} ({r[move]:.1e}{'' if r[ok] else ', NOT converged'})"
+                           for steps, move, ok in (("em_steps", "em_mean_change", "em_converged"),
+                                                   ("text_em_steps", "text_em_mean_change", "text_em_converged"))
+                           if steps in r)
+            lines.append(f"| {row['images']:,} | {kind} | {step} | {r['seconds']:.1f} | {r['cpu_seconds']:.1f} | "
+                         f"{r['peak_rss_bytes'] / 1e9:.2f} | {em} |")
+        lines.append(f"| {row['images']:,} | {kind} | read + stage 1 + stage 2 | {row['read_plus_stages_s']:.0f} | "
+                     f"{row['read_plus_stages_cpu_s']:.0f} | {row['max_peak_rss_bytes'] / 1e9:.2f} (max) | |")
+    if result["fits"]:
+        lines += ["", "| step | quantity | fixed | per image | per million | log-log slope, largest two |",
+                  "| --- | --- | ---: | ---: | ---: | ---: |"]
+        for step in STEPS:
+            for key, unit, scale in (("seconds", "s", 1.0), ("cpu_seconds", "s", 1.0), ("peak_rss_bytes", "GB", 1e9)):
+                fit = result["fits"][f"{step}_{key}"]
+                lines.append(f"| {step} | {key} | {fit['fixed'] / scale:.3g} {unit} | {fit['per_image'] / scale:.3g} {unit} "
+                             f"| {fit['per_image'] * 1e6 / scale:.3g} {unit} | {fit['loglog_slope_largest_two']} |")
+    return "\n".join(lines)
 
 
 def _results(args, measured: list[dict]) -> dict:
@@ -242,16 +296,19 @@ def _results(args, measured: list[dict]) -> dict:
     wanted = sorted(s for s in set(args.extrapolate) | set(args.images) if s not in done)
     predicted, fits = extrapolate(measured, wanted) if wanted else ([], {})
     result = {"classes": args.classes, "images_per_query": PER_QUERY, "cpu_count": os.cpu_count(),
-              "measured": measured, "extrapolated": predicted, "fits": fits,
+              "measured": [{**r, "extrapolated": False} for r in measured], "extrapolated": predicted, "fits": fits,
+              "em": {"tolerance": TOLERANCE, "max_iterations": MAX_ITERATIONS,
+                     "stops_on": "mean |change| of the responsibilities over one SQUAREM cycle < tolerance"},
               "note": "each step in its own process; step times exclude the reading they repeat, peak RSS includes it; "
-                      "extrapolated rows are a power law per step fitted in log-log to the measured sizes, not runs",
+                      "extrapolated rows are fixed + per_image·N fitted per step (non-negative least squares) to the "
+                      "measured sizes, not runs",
               "target": {"images": TARGET_IMAGES, "seconds": TARGET_SECONDS, "peak_rss_bytes": TARGET_BYTES}}
-    for row in measured + predicted:
+    for row in result["measured"] + predicted:
         seconds, cpu, rss = _total(row)
         row["read_plus_stages_s"], row["read_plus_stages_cpu_s"] = round(seconds, 1), round(cpu, 1)
         row["max_peak_rss_bytes"] = int(rss)
     if args.json:
         atomic_write_text(args.json, json.dumps(result, indent=1) + "\n")
-        plot(os.path.splitext(args.json)[0] + ".png", measured, predicted,
+        plot(os.path.splitext(args.json)[0] + ".png", measured, predicted, fits,
              f"megaclass bench data: {args.classes} classes, metadata only, {os.cpu_count()} cores")
     return result

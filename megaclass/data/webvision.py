@@ -29,13 +29,14 @@ import logging
 import os
 import posixpath
 import re
+from array import array
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
-from megaclass.data.columns import SOURCES, TrainBuilder, TrainColumns, TrainRecord
+from megaclass.data.columns import SOURCES, StringBuilder, StringColumn, TrainBuilder, TrainColumns, TrainRecord, first_rows
 from megaclass.data.paths import inside, plain_relative, real_root
 from megaclass.semantics.synsets import SynsetsError, read_synsets
 
@@ -116,40 +117,70 @@ def _read_class_list(path: Path) -> list[tuple[str, str]]:
         raise WebVisionFormatError(str(exc)) from None
 
 
-def _read_filelist(path: Path, num_classes: int, skipped: Counter, examples: dict, seen: dict[str, tuple[int, str]],
-                   prefix: str = "") -> list[tuple[str, int]]:
-    """`path label` lines -> [(prefix + path, label)]. Malformed lines, labels out of range, paths that
-    leave the root (lexically) and repeats of a path already in `seen` (path -> (label, file:line),
-    shared by every filelist) are skipped and counted; the first line of a path wins."""
-    items = []
-    with open(path, encoding="utf-8", errors="replace") as f:
-        for lineno, line in enumerate(f, 1):
-            parts = line.split()
-            if not parts:
-                continue
-            where = f"{path}:{lineno}"
-            if len(parts) != 2 or not _INTEGER.fullmatch(parts[1]):
-                _note(skipped, examples, "malformed filelist line", f"{where}: {line.strip()[:200]!r}")
-                continue
-            label = int(parts[1])
-            if not 0 <= label < num_classes:
-                _note(skipped, examples, "label out of range", f"{where}: {label} not in [0, {num_classes})")
-                continue
-            image = prefix + parts[0]
-            if not plain_relative(image):
-                _note(skipped, examples, OUTSIDE, f"{where}: {parts[0][:200]!r} is not a relative path without '..'")
-                continue
-            if image in seen:
-                first_label, first = seen[image]
-                if first_label == label:
-                    _note(skipped, examples, "duplicate filelist line (first kept)", f"{where}: {image} (first: {first})")
-                else:
-                    _note(skipped, examples, "duplicate filelist line with another label (first kept)",
-                          f"{where}: {image} label {label} (first: {first}, label {first_label})")
-                continue
-            seen[image] = (label, where)
-            items.append((image, label))
-    return items
+@dataclass(slots=True)
+class _Lines:
+    """The usable lines of filelists, as columns in reading order: image path (prefix added), label,
+    which of `files` the line is in and its line number there."""
+
+    files: list[Path]
+    images: StringColumn
+    labels: np.ndarray
+    file: np.ndarray
+    lineno: np.ndarray
+
+    def where(self, i: int) -> str:
+        return f"{self.files[self.file[i]]}:{self.lineno[i]}"
+
+
+def _read_filelists(files: list[Path], num_classes: int, skipped: Counter, examples: dict,
+                    prefix: str = "") -> _Lines:
+    """`path label` lines of each file in turn -> `_Lines`. Malformed lines, labels out of range, paths
+    that leave the root (lexically) and repeats of a path of an earlier line of any of `files` are
+    skipped and counted; the first line of a path wins."""
+    images, labels, file_of, linenos = StringBuilder(), array("q"), array("i"), array("q")
+    for number, path in enumerate(files):
+        with open(path, encoding="utf-8", errors="replace") as f:
+            for lineno, line in enumerate(f, 1):
+                parts = line.split()
+                if not parts:
+                    continue
+                if len(parts) != 2 or not _INTEGER.fullmatch(parts[1]):
+                    _note(skipped, examples, "malformed filelist line", f"{path}:{lineno}: {line.strip()[:200]!r}")
+                    continue
+                label = int(parts[1])
+                if not 0 <= label < num_classes:
+                    _note(skipped, examples, "label out of range", f"{path}:{lineno}: {label} not in [0, {num_classes})")
+                    continue
+                image = prefix + parts[0]
+                if not plain_relative(image):
+                    _note(skipped, examples, OUTSIDE,
+                          f"{path}:{lineno}: {parts[0][:200]!r} is not a relative path without '..'")
+                    continue
+                images.append(image)
+                labels.append(label)
+                file_of.append(number)
+                linenos.append(lineno)
+
+    def column(a: array, dtype) -> np.ndarray:
+        return np.frombuffer(a, dtype=dtype).copy() if len(a) else np.zeros(0, dtype=dtype)
+
+    lines = _Lines(files, images.finish(), column(labels, np.int64), column(file_of, np.int32),
+                   column(linenos, np.int64))
+    # repeats found by a hash join on the path column, not a dict of every path (~2 GB at 16M)
+    first = first_rows(lines.images)
+    repeats = np.flatnonzero(first != np.arange(len(first)))
+    for i, j in zip(repeats.tolist(), first[repeats].tolist()):
+        image, label, first_label = lines.images[i], int(lines.labels[i]), int(lines.labels[j])
+        if first_label == label:
+            _note(skipped, examples, "duplicate filelist line (first kept)",
+                  f"{lines.where(i)}: {image} (first: {lines.where(j)})")
+        else:
+            _note(skipped, examples, "duplicate filelist line with another label (first kept)",
+                  f"{lines.where(i)}: {image} label {label} (first: {lines.where(j)}, label {first_label})")
+    if len(repeats):
+        keep = np.flatnonzero(first == np.arange(len(first)))
+        lines = _Lines(files, lines.images.take(keep), lines.labels[keep], lines.file[keep], lines.lineno[keep])
+    return lines
 
 
 def _read_queries(path: Path) -> dict[int, str]:
@@ -332,9 +363,9 @@ def load_webvision(root: str | os.PathLike, *, sources=SOURCES, check_images: bo
     synsets = _read_class_list(_info_file(base, info / "synsets.txt"))
     skipped: Counter = Counter()
     examples: dict[str, str] = {}
-    seen: dict[str, tuple[int, str]] = {}
     train = TrainBuilder()
     queries = {}
+    present = []
     for source in sources:
         filelist = info / f"train_filelist_{source}.txt"
         if not filelist.is_file():
@@ -346,15 +377,26 @@ def load_webvision(root: str | os.PathLike, *, sources=SOURCES, check_images: bo
             _note(skipped, examples, "queries file outside the data root (not read)", str(query_file))
         else:
             queries[source] = _read_queries(query_file)
-        by_query: dict[str, list[tuple[str, int]]] = {}
-        for path, label in _read_filelist(filelist, len(synsets), skipped, examples, seen):
-            by_query.setdefault(_parent_name(path), []).append((path, label))
-        groups = by_query.items()
+        present.append(source)
+    lines = _read_filelists([info / f"train_filelist_{source}.txt" for source in present], len(synsets),
+                            skipped, examples)
+    for number, source in enumerate(present):
+        # the lines of each query folder together, folders in order of first appearance, lines in file order
+        rows = np.flatnonzero(lines.file == number)
+        folder_of: dict[str, int] = {}
+        folder = np.fromiter((folder_of.setdefault(_parent_name(p), len(folder_of))
+                              for p in lines.images.take(rows)), dtype=np.int64, count=len(rows))
+        rows = rows[np.argsort(folder, kind="stable")]
+        bounds = np.flatnonzero(np.diff(np.sort(folder), prepend=-1, append=len(folder_of))) if len(rows) else []
+        groups = zip(list(folder_of), zip(bounds[:-1], bounds[1:]))
         if progress:
             from tqdm import tqdm
 
-            groups = tqdm(groups, desc=f"metadata {source}", unit="query")
-        for query, items in groups:
+            groups = tqdm(groups, total=len(folder_of), desc=f"metadata {source}", unit="query")
+        for query, (lo, hi) in groups:
+            group = rows[lo:hi]
+            paths = lines.images.take(group).tolist()
+            labels = lines.labels[group].tolist()
             json_path = root / source / f"{query}.json"
             if base.file(f"{source}/{query}.json") is None:
                 _note(skipped, examples, "metadata JSON outside the data root (not read)", str(json_path))
@@ -362,9 +404,8 @@ def load_webvision(root: str | os.PathLike, *, sources=SOURCES, check_images: bo
             else:
                 metadata = _read_metadata(json_path, skipped, examples)
             if metadata is None:
-                _note(skipped, examples, "image without metadata (kept, no side information)",
-                      items[0][0], len(items))
-            for path, label in items:
+                _note(skipped, examples, "image without metadata (kept, no side information)", paths[0], len(paths))
+            for path, label in zip(paths, labels):
                 if check_images:
                     state = base.image(path)
                     if state != "ok":
@@ -384,8 +425,9 @@ def load_webvision(root: str | os.PathLike, *, sources=SOURCES, check_images: bo
     val = []
     val_list = info / "val_filelist.txt"
     if val_list.is_file():
-        for path, label in _read_filelist(_info_file(base, val_list), len(synsets), skipped, examples, {},
-                                          prefix=f"{VAL_DIR}/"):
+        val_lines = _read_filelists([_info_file(base, val_list)], len(synsets), skipped, examples,
+                                    prefix=f"{VAL_DIR}/")
+        for path, label in zip(val_lines.images, val_lines.labels.tolist()):
             if check_images:
                 state = base.image(path)
                 if state != "ok":

@@ -17,13 +17,15 @@ import random
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+import numpy as np
 import torch
 from torch.utils.data import Dataset, Sampler
 
 from megaclass.data import ClassBalancedSampler, ImageDataset, WebVision, load_webvision
+from megaclass.data.columns import as_string_column, lookup
 from megaclass.data.shards import ShardDataset, Shards, load_shards, shard_epoch_order
 from megaclass.seeding import derive_seed
-from megaclass.weighting.tables import read_weights
+from megaclass.weighting.tables import read_weight_column
 
 if TYPE_CHECKING:
     from megaclass.engine.config import Config
@@ -148,15 +150,16 @@ def read_weight_table(path: str, paths: list[str], allow_extra: bool = False) ->
     """Per-image loss weights (`<image path>\t<weight>`, read by `megaclass.weighting`) in the order
     of `paths`. Every training image needs a weight; a row naming an image outside the training set
     is an error (the weights were made for other data) unless `allow_extra` (a run on a subset)."""
-    table = read_weights(path)
-    missing = [p for p in paths if p not in table]
-    if missing:
-        raise ValueError(f"{path}: no weight for {len(missing)} training images, e.g. {missing[0]!r}")
-    if not allow_extra and len(table) > len(paths):
-        known = set(paths)
-        extra = next(p for p in table if p not in known)
-        raise ValueError(f"{path}: image {extra!r} is not in the training set")
-    return torch.tensor([table[p] for p in paths], dtype=torch.float32)
+    images, table = read_weight_column(path)
+    paths = as_string_column(paths)
+    row = lookup(images, paths)
+    missing = np.flatnonzero(row < 0)
+    if len(missing):
+        raise ValueError(f"{path}: no weight for {len(missing)} training images, e.g. {paths[int(missing[0])]!r}")
+    if not allow_extra and len(images) > len(paths):
+        extra = int(np.argmax(lookup(paths, images) < 0))
+        raise ValueError(f"{path}: image {images[extra]!r} is not in the training set")
+    return torch.from_numpy(table[row].astype(np.float32))
 
 
 @dataclass(slots=True)

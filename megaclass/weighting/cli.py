@@ -46,7 +46,7 @@ def _run(args) -> int:
         if args.stage1 and args.stage != 2:
             raise ValueError("--stage1 is for --stage 2 only")
         result = compute_weights(args.data, args.knn, args.predictions, args.stage, progress=True,
-                                 stage1_tsv=args.stage1)
+                                 stage1_tsv=args.stage1, drop_text=True)
     except (OSError, ValueError, KnnFileError, TableError, WeightingInputError) as exc:
         print(f"megaclass weights: {exc}", file=sys.stderr)
         return 2

@@ -82,11 +82,6 @@ class MonotoneRate:
         return value[self.cell_of]
 
 
-def monotone_rate(x: np.ndarray, r: np.ndarray, increasing: bool, prior: float) -> np.ndarray:
-    """`MonotoneRate` fitted once (one group)."""
-    return MonotoneRate(x, increasing)(np.asarray(r, dtype=np.float64), prior)
-
-
 def clip01(p: np.ndarray) -> np.ndarray:
     """Keep probabilities off exactly 0 and 1 by the float resolution only (logit must be finite)."""
     tiny = np.finfo(np.float64).eps

@@ -8,13 +8,13 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from megaclass.data.columns import lookup
 from megaclass.data.metadata import load_metadata
 from megaclass.data.webvision import WebVision
 from megaclass.weighting.estimate import clip01
 from megaclass.weighting.stage1 import knn_arrays, stage1_weights
-from megaclass.weighting.stage2 import (Stage2Config, class_descriptions, keyword_bags, stage2_weights,
-                                        text_vectors)
-from megaclass.weighting.tables import read_predictions, read_weights
+from megaclass.weighting.stage2 import Stage2Config, class_descriptions, keyword_bags, stage2_from_margins, text_margins
+from megaclass.weighting.tables import read_predictions, read_weight_column
 
 log = logging.getLogger(__name__)
 
@@ -42,12 +42,13 @@ class WeightsResult:
 def compute_weights(root: str | os.PathLike, knn_tsv: str | os.PathLike, predictions_tsv: str | os.PathLike,
                     stage: int, data: WebVision | None = None, embeddings=None,
                     stage2: Stage2Config = Stage2Config(), progress: bool = False,
-                    stage1_tsv: str | os.PathLike | None = None) -> WeightsResult:
+                    stage1_tsv: str | os.PathLike | None = None, drop_text: bool = False) -> WeightsResult:
     """Stage-1 or stage-2 weights for every training image of the data set at `root` (a WebVision-layout
     root or a shards folder, `megaclass.data.metadata`). Stage 2 adds
     the text evidence to the stage-1 weights in `stage1_tsv` (OUT_TSV of a stage-1 run; the
     predictions are then the stage-1 model's), or without it to stage 1 computed from the same
-    predictions. `stage2` bounds the text features' compute."""
+    predictions. `stage2` bounds the text features' compute. With `drop_text`, stage 2 frees the
+    descriptions and tags of `data.train` once its keyword bags exist (`TrainColumns.drop_text`)."""
     if stage not in (1, 2):
         raise ValueError(f"stage must be 1 or 2, got {stage}")
     from megaclass.semantics import read_knn_tsv
@@ -66,7 +67,8 @@ def compute_weights(root: str | os.PathLike, knn_tsv: str | os.PathLike, predict
     pred_classes, pred_probs, found = preds.align(paths)
     if not found.any():
         raise WeightingInputError(f"{predictions_tsv}: no row names a training image of {root} "
-                                  f"(first row: {next(iter(preds.row))!r}, first image: {paths[0]!r})")
+                                  f"(first row: {preds.paths[0]!r}, first image: {paths[0]!r})")
+    del preds  # aligned now: its own columns (~100 bytes an image) are not needed again
     notes = {"images": len(paths), "without_predictions": int((~found).sum()),
              "classes_without_neighbours": data.num_classes - known}
     if notes["without_predictions"]:
@@ -76,7 +78,8 @@ def compute_weights(root: str | os.PathLike, knn_tsv: str | os.PathLike, predict
     details: dict = {}
     if stage == 1 or stage1_tsv is None:
         weights = stage1_weights(labels, data.train.sources, data.train.ranks, pred_classes, pred_probs, neighbors, scores, details)
-        notes.update(clean_rate=round(details["clean_rate"], 4), em_steps=details["em_iterations"])
+        notes.update(clean_rate=round(details["clean_rate"], 4), em_steps=details["em_iterations"],
+                     em_mean_change=details["em_mean_change"], em_converged=details["em_converged"])
     else:
         weights = _stage1_from_file(stage1_tsv, paths)
     if stage == 2:
@@ -85,13 +88,17 @@ def compute_weights(root: str | os.PathLike, knn_tsv: str | os.PathLike, predict
         extractor = KeywordExtractor()
         image_kw = keyword_bags(extractor, data.train.titles, data.train.descriptions, data.train.tags,
                                 query_or_class_texts(data))
+        if drop_text:
+            data.train.drop_text()
         class_kw = [extractor(text) for text in class_descriptions(data.synsets)]
-        image_vectors, class_vectors = text_vectors(image_kw, class_kw, embeddings, stage2.min_df,
-                                                    stage2.max_vocabulary, progress=progress)
         notes["without_keywords"] = int((image_kw.lengths() == 0).sum())
-        weights = stage2_weights(weights, labels, pred_classes, image_vectors, class_vectors, details)
+        margin = text_margins(image_kw, class_kw, labels, pred_classes, embeddings, stage2.min_df,
+                              stage2.max_vocabulary, progress=progress)
+        del image_kw
+        weights = stage2_from_margins(weights, margin, details)
         notes.update(pages_with_text_evidence=round(details["pages_with_margin"], 4),
-                     text_em_steps=details["em_iterations"])
+                     text_em_steps=details["em_iterations"], text_em_mean_change=details["em_mean_change"],
+                     text_em_converged=details["em_converged"])
     return WeightsResult(data, weights, stage, notes)
 
 
@@ -106,9 +113,11 @@ def query_or_class_texts(data: WebVision, block: int = 65536):
 
 def _stage1_from_file(path: str | os.PathLike, paths) -> np.ndarray:
     """The stage-1 weights of `paths`, in that order, from OUT_TSV; every image must be there."""
-    table = read_weights(path)
-    weights = np.fromiter((table.get(p, np.nan) for p in paths), dtype=np.float64, count=len(paths))
-    missing = np.isnan(weights)
+    images, table = read_weight_column(path)
+    row = lookup(images, paths)
+    missing = row < 0
+    weights = np.full(len(row), np.nan)
+    weights[~missing] = table[row[~missing]]
     if missing.any():
         raise WeightingInputError(f"{path}: no stage-1 weight for {int(missing.sum())} of {len(paths)} training "
                                   f"images (first: {paths[int(np.argmax(missing))]!r}); was it written for this "

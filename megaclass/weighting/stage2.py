@@ -23,7 +23,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from megaclass.weighting.estimate import em, log_odds_ratio, logit, monotone_rate
+from megaclass.weighting.estimate import MonotoneRate, em, log_odds_ratio, logit
 from megaclass.weighting.text import KeywordBags, KeywordEmbeddings, inverse_document_frequency, vocabulary_mask
 
 
@@ -85,11 +85,11 @@ def image_keywords(extractor, titles: Sequence[str], descriptions: Sequence[str]
 
 
 def text_margin(image_vectors: np.ndarray, labels: np.ndarray, pred_classes: np.ndarray,
-                class_vectors: np.ndarray, chunk: int = 65536) -> np.ndarray:
+                class_vectors: np.ndarray, chunk: int = 8192) -> np.ndarray:
     """m [N] (see module docstring); NaN where the image has no text or no alternative class.
 
     image_vectors: [N, D] (zero rows = no text); labels: [N]; pred_classes: [N, k] (-1 = none);
-    class_vectors: [C, D].
+    class_vectors: [C, D]. Computed `chunk` images at a time (a chunk's class vectors are [chunk, k, D]).
     """
     out = np.empty(len(labels), dtype=np.float64)
     for lo in range(0, len(labels), chunk):
@@ -103,18 +103,43 @@ def text_margin(image_vectors: np.ndarray, labels: np.ndarray, pred_classes: np.
     return out
 
 
-def text_vectors(image_kw: KeywordBags | Sequence[Sequence[str]], class_kw: Sequence[Sequence[str]],
-                 embeddings: KeywordEmbeddings | None = None, min_df: int = 1, max_vocabulary: int | None = None,
-                 progress: bool = False) -> tuple[np.ndarray, np.ndarray]:
-    """(image vectors [N, D], class vectors [C, D]): IDF-weighted keyword bags, IDF over the images;
-    image keywords outside `vocabulary_mask(image_kw, min_df, max_vocabulary)` are left out."""
+def _vocabulary(image_kw: KeywordBags | Sequence[Sequence[str]], class_kw: Sequence[Sequence[str]],
+                embeddings: KeywordEmbeddings | None, min_df: int, max_vocabulary: int | None, progress: bool):
+    """(embeddings with every kept keyword encoded, the image bags without the words left out, IDF of
+    each kept word, IDF of an unseen word)."""
     embeddings = embeddings or KeywordEmbeddings()
     image_kw = KeywordBags.of(image_kw)
     if min_df > 1 or max_vocabulary is not None:
         image_kw = image_kw.keep(vocabulary_mask(image_kw, min_df, max_vocabulary))
     idf, unseen = inverse_document_frequency(image_kw)
     embeddings.add(list(idf) + [k for ks in class_kw for k in ks], progress=progress)
+    return embeddings, image_kw, idf, unseen
+
+
+def text_vectors(image_kw: KeywordBags | Sequence[Sequence[str]], class_kw: Sequence[Sequence[str]],
+                 embeddings: KeywordEmbeddings | None = None, min_df: int = 1, max_vocabulary: int | None = None,
+                 progress: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    """(image vectors [N, D], class vectors [C, D]): IDF-weighted keyword bags, IDF over the images;
+    image keywords outside `vocabulary_mask(image_kw, min_df, max_vocabulary)` are left out."""
+    embeddings, image_kw, idf, unseen = _vocabulary(image_kw, class_kw, embeddings, min_df, max_vocabulary, progress)
     return embeddings.bags(image_kw, idf, unseen), embeddings.bags(class_kw, idf, unseen)
+
+
+def text_margins(image_kw: KeywordBags | Sequence[Sequence[str]], class_kw: Sequence[Sequence[str]],
+                 labels: np.ndarray, pred_classes: np.ndarray, embeddings: KeywordEmbeddings | None = None,
+                 min_df: int = 1, max_vocabulary: int | None = None, chunk: int = 8192,
+                 progress: bool = False) -> np.ndarray:
+    """`text_margin` of `text_vectors`, `chunk` images at a time: the [N, D] image vectors (25 GB at
+    16M images) never exist, only a chunk's."""
+    embeddings, image_kw, idf, unseen = _vocabulary(image_kw, class_kw, embeddings, min_df, max_vocabulary, progress)
+    class_vectors = embeddings.bags(class_kw, idf, unseen)
+    pool = embeddings.pooler(image_kw, idf, unseen)
+    labels, pred_classes = np.asarray(labels, dtype=np.int64), np.asarray(pred_classes)
+    out = np.empty(len(image_kw), dtype=np.float64)
+    for lo in range(0, len(out), chunk):
+        hi = min(lo + chunk, len(out))
+        out[lo:hi] = text_margin(pool(lo, hi), labels[lo:hi], pred_classes[lo:hi], class_vectors, chunk)
+    return out
 
 
 def stage2_weights(w1: np.ndarray, labels: np.ndarray, pred_classes: np.ndarray, image_vectors: np.ndarray,
@@ -122,20 +147,34 @@ def stage2_weights(w1: np.ndarray, labels: np.ndarray, pred_classes: np.ndarray,
     """Stage-2 scores s [N] in (0, 1) (module docstring).
 
     w1: [N] stage-1 weights in (0, 1); labels: [N]; pred_classes: [N, k] the stage-1 model's top-k
-    (-1 = none); image_vectors [N, D] and class_vectors [C, D] from `text_vectors`. `details`, when
-    given, receives the clean rate among pages with a margin and the EM's iteration count.
+    (-1 = none); image_vectors [N, D] and class_vectors [C, D] from `text_vectors`. `details` as in
+    `stage2_from_margins`.
     """
+    _check_stage1(w1)
+    margin = text_margin(image_vectors, np.asarray(labels, dtype=np.int64), np.asarray(pred_classes), class_vectors)
+    return stage2_from_margins(w1, margin, details)
+
+
+def _check_stage1(w1) -> np.ndarray:
     w1 = np.asarray(w1, dtype=np.float64)
     if np.any((w1 <= 0) | (w1 >= 1)) or not np.all(np.isfinite(w1)):
         raise ValueError("stage-1 weights must lie strictly between 0 and 1 (posteriors)")
-    margin = text_margin(image_vectors, np.asarray(labels, dtype=np.int64), np.asarray(pred_classes), class_vectors)
+    return w1
+
+
+def stage2_from_margins(w1: np.ndarray, margin: np.ndarray, details: dict | None = None) -> np.ndarray:
+    """Stage-2 scores s [N] from the stage-1 weights w1 [N] in (0, 1) and the text margins [N]
+    (`text_margins`; NaN: the page says nothing). `details`, when given, receives the share of pages
+    with a margin and the EM's iteration count, last mean move and whether it converged."""
+    w1 = _check_stage1(w1)
     speaks = ~np.isnan(margin)
+    by_margin = MonotoneRate(margin[speaks], True) if speaks.any() else None  # sorted once, not per EM step
 
     def text_view(r: np.ndarray) -> np.ndarray:
         out = np.full(len(r), np.nan)
-        if speaks.any():
+        if by_margin is not None:
             rho = float(r[speaks].mean())
-            out[speaks] = log_odds_ratio(monotone_rate(margin[speaks], r[speaks], True, rho), rho)
+            out[speaks] = log_odds_ratio(by_margin(r[speaks], rho), rho)
         return out
 
     info: dict = {}

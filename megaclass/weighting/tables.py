@@ -15,7 +15,8 @@ from pathlib import Path
 
 import numpy as np
 
-from megaclass.io import atomic_write_text
+from megaclass.data.columns import StringBuilder, StringColumn, as_string_column, first_rows, lookup
+from megaclass.io import atomic_output, atomic_write_text
 
 
 SUM_TOLERANCE = 1e-4  # float32 softmax: each probability within a few ulps (~1e-7) of its exact value
@@ -35,16 +36,16 @@ class TableError(ValueError):
 @dataclass(slots=True)
 class Predictions:
     """Top-k predictions. `classes`: int64 [N, k] indices into the class list (-1 = none), `probs`:
-    float32 [N, k]; row `row[path]` belongs to that image."""
+    float32 [N, k]; row i belongs to the image `paths[i]` (a `StringColumn`, each path once)."""
 
-    row: dict[str, int]
+    paths: StringColumn
     classes: np.ndarray
     probs: np.ndarray
 
-    def align(self, paths: Sequence[str]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    def align(self, paths: StringColumn | Sequence[str]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Rows in the order of `paths` -> (classes [M, k], probs [M, k], found bool [M]); images
         without a row get class -1 and probability 0."""
-        index = np.fromiter((self.row.get(p, -1) for p in paths), dtype=np.int64, count=len(paths))
+        index = lookup(self.paths, as_string_column(paths))
         found = index >= 0
         k = self.classes.shape[1]
         classes = np.full((len(paths), k), -1, dtype=np.int64)
@@ -63,7 +64,7 @@ def read_predictions(path: str | os.PathLike, wnids: Sequence[str]) -> Predictio
     """
     path = Path(path)
     class_of = {w: i for i, w in enumerate(wnids)}
-    row: dict[str, int] = {}
+    images, linenos = StringBuilder(), array("q")
     # flat columns, not a list per row: 16M rows of 5 (class, prob) tuples would be ~10 GB of objects
     flat_classes, flat_probs, lengths = array("i"), array("f"), array("i")
     try:
@@ -79,8 +80,6 @@ def read_predictions(path: str | os.PathLike, wnids: Sequence[str]) -> Predictio
             where = f"{path}:{lineno}"
             if not tab or not image:
                 raise TableError(f"{where}: expected '<image path><TAB><wnid>:<prob> …', got {line[:120]!r}")
-            if image in row:
-                raise TableError(f"{where}: image {image!r} listed twice")
             items, rounding = [], 0.0
             for item in rest.split():
                 wnid, colon, prob = item.partition(":")
@@ -105,13 +104,16 @@ def read_predictions(path: str | os.PathLike, wnids: Sequence[str]) -> Predictio
                                  f"{SUM_TOLERANCE:g} of float32 softmax plus {rounding:.3g} for the rounding of the "
                                  f"{len(items)} printed values (softmax probabilities of distinct classes sum to "
                                  f"at most 1)")
-            row[image] = len(lengths)
+            images.append(image)
+            linenos.append(lineno)
             lengths.append(len(items))
             for c, p in items:
                 flat_classes.append(c)
                 flat_probs.append(p)
     if not lengths:
         raise TableError(f"{path}: no predictions")
+    images = images.finish()
+    _refuse_repeats(path, images, linenos)
     length = np.frombuffer(lengths, dtype=np.int32)
     k = int(length.max()) or 1
     classes = np.full((len(length), k), -1, dtype=np.int64)
@@ -120,7 +122,15 @@ def read_predictions(path: str | os.PathLike, wnids: Sequence[str]) -> Predictio
     columns = np.arange(len(rows)) - np.repeat(np.cumsum(length) - length, length)
     classes[rows, columns] = np.frombuffer(flat_classes, dtype=np.int32)
     probs[rows, columns] = np.frombuffer(flat_probs, dtype=np.float32)
-    return Predictions(row, classes, probs)
+    return Predictions(images, classes, probs)
+
+
+def _refuse_repeats(path: Path, images: StringColumn, linenos: array) -> None:
+    """TableError at the first line (in file order) that repeats an image of an earlier line."""
+    repeats = np.flatnonzero(first_rows(images) != np.arange(len(images)))
+    if len(repeats):
+        i = int(repeats[0])
+        raise TableError(f"{path}:{linenos[i]}: image {images[i]!r} listed twice")
 
 
 def write_predictions(path: str | os.PathLike, paths: Sequence[str], wnids: Sequence[str],
@@ -132,40 +142,54 @@ def write_predictions(path: str | os.PathLike, paths: Sequence[str], wnids: Sequ
     atomic_write_text(path, "".join(lines))
 
 
-def write_weights(path: str | os.PathLike, paths: Sequence[str], weights: Sequence[float]) -> None:
+def write_weights(path: str | os.PathLike, paths: StringColumn | Sequence[str], weights: Sequence[float],
+                  block: int = 65536) -> None:
     """Write OUT_TSV (`<image path><TAB><weight>`) atomically: a temp file in the same folder, then
-    rename. Weights are written in Python's shortest exact form, so reading gives back the same floats."""
+    rename; written a block of rows at a time. Weights are written in Python's shortest exact form, so
+    reading gives back the same floats."""
     weights = np.asarray(weights, dtype=np.float64)
     if len(paths) != len(weights):
         raise ValueError(f"{len(paths)} paths but {len(weights)} weights")
     if not np.all(np.isfinite(weights)) or np.any(weights < 0):
         raise ValueError("weights must be finite and non-negative")
-    atomic_write_text(path, "".join(f"{p}\t{w!r}\n" for p, w in zip(paths, weights.tolist())))  # exact round trip
+    paths = as_string_column(paths)
+    with atomic_output(path) as tmp, open(tmp, "w", encoding="utf-8", newline="\n") as f:
+        for lo in range(0, len(weights), block):
+            rows = np.arange(lo, min(lo + block, len(weights)))
+            f.write("".join(f"{p}\t{w!r}\n" for p, w in zip(paths.take(rows), weights[rows].tolist())))
+
+
+def read_weight_column(path: str | os.PathLike) -> tuple[StringColumn, np.ndarray]:
+    """OUT_TSV -> (image paths, float64 weights), in file order. Raises TableError (file:line) on a
+    malformed row, a weight that is not a finite non-negative number, or an image listed twice."""
+    path = Path(path)
+    images, weights, linenos = StringBuilder(), array("d"), array("q")
+    try:
+        with open(path, encoding="utf-8", newline="\n") as f:
+            for lineno, line in enumerate(f, 1):
+                line = line.rstrip("\n").rstrip("\r")
+                if not line.strip():
+                    continue
+                parts = line.split("\t")
+                if len(parts) != 2:
+                    raise TableError(f"{path}:{lineno}: expected '<image path><TAB><weight>', got {line[:120]!r}")
+                try:
+                    w = float(parts[1])
+                except ValueError:
+                    raise TableError(f"{path}:{lineno}: weight {parts[1]!r} is not a number") from None
+                if not math.isfinite(w) or w < 0:
+                    raise TableError(f"{path}:{lineno}: weight must be finite and ≥ 0, got {parts[1]}")
+                images.append(parts[0])
+                weights.append(w)
+                linenos.append(lineno)
+    except (OSError, UnicodeDecodeError) as exc:
+        raise TableError(f"cannot read weights {path}: {exc}") from exc
+    images = images.finish()
+    _refuse_repeats(path, images, linenos)
+    return images, np.frombuffer(weights, dtype=np.float64).copy() if weights else np.zeros(0)
 
 
 def read_weights(path: str | os.PathLike) -> dict[str, float]:
-    """OUT_TSV -> {image path: weight}. Raises TableError (file:line) on a malformed row, a weight that
-    is not a finite non-negative number, or an image listed twice."""
-    path = Path(path)
-    weights: dict[str, float] = {}
-    try:
-        text = path.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as exc:
-        raise TableError(f"cannot read weights {path}: {exc}") from exc
-    for lineno, line in enumerate(text.splitlines(), 1):
-        if not line.strip():
-            continue
-        parts = line.split("\t")
-        if len(parts) != 2:
-            raise TableError(f"{path}:{lineno}: expected '<image path><TAB><weight>', got {line[:120]!r}")
-        try:
-            w = float(parts[1])
-        except ValueError:
-            raise TableError(f"{path}:{lineno}: weight {parts[1]!r} is not a number") from None
-        if not math.isfinite(w) or w < 0:
-            raise TableError(f"{path}:{lineno}: weight must be finite and ≥ 0, got {parts[1]}")
-        if parts[0] in weights:
-            raise TableError(f"{path}:{lineno}: image {parts[0]!r} listed twice")
-        weights[parts[0]] = w
-    return weights
-
+    """OUT_TSV -> {image path: weight} (`read_weight_column` as a dict, for small tables)."""
+    images, weights = read_weight_column(path)
+    return dict(zip(images, weights.tolist()))

@@ -94,9 +94,11 @@ class KeywordEmbeddings:
             self._table = torch.from_numpy(np.concatenate(self._rows)) if self._rows else torch.zeros(0, 1)
         return self._table
 
-    def bags(self, keyword_lists: KeywordBags | Sequence[Sequence[str]], idf: dict[str, float] | None = None,
-             default_idf: float = 1.0, chunk: int = 1 << 20) -> np.ndarray:
-        """[N, D] L2-normalized IDF-weighted mean embedding per list; all-zero rows for empty lists."""
+    def pooler(self, keyword_lists: KeywordBags | Sequence[Sequence[str]], idf: dict[str, float] | None = None,
+               default_idf: float = 1.0):
+        """`pool(lo, hi) -> [hi - lo, D]`: the L2-normalized IDF-weighted mean embedding of the lists
+        lo..hi-1 (all-zero rows for empty lists), so that N rows need never exist at once. Every
+        keyword of the lists is encoded here, once."""
         bags = KeywordBags.of(keyword_lists)
         used = np.zeros(len(bags.words), dtype=bool)
         used[bags.ids] = True
@@ -105,17 +107,28 @@ class KeywordEmbeddings:
         weight = np.array([idf.get(w, default_idf) for w in bags.words] if idf else np.ones(len(bags.words)),
                           dtype=np.float32)
         table = self.table
-        out = np.zeros((len(bags), table.shape[1]), dtype=np.float32)
-        for lo in range(0, len(bags), chunk):
-            hi = min(lo + chunk, len(bags))
+
+        def pool(lo: int, hi: int) -> np.ndarray:
+            out = np.zeros((hi - lo, table.shape[1]), dtype=np.float32)
             a, b = bags.offsets[lo], bags.offsets[hi]
-            if a == b:
-                continue
-            ids = bags.ids[a:b]
-            pooled = torch.nn.functional.embedding_bag(
-                torch.from_numpy(row[ids]), table, torch.from_numpy(bags.offsets[lo:hi] - a), mode="sum",
-                per_sample_weights=torch.from_numpy(weight[ids]))
-            out[lo:hi] = torch.nn.functional.normalize(pooled, dim=-1).numpy()
+            if a < b:
+                ids = bags.ids[a:b]
+                pooled = torch.nn.functional.embedding_bag(
+                    torch.from_numpy(row[ids]), table, torch.from_numpy(bags.offsets[lo:hi] - a), mode="sum",
+                    per_sample_weights=torch.from_numpy(weight[ids]))
+                out[:] = torch.nn.functional.normalize(pooled, dim=-1).numpy()
+            return out
+
+        return pool
+
+    def bags(self, keyword_lists: KeywordBags | Sequence[Sequence[str]], idf: dict[str, float] | None = None,
+             default_idf: float = 1.0, chunk: int = 1 << 20) -> np.ndarray:
+        """[N, D]: `pooler`'s vectors of all N lists."""
+        bags = KeywordBags.of(keyword_lists)
+        pool = self.pooler(bags, idf, default_idf)
+        out = np.zeros((len(bags), self.table.shape[1]), dtype=np.float32)
+        for lo in range(0, len(bags), chunk):
+            out[lo:lo + chunk] = pool(lo, min(lo + chunk, len(bags)))
         return out
 
 
