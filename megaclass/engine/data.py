@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import math
 import random
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -22,7 +23,7 @@ import torch
 from torch.utils.data import Dataset, Sampler
 
 from megaclass.data import ClassBalancedSampler, ImageDataset, WebVision, load_webvision
-from megaclass.data.columns import as_string_column, lookup
+from megaclass.data.columns import StringColumn, as_string_column, lookup
 from megaclass.data.shards import ShardDataset, Shards, load_shards, shard_epoch_order
 from megaclass.seeding import derive_seed
 from megaclass.weighting.tables import read_weight_column
@@ -146,9 +147,9 @@ class Subset(Dataset):
         raise RuntimeError(f"no readable image left among the {len(self.indices)} of this subset")
 
 
-def read_weight_table(path: str, paths: list[str], allow_extra: bool = False) -> torch.Tensor:
+def read_weight_table(path: str, paths: StringColumn | Sequence[str], allow_extra: bool = False) -> torch.Tensor:
     """Per-image loss weights (`<image path>\t<weight>`, read by `megaclass.weighting`) in the order
-    of `paths`. Every training image needs a weight; a row naming an image outside the training set
+    of `paths`, joined by the path (hashed columns, no str per image). Every training image needs a weight; a row naming an image outside the training set
     is an error (the weights were made for other data) unless `allow_extra` (a run on a subset)."""
     images, table = read_weight_column(path)
     paths = as_string_column(paths)
@@ -180,10 +181,11 @@ class RunData:
     shards: Shards | None = None
 
     @property
-    def paths(self) -> list[str]:
-        """Each training image's key: its path relative to the data root (also on shards)."""
+    def paths(self) -> StringColumn | list[str]:
+        """Each training image's key: its path relative to the data root (also on shards). On shards the
+        index's string column itself, not a str per image (16M of those are GBs)."""
         if isinstance(self.train, ShardDataset):
-            return self.train.columns.paths.tolist()
+            return self.train.columns.paths
         return [p for p, _ in self.train.items]
 
     @property
@@ -211,7 +213,7 @@ def load_shard_data(cfg) -> RunData:
     small = cfg.data.image_size <= 64
     sets = [ShardDataset(shards, split, cfg.data.image_size, train=train, preload=small)
             for split, train in (("train", True), ("train", False), ("val", False))]
-    sample_weights = (read_weight_table(cfg.data.weights, columns.paths.tolist(), allow_extra=bool(cfg.data.limit_train))
+    sample_weights = (read_weight_table(cfg.data.weights, columns.paths, allow_extra=bool(cfg.data.limit_train))
                       if cfg.data.weights else None)
     return RunData(None, *sets, torch.from_numpy(columns.label), torch.from_numpy(shards.columns["val"].label),
                    sample_weights, shards)

@@ -32,6 +32,7 @@ import json
 import logging
 import os
 import time
+from collections.abc import Sequence
 
 import torch
 
@@ -140,7 +141,7 @@ def crossfit_predictions(cfg: Config, data: RunData, weights: torch.Tensor | Non
     return probs, classes
 
 
-def oracle_weights(cfg: Config, paths: list[str]) -> torch.Tensor:
+def oracle_weights(cfg: Config, paths: Sequence[str]) -> torch.Tensor:
     """The clean-only oracle's weights: 1 for every clean, 0 for every noisy training image, from
     `data.root/truth_train.tsv` (written by `megaclass synth`)."""
     from megaclass.data.synth import TRUTH_FILE, read_truth

@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from megaclass.data.columns import StringBuilder, StringColumn, as_string_column, first_rows, lookup
-from megaclass.io import atomic_output, atomic_write_text
+from megaclass.io import atomic_output
 
 
 SUM_TOLERANCE = 1e-4  # float32 softmax: each probability within a few ulps (~1e-7) of its exact value
@@ -133,13 +133,20 @@ def _refuse_repeats(path: Path, images: StringColumn, linenos: array) -> None:
         raise TableError(f"{path}:{linenos[i]}: image {images[i]!r} listed twice")
 
 
-def write_predictions(path: str | os.PathLike, paths: Sequence[str], wnids: Sequence[str],
-                      classes: np.ndarray, probs: np.ndarray) -> None:
-    """Write PRED_TSV atomically. classes: int [N, k] indices into wnids (-1 skipped), probs: [N, k]."""
-    lines = []
-    for image, cs, ps in zip(paths, np.asarray(classes).tolist(), np.asarray(probs).tolist()):
-        lines.append(image + "\t" + " ".join(f"{wnids[c]}:{p:.6f}" for c, p in zip(cs, ps) if c >= 0) + "\n")
-    atomic_write_text(path, "".join(lines))
+def write_predictions(path: str | os.PathLike, paths: StringColumn | Sequence[str], wnids: Sequence[str],
+                      classes: np.ndarray, probs: np.ndarray, block: int = 65536) -> None:
+    """Write PRED_TSV atomically, a block of rows at a time (16M rows of text at once would be GBs of
+    Python strings). classes: int [N, k] indices into wnids (-1 skipped), probs: [N, k]; row i is the
+    image `paths[i]`."""
+    classes, probs = np.asarray(classes), np.asarray(probs)
+    if not len(paths) == len(classes) == len(probs):
+        raise ValueError(f"{len(paths)} paths but {len(classes)} rows of classes and {len(probs)} of probabilities")
+    paths = as_string_column(paths)
+    with atomic_output(path) as tmp, open(tmp, "w", encoding="utf-8", newline="\n") as f:
+        for lo in range(0, len(paths), block):
+            rows = np.arange(lo, min(lo + block, len(paths)))
+            f.write("".join(image + "\t" + " ".join(f"{wnids[c]}:{p:.6f}" for c, p in zip(cs, ps) if c >= 0) + "\n"
+                            for image, cs, ps in zip(paths.take(rows), classes[rows].tolist(), probs[rows].tolist())))
 
 
 def write_weights(path: str | os.PathLike, paths: StringColumn | Sequence[str], weights: Sequence[float],
