@@ -149,8 +149,9 @@ class Subset(Dataset):
 
 def read_weight_table(path: str, paths: StringColumn | Sequence[str], allow_extra: bool = False) -> torch.Tensor:
     """Per-image loss weights (`<image path>\t<weight>`, read by `megaclass.weighting`) in the order
-    of `paths`, joined by the path (hashed columns, no str per image). Every training image needs a weight; a row naming an image outside the training set
-    is an error (the weights were made for other data) unless `allow_extra` (a run on a subset)."""
+    of `paths`, joined by path as hashed string columns (no str per image). Every training image needs
+    a weight; a row naming an image outside the training set is an error (the weights were made for
+    other data) unless `allow_extra` (a run on a subset)."""
     images, table = read_weight_column(path)
     paths = as_string_column(paths)
     row = lookup(images, paths)
