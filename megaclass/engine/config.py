@@ -254,6 +254,7 @@ class EvalConfig:
 
 
 PREDICTIONS = ("crossfit", "final")
+MODES = ("staged", "online", "online_loss")
 
 
 @dataclass(kw_only=True, slots=True)
@@ -272,6 +273,13 @@ class ExperimentConfig:
     AUC and top-1, docs/weighting.md "Honest predictions"): the half-data fold models are too weak."""
     folds: int = 2
     """Folds of `predictions: crossfit` (at least 2)."""
+    mode: str = "staged"
+    """`staged`: the seed's three trainings (baseline, +Stage1, +Stage1+Stage2), each weighted by the
+    previous one's predictions. `online`: one training whose weights are re-estimated at each epoch end
+    from the rank, the page text and the training forward passes' predictions (megaclass.engine.online).
+    `online_loss`: one training weighted by the per-image loss alone (DivideMix's signal)."""
+    warmup_epochs: int = 1
+    """online modes: epochs trained on the start weights before the forward passes' views are collected."""
     oracle: bool = False
     """Also train the clean-only oracle: the same config with weight 1 for every clean and 0 for every
     noisy training image, from `data.root/truth_train.tsv` (synthetic data only; an error when absent)."""
@@ -280,6 +288,8 @@ class ExperimentConfig:
         _check(self.knn_k > 0, "experiment.knn_k", "must be positive")
         _check(self.predictions in PREDICTIONS, "experiment.predictions",
                f"must be one of {', '.join(PREDICTIONS)}, got {self.predictions!r}")
+        _check(self.mode in MODES, "experiment.mode", f"must be one of {', '.join(MODES)}, got {self.mode!r}")
+        _check(self.warmup_epochs >= 0, "experiment.warmup_epochs", f"must be >= 0, got {self.warmup_epochs}")
         _check(self.folds >= 2, "experiment.folds", f"must be at least 2 (one to predict, one to train on), got {self.folds}")
 
 
