@@ -198,6 +198,13 @@ def test_the_experiment_config_checks_its_keys():
         config_from_dict({"experiment": {"folds": 1}})
     with pytest.raises(ConfigError, match="experiment.oracle: expected true/false"):
         config_from_dict({"experiment": {"oracle": "yes"}})
+    assert (cfg.experiment.mode, cfg.experiment.warmup_epochs) == ("staged", 1)
+    with pytest.raises(ConfigError, match="experiment.mode: must be one of staged, online, online_loss, got 'both'"):
+        config_from_dict({"experiment": {"mode": "both"}})
+    with pytest.raises(ConfigError, match="experiment.warmup_epochs: must be >= 0"):
+        config_from_dict({"experiment": {"warmup_epochs": -1}})
+    with pytest.raises(ConfigError, match="experiment.mode: online scores each training batch"):
+        config_from_dict({"experiment": {"mode": "online"}, "parallel": {"pipeline_stages": 2}})
 
 
 def test_the_oracle_needs_the_truth_file(tmp_path):

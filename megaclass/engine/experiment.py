@@ -1,4 +1,5 @@
-"""The seed's experiment in one command: baseline -> +Stage1 -> +Stage1+Stage2 (-> the oracle).
+"""The seed's experiment in one command: baseline -> +Stage1 -> +Stage1+Stage2 (-> the oracle), or
+(`experiment.mode: online | online_loss`) one training that weighs its images as it goes.
 
     semantics (K nearest categories) -> train baseline -> predict on the training images
     -> stage-1 weights -> train -> predict -> stage-2 weights -> train
@@ -14,11 +15,21 @@ data's truth_train.tsv).
 Every rank runs this module (under `deepspeed`, `torchrun` or `mpirun`); rank 0 alone runs the
 single-process steps (semantics, weights) through the library APIs while the others wait, and all
 ranks then learn whether it worked, so that a failure stops every rank with the same error.
-Outputs in `run_dir`: `results.json` ({"baseline": {"top1", "top5", "seconds", "predict_seconds"},
-"stage1": ..., "stage2": ..., ["oracle": ...], "predictions", "folds", ["weights_auc"]}, percent and
-seconds), `weights_stage1.tsv`, `weights_stage2.tsv`, `curves.png`, and one folder per run
-(checkpoints, metrics CSV, TensorBoard, predictions; the fold models' under `<run>/fold<f>/`).
-The validation set is only scored: the weights do not depend on it (tests/test_engine_experiment.py).
+Outputs in `run_dir`: `results.json` ({"baseline": {"top1", "top5", "seconds", "predict_seconds",
+"image_steps", "total_seconds"}, "stage1": {..., "weights_auc"}, "stage2": ..., ["oracle": ...],
+"predictions", "folds", "config"}, percent and seconds; `image_steps` and `total_seconds` are what the
+row's model cost in all, the trainings and predictions its weights needed included; `weights_auc` the
+AUC of the weights it trained with, clean vs noisy, where data.root has the truth),
+`weights_stage1.tsv`, `weights_stage2.tsv`, `curves.png`, and one folder per run (checkpoints, metrics
+CSV, TensorBoard, predictions; the fold models' under `<run>/fold<f>/`).
+
+`experiment.mode: online` (or `online_loss`) trains once (`megaclass.engine.online`, docs/weighting.md
+"Online") into `run_dir/online/` and adds the row "online" (or "online_loss") to `results.json`, with
+the per-epoch re-estimates under "estimates" and the final weights in `weights_online.tsv`. Rows of the
+other modes already in `results.json` are kept when their config was the same but for the mode (its
+hash, "config"), so `make demo`'s two commands print one table.
+The validation set is only scored: the weights do not depend on it (tests/test_engine_experiment.py,
+tests/test_engine_online.py).
 
 On shards (`data.shards`) the side information comes from each sample's KEY.json
 (`megaclass.data.metadata`), as `megaclass weights` reads it; `truth_train.tsv` (the AUC, the oracle)
@@ -250,7 +261,7 @@ def run(cfg: Config, data: RunData, oracle: torch.Tensor | None = None) -> dict:
     if cfg.experiment.mode == "staged":
         results, curves = _staged(cfg, data, info, knn, val, oracle, device)
     else:
-        results, curves = _online(cfg, data, info, knn, val, oracle, device)
+        results, curves = _online(cfg, data, info, knn, val, device)
 
     def report():
         written = {**_rows_kept(run_dir, cfg), **results, "predictions": cfg.experiment.predictions,
@@ -351,14 +362,15 @@ def _staged(cfg: Config, data: RunData, info: WebVision, knn: str, val, oracle, 
             if auc is not None:
                 aucs[next_key] = auc
 
+        t0 = time.perf_counter()
         on_rank0(f"stage-{stage} weights", weigh, device)
-        aucs_everywhere = comm.gather_objects(aucs)[0]  # rank 0 computed them
-        aucs.update(aucs_everywhere)
+        spent_seconds += time.perf_counter() - t0
+        aucs.update(comm.gather_objects(aucs)[0])  # rank 0 computed them
         weights = read_weight_table(weights_path, paths, allow_extra=bool(cfg.data.limit_train))
     return results, curves
 
 
-def _online(cfg: Config, data: RunData, info: WebVision, knn: str, val, oracle, device) -> tuple[dict, dict]:
+def _online(cfg: Config, data: RunData, info: WebVision, knn: str, val, device) -> tuple[dict, dict]:
     """One training whose weights are re-estimated at each epoch end (megaclass.engine.online);
     `online_loss` from the per-image loss alone. The final weights go to `weights_<mode>.tsv`."""
     from megaclass.engine.online import OnlineTrainer

@@ -131,8 +131,6 @@ class OnlineTrainer(Trainer):
 
     def __init__(self, cfg, data: TrainData, estimate, neighbors: np.ndarray, warmup_epochs: int,
                  backbone=None, name: str = "online"):
-        if cfg.parallel.pipeline_stages > 1:
-            raise ConfigError("experiment.mode online: not with parallel.pipeline_stages > 1")
         self.estimate, self.neighbors, self.warmup_epochs = estimate, neighbors, warmup_epochs
         self.posterior = None  # the estimate in use (before the trainer's normalization), rank 0's
         super().__init__(cfg, data, backbone, name)
