@@ -301,3 +301,24 @@ def test_the_experiment_runs_on_shards_with_the_side_information_of_their_json(t
     result = compute_weights(root, tmp_path / "run/semantics/knn.tsv", tmp_path / "run/baseline/predictions_train.tsv", 1)
     save_weights(result, root, tmp_path / "from_files.tsv", plot=False)
     assert (tmp_path / "from_files.tsv").read_bytes() == (tmp_path / "run/weights_stage1.tsv").read_bytes()
+
+
+def test_rows_of_another_mode_are_kept_only_from_the_same_config(tmp_path):
+    """`make demo` runs staged, then online, into one run_dir: one table; a run with another config
+    (here another seed) does not inherit the rows."""
+    import json
+
+    from megaclass.engine.config import config_from_dict
+    from megaclass.engine.experiment import _fingerprint, _rows_kept
+
+    staged = config_from_dict({"run_dir": str(tmp_path), "experiment": {"mode": "staged", "oracle": True}})
+    online = config_from_dict({"run_dir": str(tmp_path), "experiment": {"mode": "online"}})
+    rows = {"baseline": {"top1": 70.0}, "stage1": {"top1": 74.0}, "stage2": {"top1": 76.0}, "oracle": {"top1": 80.0},
+            "online": {"top1": 75.0}}
+    (tmp_path / "results.json").write_text(json.dumps({**rows, "config": _fingerprint(staged)}))
+    assert _rows_kept(str(tmp_path), online) == {key: rows[key] for key in ("baseline", "stage1", "stage2", "oracle")}
+    assert _rows_kept(str(tmp_path), staged) == {"online": rows["online"]}
+    other_seed = config_from_dict({"run_dir": str(tmp_path), "train": {"seed": 1}, "experiment": {"mode": "online"}})
+    assert _rows_kept(str(tmp_path), other_seed) == {}
+    (tmp_path / "results.json").write_text("{not json")
+    assert _rows_kept(str(tmp_path), online) == {}
