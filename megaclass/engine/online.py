@@ -24,7 +24,7 @@ import os
 import numpy as np
 import torch
 
-from megaclass.engine.config import ConfigError
+from megaclass.engine import checkpoint
 from megaclass.engine.trainer import Trainer, TrainData
 from megaclass.io import atomic_output
 from megaclass.nn import sharded_topk
@@ -135,7 +135,6 @@ class OnlineTrainer(Trainer):
         self.posterior = None  # the estimate in use (before the trainer's normalization), rank 0's
         super().__init__(cfg, data, backbone, name)
         self.views = ImageViews(len(data.labels), self.rank, self.world, cfg.eval.topk)
-        self.history = []  # per re-estimate: {"epoch", ...rank 0's details}
         self._apply(self._agree_on(lambda: estimate(None, 0), "the start weights"))
 
     def _agree_on(self, fn, what: str) -> torch.Tensor:
@@ -193,11 +192,16 @@ class OnlineTrainer(Trainer):
         where = os.path.join(folder, STATE_DIR)
         names = sorted(n for n in os.listdir(where) if n.startswith("views-rank")) if os.path.isdir(where) else []
         if not names or not os.path.isfile(os.path.join(where, "weights.npy")):
-            raise ConfigError(f"{folder}: no {STATE_DIR}/ views and weights: not a checkpoint of an online run "
-                              f"(experiment.mode online); resume it with the mode it was saved with")
+            raise checkpoint.CheckpointError(f"{folder}: no {STATE_DIR}/ views and weights: not a checkpoint of an "
+                                             f"online run (experiment.mode online); resume it with the mode it was "
+                                             f"saved with")
         states = []
-        for name in names:
-            with np.load(os.path.join(where, name)) as z:
-                states.append({key: z[key] for key in z.files})
+        try:
+            for name in names:
+                with np.load(os.path.join(where, name)) as z:
+                    states.append({key: z[key] for key in ("index", *ImageViews.ARRAYS)})
+            weights = np.load(os.path.join(where, "weights.npy"))
+        except (OSError, ValueError, KeyError) as exc:
+            raise checkpoint.CheckpointError(f"{where}: unreadable online state ({type(exc).__name__}: {exc})") from None
         self.views.load(states)
-        self._apply(torch.from_numpy(np.load(os.path.join(where, "weights.npy"))))
+        self._apply(torch.from_numpy(weights))
