@@ -53,12 +53,13 @@ def test_online_weights_recover_a_known_mixture_and_each_view_adds():
 
 def _divide_mix_reference(loss):
     """DivideMix's eval_train (Li et al. 2020, github.com/LiJunnan1992/DivideMix, Train_cifar.py), on
-    the per-image losses: min-max normalize, a 2-component GMM, the posterior of the low-mean one."""
+    the per-image losses: min-max normalize, a 2-component GMM, the posterior of the low-mean one.
+    DivideMix leaves the k-means start unseeded; seeded here, as megaclass seeds it (train.seed)."""
     from sklearn.mixture import GaussianMixture
 
     losses = (loss - loss.min()) / (loss.max() - loss.min())
     input_loss = losses.reshape(-1, 1)
-    gmm = GaussianMixture(n_components=2, max_iter=10, tol=1e-2, reg_covar=5e-4)
+    gmm = GaussianMixture(n_components=2, max_iter=10, tol=1e-2, reg_covar=5e-4, random_state=0)
     gmm.fit(input_loss)
     prob = gmm.predict_proba(input_loss)
     return prob[:, gmm.means_.argmin()]
