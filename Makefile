@@ -47,8 +47,11 @@ demo: setup
 	@set -euo pipefail; data="$(DATA_ROOT)"; \
 	if [ -z "$$data" ]; then data="$(RUN_DIR)/synthetic-data"; \
 		if [ ! -f "$$data/info/synsets.txt" ]; then rm -rf "$$data"; $(VENV)/bin/megaclass synth --out "$$data"; fi; fi; \
-	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" $(VENV)/bin/deepspeed --num_gpus 2 launch/experiment.py \
-		--config configs/demo.yaml --set data.root="$$data" --set run_dir="$(RUN_DIR)"
+	for mode in staged online; do \
+		PATH="$(CURDIR)/$(VENV)/bin:$$PATH" $(VENV)/bin/deepspeed --num_gpus 2 launch/experiment.py \
+			--config configs/demo.yaml --set data.root="$$data" --set run_dir="$(RUN_DIR)" \
+			--set experiment.mode=$$mode; \
+	done
 
 bench: setup
 	$(VENV)/bin/megaclass bench ce

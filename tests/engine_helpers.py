@@ -75,3 +75,19 @@ class TensorItems(Dataset):
 def random_items(n: int, classes: int, shape=(3, 4, 4), seed: int = 0) -> TensorItems:
     g = torch.Generator().manual_seed(seed)
     return TensorItems(torch.randn(n, *shape, generator=g), torch.randint(classes, (n,), generator=g))
+
+
+def resume_errors(trainers: dict) -> dict:
+    """{name: make_trainer} -> {name: the CheckpointError message of that trainer's resume, or None}."""
+    from megaclass.engine import checkpoint
+
+    errors = {}
+    for name, make in trainers.items():
+        t = make()
+        try:
+            t.resume()
+            errors[name] = None
+        except checkpoint.CheckpointError as exc:
+            errors[name] = str(exc)
+        t.close()
+    return errors

@@ -17,7 +17,7 @@ import pytest
 import torch
 from deepspeed.checkpoint.constants import UNIVERSAL_CHECKPOINT_INFO
 from dist_utils import run_ranks
-from engine_helpers import FlatLinear, random_items
+from engine_helpers import FlatLinear, random_items, resume_errors
 
 from megaclass.engine import checkpoint
 from megaclass.engine.config import config_from_dict
@@ -133,15 +133,8 @@ def _errors(rank, world, root):
         torch.save({"not": "an optimizer partition"}, f"{bad}/checkpoints/step-00000002/ds/"
                    "zero_pp_rank_1_mp_rank_00_optim_states.pt")
     comm.barrier()
-    errors = {}
-    for name, run, stage in (("damaged", bad, 1), ("stage", src, 2)):
-        t = _trainer(run, world, stage, "adamw")
-        try:
-            t.resume()
-            errors[name] = None
-        except checkpoint.CheckpointError as exc:
-            errors[name] = str(exc)
-        t.close()
+    errors = resume_errors({"damaged": lambda: _trainer(bad, world, 1, "adamw"),
+                            "stage": lambda: _trainer(src, world, 2, "adamw")})
     t = _trainer(old, world, 1, "adamw")
     old_step = t.resume()
     t.close()

@@ -5,7 +5,7 @@ import os
 import pytest
 import torch
 from dist_utils import run_ranks
-from engine_helpers import FlatLinear, random_items
+from engine_helpers import FlatLinear, random_items, resume_errors
 from torch import nn
 
 from megaclass.engine import checkpoint
@@ -305,16 +305,10 @@ def _class_lists(rank, world, root):
     t.close()
     with open(f"{root}/checkpoints/step-00000001/meta.json") as f:
         stored = json.load(f)["classes"]
-    errors = {}
     swapped = WNIDS[:2][::-1] + WNIDS[2:]
-    for name, wnids in (("swapped", swapped), ("renamed", WNIDS[:6] + ["n99999999"]), ("same", WNIDS)):
-        again = _trainer(root, max_steps=1, wnids=wnids)
-        try:
-            again.resume()
-            errors[name] = None
-        except checkpoint.CheckpointError as exc:
-            errors[name] = str(exc)
-        again.close()
+    errors = resume_errors({name: (lambda wnids=wnids: _trainer(root, max_steps=1, wnids=wnids))
+                            for name, wnids in (("swapped", swapped), ("renamed", WNIDS[:6] + ["n99999999"]),
+                                                ("same", WNIDS))})
     return stored, errors
 
 

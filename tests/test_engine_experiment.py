@@ -136,6 +136,7 @@ class _FoldTrainer:
 
     def __init__(self, cfg, data, name):
         self.data, self.name, self.run_dir = data, name, cfg.run_dir
+        self.step, self.data_world = 2, 1  # two optimizer steps on one rank
         _FoldTrainer.made.append(self)
 
     def fit(self, val=None):
@@ -171,7 +172,8 @@ def test_every_training_image_gets_exactly_one_held_out_prediction(monkeypatch, 
     monkeypatch.setattr(experiment, "trainer_class", lambda cfg: _FoldTrainer)
     _FoldTrainer.made = []
     cfg = config_from_dict({"run_dir": str(tmp_path), "experiment": {"folds": 3}})
-    probs, predicted = experiment.crossfit_predictions(cfg, data, weights, "stage1")
+    probs, predicted, steps = experiment.crossfit_predictions(cfg, data, weights, "stage1")
+    assert steps == 3 * 2 * cfg.train.micro_batch_size * cfg.train.grad_accum  # 3 folds' trainings
     assert torch.equal(predicted[:, 0], torch.arange(n))  # each row predicted, and by the row's own item
     fold = experiment.crossfit_folds(labels, 3, cfg.train.seed)
     assert [t.name for t in _FoldTrainer.made] == ["stage1_fold0", "stage1_fold1", "stage1_fold2"]
@@ -196,6 +198,13 @@ def test_the_experiment_config_checks_its_keys():
         config_from_dict({"experiment": {"folds": 1}})
     with pytest.raises(ConfigError, match="experiment.oracle: expected true/false"):
         config_from_dict({"experiment": {"oracle": "yes"}})
+    assert (cfg.experiment.mode, cfg.experiment.warmup_epochs) == ("staged", 1)
+    with pytest.raises(ConfigError, match="experiment.mode: must be one of staged, online, online_loss, got 'both'"):
+        config_from_dict({"experiment": {"mode": "both"}})
+    with pytest.raises(ConfigError, match="experiment.warmup_epochs: must be >= 0"):
+        config_from_dict({"experiment": {"warmup_epochs": -1}})
+    with pytest.raises(ConfigError, match="experiment.mode: online scores each training batch"):
+        config_from_dict({"experiment": {"mode": "online"}, "parallel": {"pipeline_stages": 2}})
 
 
 def test_the_oracle_needs_the_truth_file(tmp_path):
@@ -241,13 +250,22 @@ def test_the_experiment_command_refuses_an_oracle_without_truth_as_a_clean_error
 def test_the_table_gives_the_share_of_the_oracle_gap_closed():
     from megaclass.engine.experiment import table
 
-    results = {"baseline": {"top1": 70.0, "top5": 90.0}, "stage1": {"top1": 74.0, "top5": 91.0},
-               "stage2": {"top1": 76.0, "top5": 92.0}, "oracle": {"top1": 80.0, "top5": 95.0}}
+    results = {"baseline": {"top1": 70.0, "top5": 90.0, "image_steps": 1000, "total_seconds": 10.0},
+               "stage1": {"top1": 74.0, "top5": 91.0, "image_steps": 2100, "total_seconds": 21.0, "weights_auc": 0.8},
+               "stage2": {"top1": 76.0, "top5": 92.0, "image_steps": 3200, "total_seconds": 32.4, "weights_auc": 0.9},
+               "online": {"top1": 75.0, "top5": 91.5, "image_steps": 1000, "total_seconds": 11.0, "weights_auc": 0.85},
+               "oracle": {"top1": 80.0, "top5": 95.0, "image_steps": 1000, "total_seconds": 10.0}}
     lines = table(results).splitlines()
-    assert lines[3] == "| +Stage1 | 74.00 | 91.00 | 40% |" and lines[4] == "| +Stage1+Stage2 | 76.00 | 92.00 | 60% |"
-    assert lines[5] == "| Clean-only oracle | 80.00 | 95.00 | |"
+    assert lines[0] == "| Method | Top-1 (%) | Top-5 (%) | weights AUC | image-steps | wall (s) | oracle gap closed |"
+    assert lines[2] == "| Baseline | 70.00 | 90.00 | | 1,000 | 10 | |"
+    assert lines[3] == "| +Stage1 | 74.00 | 91.00 | 0.800 | 2,100 | 21 | 40% |"
+    assert lines[4] == "| +Stage1+Stage2 | 76.00 | 92.00 | 0.900 | 3,200 | 32 | 60% |"
+    assert lines[5] == "| Online (one training) | 75.00 | 91.50 | 0.850 | 1,000 | 11 | 50% |"
+    assert lines[6] == "| Clean-only oracle | 80.00 | 95.00 | | 1,000 | 10 | |"
     del results["oracle"]
-    assert table(results).splitlines()[0] == "| Method | Top-1 (%) | Top-5 (%) |"
+    for row in results.values():
+        row.pop("weights_auc", None)
+    assert table(results).splitlines()[0] == "| Method | Top-1 (%) | Top-5 (%) | image-steps | wall (s) |"
 
 
 def _experiment_on_shards(rank, world, shards, run_dir):
@@ -283,3 +301,24 @@ def test_the_experiment_runs_on_shards_with_the_side_information_of_their_json(t
     result = compute_weights(root, tmp_path / "run/semantics/knn.tsv", tmp_path / "run/baseline/predictions_train.tsv", 1)
     save_weights(result, root, tmp_path / "from_files.tsv", plot=False)
     assert (tmp_path / "from_files.tsv").read_bytes() == (tmp_path / "run/weights_stage1.tsv").read_bytes()
+
+
+def test_rows_of_another_mode_are_kept_only_from_the_same_config(tmp_path):
+    """`make demo` runs staged, then online, into one run_dir: one table; a run with another config
+    (here another seed) does not inherit the rows."""
+    import json
+
+    from megaclass.engine.config import config_from_dict
+    from megaclass.engine.experiment import _fingerprint, _rows_kept
+
+    staged = config_from_dict({"run_dir": str(tmp_path), "experiment": {"mode": "staged", "oracle": True}})
+    online = config_from_dict({"run_dir": str(tmp_path), "experiment": {"mode": "online"}})
+    rows = {"baseline": {"top1": 70.0}, "stage1": {"top1": 74.0}, "stage2": {"top1": 76.0}, "oracle": {"top1": 80.0},
+            "online": {"top1": 75.0}}
+    (tmp_path / "results.json").write_text(json.dumps({**rows, "config": _fingerprint(staged)}))
+    assert _rows_kept(str(tmp_path), online) == {key: rows[key] for key in ("baseline", "stage1", "stage2", "oracle")}
+    assert _rows_kept(str(tmp_path), staged) == {"online": rows["online"]}
+    other_seed = config_from_dict({"run_dir": str(tmp_path), "train": {"seed": 1}, "experiment": {"mode": "online"}})
+    assert _rows_kept(str(tmp_path), other_seed) == {}
+    (tmp_path / "results.json").write_text("{not json")
+    assert _rows_kept(str(tmp_path), online) == {}

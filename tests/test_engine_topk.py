@@ -31,3 +31,20 @@ def test_sharded_topk_equals_softmax_topk_over_all_classes():
         torch.testing.assert_close(torch.from_numpy(probs).double(), ref_probs, rtol=1e-5, atol=1e-6)
 
 
+
+
+def _label_logprob_ranks(rank, world):
+    x, w, b = _problem()
+    labels = torch.arange(ROWS) * 5 % CLASSES  # labels on every rank's shard, first and last class included
+    lo, hi = shard_range(CLASSES, rank, world)
+    _, _, log_p = sharded_topk(x, w[lo:hi], b[lo:hi], lo, K, chunk_rows=4, labels=labels)
+    return log_p.numpy()
+
+
+def test_label_log_probability_equals_log_softmax_over_all_classes():
+    x, w, b = _problem()
+    labels = torch.arange(ROWS) * 5 % CLASSES
+    ref = torch.log_softmax(x.double() @ w.double().T + b.double(), dim=1).gather(1, labels[:, None]).squeeze(1)
+    for world in (1, 3):
+        for log_p in run_ranks(_label_logprob_ranks, world):
+            torch.testing.assert_close(torch.from_numpy(log_p).double(), ref, rtol=1e-5, atol=1e-5)

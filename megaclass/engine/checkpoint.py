@@ -83,8 +83,9 @@ def latest_checkpoint(root: str) -> str | None:
 
 
 def save(root: str, step: int, engine, head, head_optimizer, class_range, num_classes: int,
-         writer: bool, keep: int = 2, extra_meta: dict | None = None) -> str:
-    """Collective: every rank calls it. Returns the checkpoint folder.
+         writer: bool, keep: int = 2, extra_meta: dict | None = None, extra=None) -> str:
+    """Collective: every rank calls it. Returns the checkpoint folder. `extra`, when given, is called
+    on every rank with the folder being written, to add that rank's own files (its failures count).
 
     A write that fails on any rank (no space, an I/O error, no permission) raises `SaveError` on every
     rank, naming each failed file and its cause, after the partial `.tmp-step-…/` is removed; `latest`
@@ -103,6 +104,8 @@ def save(root: str, step: int, engine, head, head_optimizer, class_range, num_cl
         shard = os.path.join(tmp, "head", f"shard-{class_range[0]:09d}.pt")
         state = head_shard_state(head, head_optimizer, class_range, num_classes)
         _attempt(failures, shard, lambda: save_head_shard(shard, state))
+    if extra is not None:
+        _attempt(failures, tmp, lambda: extra(tmp))
     _agree(failures, step, root, tmp, writer)
     if writer:
         meta = {"step": step, "world_size": comm.world_size(), "zero_stage": engine.zero_optimization_stage(),

@@ -1,4 +1,5 @@
-"""The seed's experiment in one command: baseline -> +Stage1 -> +Stage1+Stage2 (-> the oracle).
+"""The seed's experiment in one command: baseline -> +Stage1 -> +Stage1+Stage2 (-> the oracle), or
+(`experiment.mode: online | online_loss`) one training that weighs its images as it goes.
 
     semantics (K nearest categories) -> train baseline -> predict on the training images
     -> stage-1 weights -> train -> predict -> stage-2 weights -> train
@@ -14,11 +15,21 @@ data's truth_train.tsv).
 Every rank runs this module (under `deepspeed`, `torchrun` or `mpirun`); rank 0 alone runs the
 single-process steps (semantics, weights) through the library APIs while the others wait, and all
 ranks then learn whether it worked, so that a failure stops every rank with the same error.
-Outputs in `run_dir`: `results.json` ({"baseline": {"top1", "top5", "seconds", "predict_seconds"},
-"stage1": ..., "stage2": ..., ["oracle": ...], "predictions", "folds", ["weights_auc"]}, percent and
-seconds), `weights_stage1.tsv`, `weights_stage2.tsv`, `curves.png`, and one folder per run
-(checkpoints, metrics CSV, TensorBoard, predictions; the fold models' under `<run>/fold<f>/`).
-The validation set is only scored: the weights do not depend on it (tests/test_engine_experiment.py).
+Outputs in `run_dir`: `results.json` ({"baseline": {"top1", "top5", "seconds", "predict_seconds",
+"image_steps", "total_seconds"}, "stage1": {..., "weights_auc"}, "stage2": ..., ["oracle": ...],
+"predictions", "folds", "config"}, percent and seconds; `image_steps` and `total_seconds` are what the
+row's model cost in all, the trainings and predictions its weights needed included; `weights_auc` the
+AUC of the weights it trained with, clean vs noisy, where data.root has the truth),
+`weights_stage1.tsv`, `weights_stage2.tsv`, `curves.png`, and one folder per run (checkpoints, metrics
+CSV, TensorBoard, predictions; the fold models' under `<run>/fold<f>/`).
+
+`experiment.mode: online` (or `online_loss`) trains once (`megaclass.engine.online`, docs/weighting.md
+"Online") into `run_dir/online/` and adds the row "online" (or "online_loss") to `results.json`, with
+the per-epoch re-estimates under "estimates" and the final weights in `weights_online.tsv`. Rows of the
+other modes already in `results.json` are kept when their config was the same but for the mode (its
+hash, "config"), so `make demo`'s two commands print one table.
+The validation set is only scored: the weights do not depend on it (tests/test_engine_experiment.py,
+tests/test_engine_online.py).
 
 On shards (`data.shards`) the side information comes from each sample's KEY.json
 (`megaclass.data.metadata`), as `megaclass weights` reads it; `truth_train.tsv` (the AUC, the oracle)
@@ -50,6 +61,9 @@ log = logging.getLogger(__name__)
 
 RUNS = (("baseline", "Baseline"), ("stage1", "+Stage1"), ("stage2", "+Stage1+Stage2"))
 ORACLE = ("oracle", "Clean-only oracle")
+ONLINE = (("online", "Online (one training)"), ("online_loss", "Online, loss only"))
+ROWS = RUNS + ONLINE + (ORACLE,)
+STAGED_KEYS = tuple(key for key, _ in RUNS) + ("oracle",)
 
 
 class StepFailed(RuntimeError):
@@ -127,18 +141,21 @@ def _fit(cfg: Config, data: TrainData, run_dir: str, name: str, val=None):
 def crossfit_predictions(cfg: Config, data: RunData, weights: torch.Tensor | None, key: str):
     """Top-k (probs [N, k], classes [N, k]) of every training image, each from a model that never saw
     it: for each fold of `crossfit_folds`, a model trained as run `key` (the same config and weights)
-    on the other folds predicts the fold. Collective. Folders: `run_dir/<key>/fold<f>/`."""
+    on the other folds predicts the fold; and the fold models' training image-steps. Collective.
+    Folders: `run_dir/<key>/fold<f>/`."""
     k, n = cfg.eval.topk, len(data.labels)
     fold = crossfit_folds(data.labels, cfg.experiment.folds, cfg.train.seed)
     probs, classes = torch.zeros(n, k), torch.full((n, k), -1, dtype=torch.long)
+    steps = 0
     for f in range(cfg.experiment.folds):
         train, held = (fold != f).nonzero().squeeze(1), (fold == f).nonzero().squeeze(1)
         subset = TrainData(Subset(data.train, train), data.num_classes, data.labels[train],
                            None if weights is None else weights[train], data.wnids)
         trainer, _, _ = _fit(cfg, subset, os.path.join(cfg.run_dir, key, f"fold{f}"), f"{key}_fold{f}")
         probs[held], classes[held] = trainer.predict(Subset(data.train_eval, held), k, desc=f"predict {key} fold {f}")
+        steps += _image_steps(cfg, trainer)
         trainer.close()
-    return probs, classes
+    return probs, classes, steps
 
 
 def oracle_weights(cfg: Config, paths: Sequence[str]) -> torch.Tensor:
@@ -161,17 +178,27 @@ def oracle_weights(cfg: Config, paths: Sequence[str]) -> torch.Tensor:
 
 
 def table(results: dict) -> str:
-    """The results as a markdown table; with the oracle, the share of its gap over the baseline that
-    each stage closes: (run − baseline) / (oracle − baseline) in top-1."""
-    oracle = "oracle" in results and "top1" in results["oracle"]
-    lines = ["| Method | Top-1 (%) | Top-5 (%) |" + (" oracle gap closed |" if oracle else ""),
-             "| --- | ---: | ---: |" + (" ---: |" if oracle else "")]
-    for key, label in RUNS + (ORACLE,):
-        if "top1" not in results.get(key, {}):
+    """The results as a markdown table: top-1/top-5, the weights' AUC for clean vs noisy images where a
+    truth exists, and what each row's model cost in all (its own training plus the trainings and
+    predictions its weights needed), in image-steps (images through a forward pass: training steps ×
+    global batch, plus predictions) and wall seconds. With the oracle, the share of its gap over the
+    baseline that each weighted row closes: (run − baseline) / (oracle − baseline) in top-1."""
+    oracle = "oracle" in results and "top1" in results["oracle"] and "top1" in results.get("baseline", {})
+    auc = any("weights_auc" in results.get(key, {}) for key, _ in ROWS)
+    head = "| Method | Top-1 (%) | Top-5 (%) |" + (" weights AUC |" if auc else "") + " image-steps | wall (s) |"
+    rule = "| --- | ---: | ---: |" + (" ---: |" if auc else "") + " ---: | ---: |"
+    lines = [head + (" oracle gap closed |" if oracle else ""), rule + (" ---: |" if oracle else "")]
+    for key, label in ROWS:
+        row = results.get(key, {})
+        if "top1" not in row:
             continue
-        line = f"| {label} | {results[key]['top1']:.2f} | {results[key]['top5']:.2f} |"
+        line = f"| {label} | {row['top1']:.2f} | {row['top5']:.2f} |"
+        if auc:
+            line += f" {row['weights_auc']:.3f} |" if row.get("weights_auc") is not None else " |"
+        line += f" {row['image_steps']:,} |" if "image_steps" in row else " |"
+        line += f" {row['total_seconds']:.0f} |" if "total_seconds" in row else " |"
         if oracle:
-            line += f" {gap_closed(results, key):.0%} |" if key in ("stage1", "stage2") else " |"
+            line += f" {gap_closed(results, key):.0%} |" if key not in ("baseline", "oracle") else " |"
         lines.append(line)
     return "\n".join(lines)
 
@@ -190,7 +217,7 @@ def plot_curves(path: str, curves: dict) -> None:
     import matplotlib.pyplot as plt
 
     fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(10, 4))
-    for key, label in RUNS + (ORACLE,):
+    for key, label in ROWS:
         if key not in curves:
             continue
         steps = curves[key]["train"]
@@ -208,6 +235,11 @@ def plot_curves(path: str, curves: dict) -> None:
     plt.close(fig)
 
 
+def _image_steps(cfg: Config, trainer) -> int:
+    """Images through a training forward pass in `trainer`'s run: steps × global batch."""
+    return trainer.step * trainer.data_world * cfg.train.micro_batch_size * cfg.train.grad_accum
+
+
 def run(cfg: Config, data: RunData, oracle: torch.Tensor | None = None) -> dict:
     """Collective: every rank calls it. Returns the results dict (on every rank). `oracle`: the
     clean-only oracle's weights when the caller has read them already (default: `oracle_weights`,
@@ -215,9 +247,8 @@ def run(cfg: Config, data: RunData, oracle: torch.Tensor | None = None) -> dict:
     rank0 = comm.rank() == 0
     run_dir = cfg.run_dir
     os.makedirs(run_dir, exist_ok=True)
-    paths = data.paths
     if cfg.experiment.oracle and oracle is None:
-        oracle = oracle_weights(cfg, paths)  # a missing truth file: before any work
+        oracle = oracle_weights(cfg, data.paths)  # a missing truth file: before any work
     info = side_information(cfg, data)
     if rank0:
         log.info("%s", info.summary())
@@ -228,15 +259,77 @@ def run(cfg: Config, data: RunData, oracle: torch.Tensor | None = None) -> dict:
 
     # The validation set is only ever scored: without it every weight and model come out the same.
     val = (data.val, data.val_labels) if len(data.val_labels) > 0 else None
+    if cfg.experiment.mode == "staged":
+        results, curves = _staged(cfg, data, info, knn, val, oracle, device)
+    else:
+        results, curves = _online(cfg, data, info, knn, val, device)
+
+    def report():
+        written = {**_rows_kept(run_dir, cfg), **results, "predictions": cfg.experiment.predictions,
+                   "folds": cfg.experiment.folds, "config": _fingerprint(cfg)}
+        atomic_write_text(os.path.join(run_dir, "results.json"), json.dumps(written, indent=2))
+        atomic_write_text(os.path.join(run_dir, "curves.json"), json.dumps({**_curves_kept(run_dir, written), **curves},
+                                                                           indent=2))
+        plot_curves(os.path.join(run_dir, "curves.png"), {**_curves_kept(run_dir, written), **curves})
+        print(table(written), flush=True)
+
+    on_rank0("writing the results", report, device)
+    return results
+
+
+def _fingerprint(cfg: Config) -> str:
+    """What makes two modes' rows comparable: the whole config but the mode (and the oracle switch)."""
+    import hashlib
+
+    plain = dataclasses.asdict(cfg)
+    plain["experiment"].pop("mode")
+    plain["experiment"].pop("oracle")
+    return hashlib.sha256(json.dumps(plain, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def _rows_kept(run_dir: str, cfg: Config) -> dict:
+    """The rows of the other modes already in `run_dir/results.json`, when they were made with the same
+    config but the mode (e.g. `make demo`'s staged run, then its online run): one table of both."""
+    path = os.path.join(run_dir, "results.json")
+    try:
+        with open(path, encoding="utf-8") as f:
+            old = json.load(f)
+    except (OSError, ValueError):
+        return {}
+    if not isinstance(old, dict) or old.get("config") != _fingerprint(cfg):
+        return {}
+    mine = STAGED_KEYS if cfg.experiment.mode == "staged" else (cfg.experiment.mode,)
+    return {key: old[key] for key, _ in ROWS if key in old and key not in mine}
+
+
+def _curves_kept(run_dir: str, written: dict) -> dict:
+    try:
+        with open(os.path.join(run_dir, "curves.json"), encoding="utf-8") as f:
+            old = json.load(f)
+    except (OSError, ValueError):
+        return {}
+    return {key: value for key, value in old.items() if key in written}
+
+
+def _staged(cfg: Config, data: RunData, info: WebVision, knn: str, val, oracle, device) -> tuple[dict, dict]:
+    """The seed's three trainings (and the oracle): baseline, +Stage1, +Stage1+Stage2."""
+    rank0 = comm.rank() == 0
+    run_dir, paths = cfg.run_dir, data.paths
     results, curves, aucs, weights = {}, {}, {}, None
+    spent_steps, spent_seconds = 0, 0.0  # what the weights of the next run cost: the runs and predictions so far
     runs = RUNS + ((ORACLE,) if oracle is not None else ())
     for index, (key, label) in enumerate(runs):
         if key == "oracle":
-            weights = oracle
+            weights, spent_steps, spent_seconds = oracle, 0, 0.0
         trainer, rows, seconds = _fit(cfg, TrainData(data.train, data.num_classes, data.labels, weights, data.wnids),
                                       os.path.join(run_dir, key), key, val)
         curves[key] = {"train": rows, "val": trainer.eval_rows}
-        results[key] = {"seconds": round(seconds, 1)}
+        spent_steps += _image_steps(cfg, trainer)
+        spent_seconds += seconds
+        results[key] = {"seconds": round(seconds, 1), "image_steps": spent_steps,
+                        "total_seconds": round(spent_seconds, 1)}
+        if key in aucs:
+            results[key]["weights_auc"] = aucs[key]
         if val is not None:
             results[key].update(trainer.evaluate(*val))
             if rank0:
@@ -249,32 +342,137 @@ def run(cfg: Config, data: RunData, oracle: torch.Tensor | None = None) -> dict:
         if cfg.experiment.predictions == "final":
             probs, classes = trainer.predict(data.train_eval, cfg.eval.topk, desc=f"predict {key}")
             trainer.close()
+            spent_steps += len(paths)
         else:
             trainer.close()
-            probs, classes = crossfit_predictions(cfg, data, weights, key)
+            probs, classes, fold_steps = crossfit_predictions(cfg, data, weights, key)
+            spent_steps += fold_steps + len(paths)
         results[key]["predict_seconds"] = round(time.perf_counter() - t0, 1)
+        spent_seconds += results[key]["predict_seconds"]
         if rank0:
             log.info("%s: predictions on the training images (%s) took %.0f s", label, cfg.experiment.predictions,
                      results[key]["predict_seconds"])
         weights_path = os.path.join(run_dir, f"weights_stage{stage}.tsv")
         predictions = os.path.join(run_dir, key, "predictions_train.tsv")
+        next_key = RUNS[stage][0]
 
         def weigh():
             write_predictions(predictions, paths, data.wnids, classes.numpy(), probs.numpy())
-            aucs[f"stage{stage}"] = _weights(cfg, info, knn, predictions, stage, weights_path,
-                                             os.path.join(run_dir, "weights_stage1.tsv") if stage == 2 else None)
+            auc = _weights(cfg, info, knn, predictions, stage, weights_path,
+                           os.path.join(run_dir, "weights_stage1.tsv") if stage == 2 else None)
+            if auc is not None:
+                aucs[next_key] = auc
 
+        t0 = time.perf_counter()
         on_rank0(f"stage-{stage} weights", weigh, device)
+        spent_seconds += time.perf_counter() - t0
+        aucs.update(comm.gather_objects(aucs)[0])  # rank 0 computed them
         weights = read_weight_table(weights_path, paths, allow_extra=bool(cfg.data.limit_train))
+    return results, curves
 
-    def report():
-        written = {**results, "predictions": cfg.experiment.predictions, "folds": cfg.experiment.folds}
-        if any(auc is not None for auc in aucs.values()):
-            written["weights_auc"] = aucs
-        atomic_write_text(os.path.join(run_dir, "results.json"), json.dumps(written, indent=2))
-        atomic_write_text(os.path.join(run_dir, "curves.json"), json.dumps(curves, indent=2))
-        plot_curves(os.path.join(run_dir, "curves.png"), curves)
-        print(table(results), flush=True)
 
-    on_rank0("writing the results", report, device)
-    return results
+def _online(cfg: Config, data: RunData, info: WebVision, knn: str, val, device) -> tuple[dict, dict]:
+    """One training whose weights are re-estimated at each epoch end (megaclass.engine.online);
+    `online_loss` from the per-image loss alone. The final weights go to `weights_<mode>.tsv`."""
+    from megaclass.engine.online import OnlineTrainer
+    from megaclass.semantics import read_knn_tsv
+    from megaclass.weighting.stage1 import knn_arrays
+
+    mode, rank0 = cfg.experiment.mode, comm.rank() == 0
+    neighbors = knn_arrays(data.wnids, read_knn_tsv(knn))[0]
+    estimate = OnlineEstimate(cfg, data, info, neighbors)
+    t0 = time.perf_counter()
+    trainer = OnlineTrainer(dataclasses.replace(cfg, run_dir=os.path.join(cfg.run_dir, mode)),
+                            TrainData(data.train, data.num_classes, data.labels, None, data.wnids),
+                            estimate, neighbors, cfg.experiment.warmup_epochs, name=mode)
+    rows = trainer.fit(val=val)
+    seconds = time.perf_counter() - t0
+    row = {"seconds": round(seconds, 1), "image_steps": _image_steps(cfg, trainer), "total_seconds": round(seconds, 1),
+           "bytes_per_image": trainer.views.bytes_per_image}
+    if val is not None:
+        row.update(trainer.evaluate(*val))
+        if rank0:
+            log.info("%s: top-1 %.2f%%  top-5 %.2f%%", mode, row["top1"], row["top5"])
+    weights = trainer.posterior.numpy()
+    trainer.close()
+
+    on_rank0(f"writing the {mode} weights", lambda: estimate.save(weights, os.path.join(cfg.run_dir, f"weights_{mode}.tsv")),
+             device)
+    history = comm.gather_objects(estimate.history if rank0 else None)[0]  # rank 0 made them
+    row["estimates"] = history
+    if history and history[-1].get("auc") is not None:
+        row["weights_auc"] = history[-1]["auc"]
+    return {mode: row}, {mode: {"train": rows, "val": trainer.eval_rows}}
+
+
+class OnlineEstimate:
+    """The weights `OnlineTrainer` asks for, on rank 0 (megaclass.weighting.online): with views None the
+    start weights (`online`: rank and the page text against the label's K nearest categories;
+    `online_loss`: 1), then from the forward passes' views. Each estimate's details (EM steps, clean
+    rate, AUC against data.root's truth where there is one) go to `history`."""
+
+    def __init__(self, cfg: Config, data: RunData, info: WebVision, neighbors):
+        self.cfg, self.info, self.neighbors = cfg, info, neighbors
+        self.mode = cfg.experiment.mode
+        self.paths, self.labels = data.paths, data.labels.numpy()
+        self.history: list[dict] = []
+        self._row = self._text = None
+
+    def _prepare(self) -> None:
+        """Where each training image's side information is, and (`online`) the text features, once."""
+        import numpy as np
+
+        from megaclass.data.columns import as_string_column, lookup
+
+        row = lookup(self.info.train.paths, as_string_column(self.paths))
+        if (row < 0).any():
+            raise ValueError(f"no side information for {int((row < 0).sum())} training images, e.g. "
+                             f"{self.paths[int(np.argmax(row < 0))]!r}")
+        self._row = row
+        if self.mode == "online":
+            from megaclass.weighting.keywords import KeywordExtractor
+            from megaclass.weighting.pipeline import query_or_class_texts
+            from megaclass.weighting.stage2 import Stage2Config, TextMargins, class_descriptions, keyword_bags
+
+            extractor, train, budget = KeywordExtractor(), self.info.train, Stage2Config()
+            bags = keyword_bags(extractor, train.titles, train.descriptions, train.tags, query_or_class_texts(self.info))
+            class_kw = [extractor(text) for text in class_descriptions(self.info.synsets)]
+            self._text = TextMargins(bags, class_kw, None, budget.min_df, budget.max_vocabulary,
+                                     progress=self.cfg.train.progress)
+
+    def __call__(self, views: dict | None, epoch: int):
+        import numpy as np
+
+        from megaclass.weighting.online import loss_weights, online_weights
+        from megaclass.weighting.pipeline import truth_auc
+
+        if self._row is None:
+            self._prepare()
+        details: dict = {"epoch": epoch}
+        if self.mode == "online_loss":
+            w = np.ones(len(self.labels)) if views is None else loss_weights(views["loss"], self.cfg.train.seed, details)
+        else:
+            row, train = self._row, self.info.train
+            info_labels = train.labels.astype(np.int64)
+            k = self.cfg.eval.topk
+            alternatives = np.full((len(info_labels), max(self.neighbors.shape[1], k)), -1, dtype=np.int64)
+            alternatives[:, :self.neighbors.shape[1]] = self.neighbors[info_labels]
+            cell = p_label = None
+            if views is not None:  # against the latest top-k where the model has seen the image, as stage 2
+                seen = row[views["seen"]]
+                alternatives[seen] = -1
+                alternatives[seen, :k] = views["top_k"][views["seen"]]
+                cell, p_label = views["cell"], views["p_label"]
+            margin = self._text(info_labels, alternatives)[row]
+            w = online_weights(np.asarray(train.sources)[row], np.asarray(train.ranks)[row], margin, cell, p_label,
+                               details)
+        details["auc"] = truth_auc(self.cfg.data.root, self.paths, w)[0]
+        self.history.append(details)
+        log.info("%s weights after epoch %d: mean %.3f%s", self.mode, epoch, float(np.mean(w)),
+                 "" if details["auc"] is None else f", AUC clean vs noisy {details['auc']:.4f}")
+        return w
+
+    def save(self, weights, out: str) -> None:
+        from megaclass.weighting.tables import write_weights
+
+        write_weights(out, self.paths, weights)

@@ -70,14 +70,8 @@ class Trainer:
     model (tests pass small plain modules); it must map images to [n, num_features] features."""
 
     def __init__(self, cfg: Config, data: TrainData, backbone: torch.nn.Module | None = None, name: str = "train"):
-        if data.sample_weights is not None and cfg.data.weight_knee is not None:
-            data = dataclasses.replace(data, sample_weights=(data.sample_weights / cfg.data.weight_knee).clamp(max=1.0))
-        if data.sample_weights is not None and cfg.data.normalize_weights:
-            mean = float(data.sample_weights.mean())
-            if mean <= 0:
-                raise ValueError("every loss weight is 0: nothing to train on")
-            data = dataclasses.replace(data, sample_weights=data.sample_weights / mean)
-        self.cfg, self.data, self.name = cfg, data, name
+        self.cfg, self.name = cfg, name
+        self.data = dataclasses.replace(data, sample_weights=self.loss_weights(data.sample_weights))
         self.world, self.rank = comm.world_size(), comm.rank()
         self.device = device_of_rank()
         self.input_dtype = torch.bfloat16 if cfg.parallel.precision == "bf16" else torch.float32
@@ -85,6 +79,18 @@ class Trainer:
         self.checkpoint_step = None  # the step of the checkpoint this run last loaded or saved
         self.ckpt_root = os.path.join(cfg.run_dir, "checkpoints")
         self._build(backbone)
+
+    def loss_weights(self, weights: torch.Tensor | None) -> torch.Tensor | None:
+        """The per-image loss weights s_i used in training from the given ones: through `data.weight_knee`,
+        then scaled to mean 1 (`data.normalize_weights`)."""
+        if weights is not None and self.cfg.data.weight_knee is not None:
+            weights = (weights / self.cfg.data.weight_knee).clamp(max=1.0)
+        if weights is not None and self.cfg.data.normalize_weights:
+            mean = float(weights.mean())
+            if mean <= 0:
+                raise ValueError("every loss weight is 0: nothing to train on")
+            weights = weights / mean
+        return weights
 
     def _schedule_steps(self, data_world: int) -> None:
         cfg = self.cfg
@@ -146,6 +152,7 @@ class Trainer:
         """Collective: restore the engine, the head and their optimizers from the checkpoint `folder`."""
         self.step = checkpoint.load(folder, self.engine, self.head, self.head_optimizer, self.class_range,
                                     self.data.num_classes, classes=self.data.wnids)
+        self.load_extra(folder)
         self.checkpoint_step = self.step
         log.info("%s: loaded %s (step %d)", self.name, folder, self.step)
         for _ in range(self.step if self.head is not None else 0):
@@ -161,7 +168,7 @@ class Trainer:
         try:
             folder = checkpoint.save(self.ckpt_root, self.step, self.engine, self.head, self.head_optimizer,
                                      self.class_range, self.data.num_classes, writer=self.rank == 0,
-                                     keep=self.cfg.checkpoint.keep, extra_meta=self._meta())
+                                     keep=self.cfg.checkpoint.keep, extra_meta=self._meta(), extra=self.save_extra)
         except checkpoint.SaveError as exc:
             if self.cfg.checkpoint.on_save_error == "stop" or self.step >= self.last_step:
                 raise
@@ -171,6 +178,18 @@ class Trainer:
         self.checkpoint_step = self.step
         log.info("%s: saved %s", self.name, folder)
         return folder
+
+    def save_extra(self, folder: str) -> None:
+        """Write this rank's state beyond the model's into checkpoint `folder` (a subclass's; none here)."""
+
+    def load_extra(self, folder: str) -> None:
+        """Restore what `save_extra` wrote into checkpoint `folder` (none here)."""
+
+    def observe(self, features: torch.Tensor, labels: torch.Tensor, index: torch.Tensor) -> None:
+        """See each training micro-batch's features [n, D] (detached), labels and image indices (none here)."""
+
+    def end_epoch(self, epoch: int) -> None:
+        """Called on every rank when epoch `epoch` (counted from 1) has ended (nothing here)."""
 
     def _meta(self) -> dict:
         """What meta.json records beside the step, world size and class count."""
@@ -189,6 +208,7 @@ class Trainer:
             # gradient of the global loss; DeepSpeed then averages the backbone's over the P ranks: scale by P
             features = comm.scale_grad(self.engine(images).float(), self.data_world)
             loss = self.head(features, labels, weights, gather_input=True, weight_grad_into=self._head_grad_into())
+            self.observe(features.detach(), labels, index)
             self.engine.backward(loss)
             self.engine.step()
             total += float(loss.detach())
@@ -253,9 +273,11 @@ class Trainer:
                 if self.step % cfg.train.log_every == 0 or self.step == self.last_step:
                     monitor.log(self.step, **row)
                     rows.append({"step": self.step, **row})
+                epoch, end_of_epoch = divmod(self.step, self.steps_per_epoch)
+                if end_of_epoch == 0:  # before a save of this step: a resumed run would not run it again
+                    self.end_epoch(epoch)
                 if cfg.train.save_every and self.step % cfg.train.save_every == 0 and self.step < self.last_step:
                     self.save()
-                epoch, end_of_epoch = divmod(self.step, self.steps_per_epoch)
                 if val is not None and cfg.eval.every_epochs and end_of_epoch == 0 and epoch % cfg.eval.every_epochs == 0:
                     result = {"epoch": epoch, **self.evaluate(*val)}
                     self.eval_rows.append(result)

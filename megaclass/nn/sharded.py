@@ -134,21 +134,28 @@ def clip_head_grad_(head: nn.Module, max_norm: float, group=None) -> float:
 
 @torch.no_grad()
 def sharded_topk(features: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, class_start: int,
-                 k: int, group=None, chunk_rows: int = 1024) -> tuple[torch.Tensor, torch.Tensor]:
+                 k: int, group=None, chunk_rows: int = 1024, labels: torch.Tensor | None = None):
     """Top-k softmax probabilities over the classes of all ranks.
 
     features: [n, D] identical on every rank of `group`; weight: [C_local, D] rows of classes
     [class_start, class_start + C_local). Returns (probs [n, k], classes [n, k]) on every rank, best
-    first. Logits are formed a chunk of rows at a time; per rank only its top-k and its logsumexp
-    travel (an all-gather of [n, k] candidates), never [n, C]."""
+    first; with `labels` [n] (global class ids), also log p(label) [n] fp32, the label's log-softmax
+    over all classes. Logits are formed a chunk of rows at a time; per rank only its top-k, its
+    logsumexp and its label logits travel (an all-gather of [n, k] candidates), never [n, C]."""
     k_local = min(k, weight.shape[0])
-    values, classes, lses = [], [], []
-    for rows in features.split(chunk_rows):
+    values, classes, lses, label_logits = [], [], [], []
+    for lo in range(0, features.shape[0], chunk_rows):
+        rows = features[lo:lo + chunk_rows]
         logits = torch.nn.functional.linear(rows.to(weight.dtype), weight, bias).float()
         lses.append(torch.logsumexp(logits, dim=1))
         v, i = logits.topk(k_local, dim=1)
         values.append(v)
         classes.append(i + class_start)
+        if labels is not None:  # the rank that holds a row's label has its logit, the others -inf
+            local = labels[lo:lo + chunk_rows].to(logits.device) - class_start
+            mine = (local >= 0) & (local < weight.shape[0])
+            z = logits.gather(1, local.clamp(0, weight.shape[0] - 1)[:, None]).squeeze(1)
+            label_logits.append(torch.where(mine, z, torch.full_like(z, float("-inf"))))
     v, c, lse = torch.cat(values), torch.cat(classes), torch.cat(lses)
     if k_local < k:  # a rank with fewer than k classes pads with impossible candidates
         pad = k - k_local
@@ -161,4 +168,8 @@ def sharded_topk(features: torch.Tensor, weight: torch.Tensor, bias: torch.Tenso
     cand_v = all_v.permute(1, 0, 2).reshape(v.shape[0], -1)
     cand_c = all_c.permute(1, 0, 2).reshape(v.shape[0], -1)
     best_v, pos = cand_v.topk(k, dim=1)
-    return (best_v - lse_global[:, None]).exp(), cand_c.gather(1, pos)
+    top = ((best_v - lse_global[:, None]).exp(), cand_c.gather(1, pos))
+    if labels is None:
+        return top
+    z_label = comm.all_gather_stacked(torch.cat(label_logits), group).amax(dim=0)
+    return (*top, z_label - lse_global)

@@ -136,6 +136,16 @@ def gather_objects(obj, group=None) -> list:
     return out
 
 
+def gather_objects_to(obj, dst: int = 0, group=None) -> list | None:
+    """Each rank's picklable object, on global rank `dst` alone (rank order; None elsewhere): per-rank
+    state too large to copy to every rank."""
+    if world_size(group) == 1:
+        return [obj]
+    out = [None] * world_size(group) if rank() == dst else None
+    dist.gather_object(obj, out, dst=dst, group=group)
+    return out
+
+
 def _reduce_scatter_rows(x: torch.Tensor, group) -> torch.Tensor:
     p = world_size(group)
     if x.shape[0] % p:

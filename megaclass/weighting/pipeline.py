@@ -127,24 +127,31 @@ def _stage1_from_file(path: str | os.PathLike, paths) -> np.ndarray:
     return clip01(weights)
 
 
+def truth_auc(root: str | os.PathLike, paths, weights: np.ndarray):
+    """(AUC of `weights` for clean vs noisy images, known [N], clean [N]) where `root` has a
+    `truth_train.tsv` (synthetic data), over the images it lists; (None, None, None) without one."""
+    from megaclass.data.synth import read_truth
+    from megaclass.weighting.metrics import roc_auc
+
+    truth = read_truth(root) if root else None
+    if truth is None:
+        return None, None, None
+    known = np.fromiter((p in truth for p in paths), dtype=bool, count=len(weights))
+    clean = np.fromiter((p in truth and truth[p].clean for p in paths), dtype=bool, count=len(weights))
+    return roc_auc(weights[known], clean[known]), known, clean
+
+
 def save_weights(result: WeightsResult, root: str | os.PathLike, out: str | os.PathLike, plot: bool = True) -> str:
     """Write OUT_TSV and (with `plot`) the PNG beside it; returns a one-line summary. When `root` has a
     `truth_train.tsv` (synthetic data) the line gives the AUC of the weights for clean vs noisy images,
     over the images that file lists: an image it lacks is unknown, not clean, and is left out (counted)."""
-    from megaclass.data.synth import read_truth
-    from megaclass.weighting.metrics import roc_auc
     from megaclass.weighting.plot import plot_weights
     from megaclass.weighting.tables import write_weights
 
     write_weights(out, result.paths, result.weights)
-    truth = read_truth(root)
-    clean = known = None
+    result.auc, known, clean = truth_auc(root, result.paths, result.weights)
     line = f"stage {result.stage}: {len(result.weights)} weights, mean {result.weights.mean():.3f} -> {out}"
-    if truth is not None:
-        known = np.fromiter((p in truth for p in result.paths), dtype=bool, count=len(result.weights))
-        clean = np.fromiter((p in truth and truth[p].clean for p in result.paths), dtype=bool,
-                            count=len(result.weights))
-        result.auc = roc_auc(result.weights[known], clean[known])
+    if result.auc is not None:
         line += f"; AUC clean vs noisy {result.auc:.4f}"
         if not known.all():
             line += f" ({int((~known).sum())} images not in truth_train.tsv excluded)"

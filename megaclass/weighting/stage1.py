@@ -61,6 +61,13 @@ def prediction_cells(labels: np.ndarray, pred_classes: np.ndarray, pred_probs: n
     return np.where((pc >= 0).any(1), cell, -1), p_label
 
 
+def rank_values(ranks) -> np.ndarray:
+    """Search ranks as float64 with NaN for unknown, from [N] ints or None, or an int array (0 = unknown)."""
+    if isinstance(ranks, np.ndarray) and ranks.dtype.kind in "iu":
+        return np.where(ranks > 0, ranks, np.nan)
+    return np.array([np.nan if r is None else r for r in ranks], dtype=np.float64)
+
+
 def rank_view(sources: Sequence[str], ranks: np.ndarray):
     """The EM view of the search rank: P(clean | source, rank), non-increasing in rank per source."""
     source_of = np.unique(np.asarray(sources), return_inverse=True)[1]
@@ -104,10 +111,7 @@ def stage1_weights(labels: np.ndarray, sources: Sequence[str], ranks: Sequence[i
     `details`, when given, receives the fitted rates per cell and the EM's iteration count.
     """
     labels = np.asarray(labels, dtype=np.int64)
-    if isinstance(ranks, np.ndarray) and ranks.dtype.kind in "iu":
-        ranks = np.where(ranks > 0, ranks, np.nan)
-    else:
-        ranks = np.array([np.nan if r is None else r for r in ranks], dtype=np.float64)
+    ranks = rank_values(ranks)
     cell, p_label = prediction_cells(labels, pred_classes, pred_probs, neighbors)
     start = (p_label + 0.5) / 2
     info: dict = {}

@@ -125,21 +125,36 @@ def text_vectors(image_kw: KeywordBags | Sequence[Sequence[str]], class_kw: Sequ
     return embeddings.bags(image_kw, idf, unseen), embeddings.bags(class_kw, idf, unseen)
 
 
+class TextMargins:
+    """The text features of every image and class, built once (the vocabulary encoded, the IDF counted);
+    calling it gives `text_margin` against any alternatives, `chunk` images at a time: the [N, D] image
+    vectors (25 GB at 16M images) never exist, only a chunk's."""
+
+    def __init__(self, image_kw: KeywordBags | Sequence[Sequence[str]], class_kw: Sequence[Sequence[str]],
+                 embeddings: KeywordEmbeddings | None = None, min_df: int = 1, max_vocabulary: int | None = None,
+                 progress: bool = False):
+        embeddings, image_kw, idf, unseen = _vocabulary(image_kw, class_kw, embeddings, min_df, max_vocabulary,
+                                                        progress)
+        self.class_vectors = embeddings.bags(class_kw, idf, unseen)
+        self.pool = embeddings.pooler(image_kw, idf, unseen)
+        self.size = len(image_kw)
+
+    def __call__(self, labels: np.ndarray, alternatives: np.ndarray, chunk: int = 8192) -> np.ndarray:
+        """m [N]: labels [N]; alternatives [N, k] the classes the label is compared with (-1 = none)."""
+        labels, alternatives = np.asarray(labels, dtype=np.int64), np.asarray(alternatives)
+        out = np.empty(self.size, dtype=np.float64)
+        for lo in range(0, self.size, chunk):
+            hi = min(lo + chunk, self.size)
+            out[lo:hi] = text_margin(self.pool(lo, hi), labels[lo:hi], alternatives[lo:hi], self.class_vectors, chunk)
+        return out
+
+
 def text_margins(image_kw: KeywordBags | Sequence[Sequence[str]], class_kw: Sequence[Sequence[str]],
                  labels: np.ndarray, pred_classes: np.ndarray, embeddings: KeywordEmbeddings | None = None,
                  min_df: int = 1, max_vocabulary: int | None = None, chunk: int = 8192,
                  progress: bool = False) -> np.ndarray:
-    """`text_margin` of `text_vectors`, `chunk` images at a time: the [N, D] image vectors (25 GB at
-    16M images) never exist, only a chunk's."""
-    embeddings, image_kw, idf, unseen = _vocabulary(image_kw, class_kw, embeddings, min_df, max_vocabulary, progress)
-    class_vectors = embeddings.bags(class_kw, idf, unseen)
-    pool = embeddings.pooler(image_kw, idf, unseen)
-    labels, pred_classes = np.asarray(labels, dtype=np.int64), np.asarray(pred_classes)
-    out = np.empty(len(image_kw), dtype=np.float64)
-    for lo in range(0, len(out), chunk):
-        hi = min(lo + chunk, len(out))
-        out[lo:hi] = text_margin(pool(lo, hi), labels[lo:hi], pred_classes[lo:hi], class_vectors, chunk)
-    return out
+    """`text_margin` of `text_vectors` against the predicted classes (`TextMargins`, used once)."""
+    return TextMargins(image_kw, class_kw, embeddings, min_df, max_vocabulary, progress)(labels, pred_classes, chunk)
 
 
 def stage2_weights(w1: np.ndarray, labels: np.ndarray, pred_classes: np.ndarray, image_vectors: np.ndarray,
@@ -155,6 +170,22 @@ def stage2_weights(w1: np.ndarray, labels: np.ndarray, pred_classes: np.ndarray,
     return stage2_from_margins(w1, margin, details)
 
 
+def margin_view(margin: np.ndarray):
+    """The EM view of the page text: P(clean | margin), non-decreasing in the margin (NaN: the page
+    says nothing, no evidence)."""
+    speaks = ~np.isnan(margin)
+    by_margin = MonotoneRate(margin[speaks], True) if speaks.any() else None  # sorted once, not per EM step
+
+    def fit(r: np.ndarray) -> np.ndarray:
+        out = np.full(len(r), np.nan)
+        if by_margin is not None:
+            rho = float(r[speaks].mean())
+            out[speaks] = log_odds_ratio(by_margin(r[speaks], rho), rho)
+        return out
+
+    return fit
+
+
 def _check_stage1(w1) -> np.ndarray:
     w1 = np.asarray(w1, dtype=np.float64)
     if np.any((w1 <= 0) | (w1 >= 1)) or not np.all(np.isfinite(w1)):
@@ -168,17 +199,8 @@ def stage2_from_margins(w1: np.ndarray, margin: np.ndarray, details: dict | None
     with a margin and the EM's iteration count, last mean move and whether it converged."""
     w1 = _check_stage1(w1)
     speaks = ~np.isnan(margin)
-    by_margin = MonotoneRate(margin[speaks], True) if speaks.any() else None  # sorted once, not per EM step
-
-    def text_view(r: np.ndarray) -> np.ndarray:
-        out = np.full(len(r), np.nan)
-        if by_margin is not None:
-            rho = float(r[speaks].mean())
-            out[speaks] = log_odds_ratio(by_margin(r[speaks], rho), rho)
-        return out
-
     info: dict = {}
-    s, _, iterations = em([text_view], w1, prior_logit=logit(w1), info=info)
+    s, _, iterations = em([margin_view(margin)], w1, prior_logit=logit(w1), info=info)
     s[~speaks] = w1[~speaks]  # no evidence: exactly the stage-1 weight, not a rounding of it
     if details is not None:
         details.update(pages_with_margin=float(speaks.mean()), em_iterations=iterations,
