@@ -35,7 +35,7 @@ def test_online_weights_recover_a_known_mixture_and_each_view_adds():
     sources = ["google"] * len(ranks)
     start_details, details = {}, {}
     w0 = online_weights(sources, ranks, margin, details=start_details)
-    w = online_weights(sources, ranks, margin, cell, p_label, details)
+    w = online_weights(sources, ranks, margin, cell, p_label, start=w0, details=details)
     assert abs(details["clean_rate"] - clean.mean()) < 0.03, (details["clean_rate"], clean.mean())
     assert details["em_converged"] and start_details["em_converged"]
     # rank and text together beat either alone; the predictions add to both

@@ -408,7 +408,8 @@ def _online(cfg: Config, data: RunData, info: WebVision, knn: str, val, device) 
 class OnlineEstimate:
     """The weights `OnlineTrainer` asks for, on rank 0 (megaclass.weighting.online): with views None the
     start weights (`online`: rank and the page text against the label's K nearest categories;
-    `online_loss`: 1), then from the forward passes' views. Each estimate's details (EM steps, clean
+    `online_loss`: 1), then from the forward passes' views, EM starting from `current`, the weights
+    in use. Each estimate's details (EM steps, clean
     rate, AUC against data.root's truth where there is one) go to `history`."""
 
     def __init__(self, cfg: Config, data: RunData, info: WebVision, neighbors):
@@ -440,7 +441,7 @@ class OnlineEstimate:
             self._text = TextMargins(bags, class_kw, None, budget.min_df, budget.max_vocabulary,
                                      progress=self.cfg.train.progress)
 
-    def __call__(self, views: dict | None, epoch: int):
+    def __call__(self, views: dict | None, epoch: int, current=None):
         import numpy as np
 
         from megaclass.weighting.online import loss_weights, online_weights
@@ -465,7 +466,7 @@ class OnlineEstimate:
                 cell, p_label = views["cell"], views["p_label"]
             margin = self._text(info_labels, alternatives)[row]
             w = online_weights(np.asarray(train.sources)[row], np.asarray(train.ranks)[row], margin, cell, p_label,
-                               details)
+                               current, details)
         details["auc"] = truth_auc(self.cfg.data.root, self.paths, w)[0]
         self.history.append(details)
         log.info("%s weights after epoch %d: mean %.3f%s", self.mode, epoch, float(np.mean(w)),

@@ -125,9 +125,9 @@ class ImageViews:
 class OnlineTrainer(Trainer):
     """A `Trainer` whose loss weights are re-estimated at each epoch end from `ImageViews`.
 
-    estimate(views | None, epoch) -> weights [N] in (0, 1] runs on rank 0 alone: with None for the start
-    weights (before training), then with `ImageViews.gather()`'s dict at the end of each epoch from the
-    warm-up on. neighbors: [C, K] the labels' K nearest categories (stage 1's cells)."""
+    estimate(views | None, epoch[, current]) -> weights [N] in (0, 1] runs on rank 0 alone: with None for
+    the start weights (before training), then at the end of each epoch from the warm-up on with
+    `ImageViews.gather()`'s dict and the weights in use (restored with a checkpoint). neighbors: [C, K] the labels' K nearest categories (stage 1's cells)."""
 
     def __init__(self, cfg, data: TrainData, estimate, neighbors: np.ndarray, warmup_epochs: int,
                  backbone=None, name: str = "online"):
@@ -175,7 +175,8 @@ class OnlineTrainer(Trainer):
             return  # nothing seen yet, or no epoch left to weigh
         self.views.fold()
         views = self.views.gather()
-        self._apply(self._agree_on(lambda: self.estimate(views, epoch), f"the re-estimate after epoch {epoch}"))
+        current = self.posterior.numpy() if self.rank == 0 else None
+        self._apply(self._agree_on(lambda: self.estimate(views, epoch, current), f"the re-estimate after epoch {epoch}"))
 
     def save_extra(self, folder: str) -> None:
         where = os.path.join(folder, STATE_DIR)

@@ -50,16 +50,18 @@ def rank_start(sources, ranks) -> np.ndarray:
 
 
 def online_weights(sources, ranks, margin: np.ndarray, cell: np.ndarray | None = None,
-                   p_label: np.ndarray | None = None, details: dict | None = None) -> np.ndarray:
+                   p_label: np.ndarray | None = None, start: np.ndarray | None = None,
+                   details: dict | None = None) -> np.ndarray:
     """P(the label is right) [N] from the rank and the text margin [N] (NaN: the page says nothing) and,
-    once the model has seen images, their prediction cell [N] (-1: not seen yet) and mean p(label) [N]."""
+    once the model has seen images, their prediction cell [N] (-1: not seen yet) and mean p(label) [N].
+    EM starts from `start` [N] in (0, 1), the previous estimate (default: `rank_start`): a young
+    model's predictions carry little, and EM started from them, as stage 1 starts from a trained
+    model's, settles where they put it."""
     views = [rank_view(sources, rank_values(ranks)), margin_view(margin)]
-    start = rank_start(sources, ranks)
+    start = rank_start(sources, ranks) if start is None else clip01(np.asarray(start, dtype=np.float64))
     if cell is not None and (cell >= 0).any():
         p_label = np.round(np.nan_to_num(p_label) / P_LABEL_STEP) * P_LABEL_STEP
         views.append(prediction_view(cell, p_label))
-        seen = cell >= 0
-        start[seen] = (p_label[seen] + 0.5) / 2  # stage 1's start where there are predictions
     info: dict = {}
     w, _, steps = em(views, start, info=info)
     if details is not None:
