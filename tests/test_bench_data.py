@@ -54,6 +54,7 @@ def test_tiny_bench_writes_json_and_plot(tmp_path):
     assert row["images"] == 1400 and row["read"]["images"] == 1400  # every generated image read back
     for step in STEPS:
         assert row[step]["seconds"] > 0 and row[step]["cpu_seconds"] > 0 and row[step]["peak_rss_bytes"] > 0
+        assert 0 < row[step]["read_peak_rss_bytes"] <= row[step]["peak_rss_bytes"]  # a part of the step's peak
     assert row["stage1"]["images"] == 1400 and row["stage1"]["without_predictions"] == 0
     assert row["stage2"]["without_predictions"] == 0 and row["read_plus_stages_s"] > 0
     (big,) = result["extrapolated"]
