@@ -1,7 +1,7 @@
 """The one memory probe: what a run, a benchmark or a test reports as memory.
 
 CUDA: bytes the caching allocator handed out (`torch.cuda.max_memory_allocated`). CPU: the process's
-resident set, now (`/proc/self/statm`) or at its peak (`getrusage`, which Linux reports in KiB);
+resident set, now (`/proc/self/statm`) or at its peak (VmHWM of `/proc/self/status`);
 `MemoryProbe`: the peak added since a point (a benchmark's inputs), resettable.
 """
 from __future__ import annotations
@@ -17,8 +17,13 @@ def rss_bytes() -> int:
 
 
 def peak_rss_bytes(children: bool = False) -> int:
-    """The peak resident set of this process, or with `children` of its largest finished child."""
-    return resource.getrusage(resource.RUSAGE_CHILDREN if children else resource.RUSAGE_SELF).ru_maxrss * 1024
+    """The peak resident set of this process (since a `MemoryProbe` reset, if any), or with `children` of its
+    largest finished child. Its own is VmHWM, not getrusage: Linux carries ru_maxrss across exec, so a child
+    that Python's subprocess starts (vfork, then exec) would report at least its parent's peak."""
+    if children:
+        return resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmHWM"))
 
 
 def peak_memory_bytes(device) -> int:
@@ -61,6 +66,5 @@ class MemoryProbe:
 
             peak = torch.cuda.max_memory_allocated()
         else:
-            with open("/proc/self/status") as f:  # VmHWM: the high-water mark clear_refs resets (getrusage's is not)
-                peak = next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmHWM"))
+            peak = peak_rss_bytes()  # VmHWM: the high-water mark clear_refs resets (getrusage's is not)
         return max(0, peak - self.base)

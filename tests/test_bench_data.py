@@ -54,6 +54,7 @@ def test_tiny_bench_writes_json_and_plot(tmp_path):
     assert row["images"] == 1400 and row["read"]["images"] == 1400  # every generated image read back
     for step in STEPS:
         assert row[step]["seconds"] > 0 and row[step]["cpu_seconds"] > 0 and row[step]["peak_rss_bytes"] > 0
+        assert 0 < row[step]["read_peak_rss_bytes"] <= row[step]["peak_rss_bytes"]  # a part of the step's peak
     assert row["stage1"]["images"] == 1400 and row["stage1"]["without_predictions"] == 0
     assert row["stage2"]["without_predictions"] == 0 and row["read_plus_stages_s"] > 0
     (big,) = result["extrapolated"]
@@ -63,3 +64,15 @@ def test_tiny_bench_writes_json_and_plot(tmp_path):
     assert row["stage1"]["em_converged"] and row["stage2"]["text_em_converged"]
     assert (tmp_path / "bench.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert not (tmp_path / "work" / "data_1400").exists()  # generated data removed
+
+
+def test_a_child_reports_its_own_peak_not_its_parents():
+    """A child started by subprocess (vfork + exec) from a parent that touched 400 MB: its peak is its own
+    (a bare Python, well under 200 MB), where getrusage would report the parent's."""
+    import subprocess
+    import sys
+
+    held = np.ones(400 * 2**20, dtype=np.uint8)  # touched: resident in this process
+    code = "from megaclass.memory import peak_rss_bytes; print(peak_rss_bytes())"
+    child = int(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout)
+    assert 0 < child < 200 * 2**20 < held.nbytes

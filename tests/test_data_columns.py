@@ -89,6 +89,24 @@ def test_string_column_take_and_round_trip():
     assert column.lengths().tolist() == [len(s.encode()) for s in strings]
 
 
+def test_string_builder_column_is_the_utf8_bytes_and_the_builder_starts_again():
+    """The column is the strings' UTF-8 bytes end to end with offsets at their boundaries (built here by
+    hand); a lone surrogate is replaced; after `finish` the builder is empty and its next column is
+    separate from the first."""
+    from megaclass.data.columns import StringBuilder
+
+    builder = StringBuilder()
+    for s in ["crane", "", "鶴", "a\ud800b"]:
+        builder.append(s)
+    first = builder.finish()
+    assert first.buffer.tobytes() == b"crane" + "鶴".encode() + b"a?b"
+    assert first.offsets.tolist() == [0, 5, 5, 8, 11] and first.buffer.dtype == np.uint8
+    builder.append("heron")
+    second = builder.finish()
+    assert second.tolist() == ["heron"] and first.tolist() == ["crane", "", "鶴", "a?b"]
+    assert len(builder.finish()) == 0 and builder.finish().buffer.nbytes == 0
+
+
 def test_take_in_blocks_equals_indexing(monkeypatch):
     monkeypatch.setattr(StringColumn, "TAKE_BLOCK", 3)  # 10 strings taken: the last block short
     strings = ["", "crane", "grüne Küken", "", "x" * 300, "鶴"]

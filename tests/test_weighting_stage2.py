@@ -127,3 +127,17 @@ def test_chunked_text_margins_equal_a_float64_reference():
             want = t @ classes[labels[i]] - max(t @ classes[c] for c in others)
             assert got[i] == pytest.approx(want, abs=1e-5), i
     assert np.isnan(got[0]) and np.isnan(got[5])
+
+
+def test_keyword_bags_keep_drops_words_and_keeps_empty_bags():
+    """`keep` against lists filtered by hand: empty bags first, inside and last, a bag emptied by the mask."""
+    from megaclass.weighting.text import KeywordBags
+
+    lists = [[], ["crane", "bird"], [], ["lift"], ["bird", "marsh", "crane"], []]
+    bags = KeywordBags.of(lists)
+    drop = {"crane", "lift"}
+    kept = bags.keep(np.array([w not in drop for w in bags.words]))
+    assert kept.tolist() == [[w for w in ws if w not in drop] for ws in lists]
+    assert kept.offsets.tolist() == [0, 0, 1, 1, 1, 3, 3] and kept.words == bags.words
+    none = KeywordBags.of([[], []]).keep(np.zeros(0, dtype=bool))
+    assert none.tolist() == [[], []] and KeywordBags.of([]).keep(np.zeros(0, dtype=bool)).tolist() == []

@@ -13,7 +13,7 @@ recorded: on a shared machine the CPU time of the step's process is the steadier
 columns), `keywords` (keyword extraction on the columns), `stage1` and `stage2` (`megaclass weights
 --stage 1`, then `--stage 2 --stage1 OUT1`, as `compute_weights` + `save_weights` run them, without
 the PNG). A step's time excludes the reading it repeats; its peak RSS includes it (that is what the
-command needs). Sizes given in `--extrapolate` are predicted, not run: each step's wall time, CPU time
+command needs), and `read_peak_rss_bytes` is its peak at the end of that reading. Sizes given in `--extrapolate` are predicted, not run: each step's wall time, CPU time
 and peak RSS are fitted as `fixed + per_image·N` (least squares with both terms non-negative) to the
 measured sizes. A straight line, not a power law: a fixed start-up cost (Python, torch, the encoder:
 ~0.5 GB and seconds) makes the log-log slope of small runs well below 1 and a power law fitted to them
@@ -120,7 +120,8 @@ def _step(step: str, root: str, out: str) -> dict:
     start, cpu = time.perf_counter(), time.process_time()
     data = load_metadata(root_path, check_images=False)
     result = {"read_s": time.perf_counter() - start, "read_cpu_s": time.process_time() - cpu,
-              "images": len(data.train), "column_bytes": data.train.nbytes}
+              "images": len(data.train), "column_bytes": data.train.nbytes,
+              "read_peak_rss_bytes": peak_rss_bytes()}  # whether the step's peak is its reading's or its own
     start, cpu = time.perf_counter(), time.process_time()
     if step == "keywords":
         from megaclass.weighting.keywords import KeywordExtractor
@@ -267,7 +268,8 @@ def run(args) -> int:
 def markdown(result: dict) -> str:
     """The results as Markdown tables (the figures of docs/scale.md): every step of every size, measured
     or extrapolated (marked), then each fit."""
-    lines = ["| N | | step | wall s | CPU s | peak RSS GB | EM steps (mean move) |", "| ---: | --- | --- | ---: | ---: | ---: | --- |"]
+    lines = ["| N | | step | wall s | CPU s | peak RSS GB | of it, reading GB | EM steps (mean move) |",
+             "| ---: | --- | --- | ---: | ---: | ---: | ---: | --- |"]
     for row in result["measured"] + result["extrapolated"]:
         kind = "**extrapolated**" if row["extrapolated"] else "measured"
         for step in STEPS:
@@ -276,10 +278,11 @@ def markdown(result: dict) -> str:
                            for steps, move, ok in (("em_steps", "em_mean_change", "em_converged"),
                                                    ("text_em_steps", "text_em_mean_change", "text_em_converged"))
                            if steps in r)
+            reading = f"{r['read_peak_rss_bytes'] / 1e9:.2f}" if "read_peak_rss_bytes" in r else ""
             lines.append(f"| {row['images']:,} | {kind} | {step} | {r['seconds']:.1f} | {r['cpu_seconds']:.1f} | "
-                         f"{r['peak_rss_bytes'] / 1e9:.2f} | {em} |")
+                         f"{r['peak_rss_bytes'] / 1e9:.2f} | {reading} | {em} |")
         lines.append(f"| {row['images']:,} | {kind} | read + stage 1 + stage 2 | {row['read_plus_stages_s']:.0f} | "
-                     f"{row['read_plus_stages_cpu_s']:.0f} | {row['max_peak_rss_bytes'] / 1e9:.2f} (max) | |")
+                     f"{row['read_plus_stages_cpu_s']:.0f} | {row['max_peak_rss_bytes'] / 1e9:.2f} (max) | | |")
     if result["fits"]:
         lines += ["", "| step | quantity | fixed | per image | per million | log-log slope, largest two |",
                   "| --- | --- | ---: | ---: | ---: | ---: |"]

@@ -79,39 +79,28 @@ class StringColumn:
 
 
 class StringBuilder:
-    """Appends strings into a `StringColumn`, joining them a block at a time so that no more than a
-    block of per-string objects ever exists."""
-
-    BLOCK = 65536
+    """Appends strings into a `StringColumn`: the bytes into one growing bytearray and the offsets into
+    one growing array, which become the column's arrays without a copy. Once large, glibc grows each in
+    place with mremap; blocks joined and then copied into the column would leave their freed space in
+    the heap, resident beside the column (measured: 2.29 GB instead of ~1.5 GB reading 2M images)."""
 
     def __init__(self):
-        self._blocks: list[bytes] = []
-        self._lengths = array("q")
-        self._pending: list[bytes] = []
+        self._data, self._offsets = bytearray(), array("q", [0])
 
     def append(self, s: str) -> None:
-        b = s.encode("utf-8", errors="replace")  # lone surrogates from a JSON escape: replaced, not fatal
-        self._pending.append(b)
-        self._lengths.append(len(b))
-        if len(self._pending) >= self.BLOCK:
-            self._flush()
-
-    def _flush(self) -> None:
-        self._blocks.append(b"".join(self._pending))
-        self._pending = []
+        self._data += s.encode("utf-8", errors="replace")  # lone surrogates from a JSON escape: replaced, not fatal
+        self._offsets.append(len(self._data))
 
     def finish(self) -> StringColumn:
-        self._flush()
-        blocks, self._blocks = self._blocks, []
-        buffer = np.empty(sum(len(b) for b in blocks), dtype=np.uint8)
-        at = 0
-        for i, block in enumerate(blocks):  # each block freed once copied: the text exists once, not three times
-            buffer[at:at + len(block)] = np.frombuffer(block, dtype=np.uint8)
-            at += len(block)
-            blocks[i] = None
-        offsets = np.zeros(len(self._lengths) + 1, dtype=np.int64)
-        np.cumsum(np.frombuffer(self._lengths, dtype=np.int64), out=offsets[1:])
-        return StringColumn(buffer, offsets)
+        """The column; the builder starts empty again."""
+        data, offsets = self._data, self._offsets
+        self._data, self._offsets = bytearray(), array("q", [0])
+        return StringColumn(np.frombuffer(data, dtype=np.uint8), np.frombuffer(offsets, dtype=np.int64))
+
+
+def array_column(a: array, dtype) -> np.ndarray:
+    """`a` as a numpy array sharing its memory (no copy at the end of reading); `a` must not grow again."""
+    return np.frombuffer(a, dtype=dtype)
 
 
 @dataclass(slots=True)
@@ -214,11 +203,10 @@ class TrainBuilder:
         self.tags.append(tags)
 
     def finish(self) -> TrainColumns:
-        def numeric(a: array, dtype) -> np.ndarray:
-            return np.frombuffer(a, dtype=dtype).copy() if len(a) else np.zeros(0, dtype=dtype)
-
-        return TrainColumns(self.paths.finish(), numeric(self.labels, np.int32), numeric(self.sources, np.uint8),
-                            numeric(self.queries, np.int32), list(self._query_index), numeric(self.ranks, np.int32),
+        """The columns, sharing the builder's memory: append nothing afterwards."""
+        return TrainColumns(self.paths.finish(), array_column(self.labels, np.int32),
+                            array_column(self.sources, np.uint8), array_column(self.queries, np.int32),
+                            list(self._query_index), array_column(self.ranks, np.int32),
                             self.titles.finish(), self.descriptions.finish(), self.tags.finish())
 
 

@@ -36,7 +36,8 @@ from pathlib import Path
 
 import numpy as np
 
-from megaclass.data.columns import SOURCES, StringBuilder, StringColumn, TrainBuilder, TrainColumns, TrainRecord, first_rows
+from megaclass.data.columns import (SOURCES, StringBuilder, StringColumn, TrainBuilder, TrainColumns, TrainRecord,
+                                    array_column, first_rows)
 from megaclass.data.paths import inside, plain_relative, real_root
 from megaclass.semantics.synsets import SynsetsError, read_synsets
 
@@ -161,11 +162,8 @@ def _read_filelists(files: list[Path], num_classes: int, skipped: Counter, examp
                 file_of.append(number)
                 linenos.append(lineno)
 
-    def column(a: array, dtype) -> np.ndarray:
-        return np.frombuffer(a, dtype=dtype).copy() if len(a) else np.zeros(0, dtype=dtype)
-
-    lines = _Lines(files, images.finish(), column(labels, np.int64), column(file_of, np.int32),
-                   column(linenos, np.int64))
+    lines = _Lines(files, images.finish(), array_column(labels, np.int64), array_column(file_of, np.int32),
+                   array_column(linenos, np.int64))
     # repeats found by a hash join on the path column, not a dict of every path (~2 GB at 16M)
     first = first_rows(lines.images)
     repeats = np.flatnonzero(first != np.arange(len(first)))

@@ -47,8 +47,9 @@ def compute_weights(root: str | os.PathLike, knn_tsv: str | os.PathLike, predict
     root or a shards folder, `megaclass.data.metadata`). Stage 2 adds
     the text evidence to the stage-1 weights in `stage1_tsv` (OUT_TSV of a stage-1 run; the
     predictions are then the stage-1 model's), or without it to stage 1 computed from the same
-    predictions. `stage2` bounds the text features' compute. With `drop_text`, stage 2 frees the
-    descriptions and tags of `data.train` once its keyword bags exist (`TrainColumns.drop_text`)."""
+    predictions. `stage2` bounds the text features' compute. With `drop_text`, the descriptions and tags
+    of `data.train` (the bulk of its text) are freed before the predictions are read: stage 1 never uses
+    them, stage 2 once its keyword bags exist (`TrainColumns.drop_text`)."""
     if stage not in (1, 2):
         raise ValueError(f"stage must be 1 or 2, got {stage}")
     from megaclass.semantics import read_knn_tsv
@@ -62,6 +63,14 @@ def compute_weights(root: str | os.PathLike, knn_tsv: str | os.PathLike, predict
     if known == 0:
         raise WeightingInputError(f"{knn_tsv}: none of the {data.num_classes} classes of {root} has neighbours "
                                   f"there; was it made from another synsets.txt?")
+    if stage == 2:
+        from megaclass.weighting.keywords import KeywordExtractor
+
+        extractor = KeywordExtractor()
+        image_kw = keyword_bags(extractor, data.train.titles, data.train.descriptions, data.train.tags,
+                                query_or_class_texts(data))
+    if drop_text:  # before the predictions' columns exist: the two never share the peak
+        data.train.drop_text()
     preds = read_predictions(predictions_tsv, data.wnids)
     paths = data.train.paths
     pred_classes, pred_probs, found = preds.align(paths)
@@ -83,13 +92,6 @@ def compute_weights(root: str | os.PathLike, knn_tsv: str | os.PathLike, predict
     else:
         weights = _stage1_from_file(stage1_tsv, paths)
     if stage == 2:
-        from megaclass.weighting.keywords import KeywordExtractor
-
-        extractor = KeywordExtractor()
-        image_kw = keyword_bags(extractor, data.train.titles, data.train.descriptions, data.train.tags,
-                                query_or_class_texts(data))
-        if drop_text:
-            data.train.drop_text()
         class_kw = [extractor(text) for text in class_descriptions(data.synsets)]
         notes["without_keywords"] = int((image_kw.lengths() == 0).sum())
         margin = text_margins(image_kw, class_kw, labels, pred_classes, embeddings, stage2.min_df,

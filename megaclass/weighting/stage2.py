@@ -23,6 +23,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from megaclass.data.columns import array_column
 from megaclass.weighting.estimate import MonotoneRate, em, log_odds_ratio, logit
 from megaclass.weighting.text import KeywordBags, KeywordEmbeddings, inverse_document_frequency, vocabulary_mask
 
@@ -63,19 +64,15 @@ def keyword_bags(extractor, titles: Iterable[str], descriptions: Iterable[str], 
     Each argument yields one string per image (a `StringColumn` streams them; `queries` may be a
     `query_texts[data.train.queries]`-style indexing, repeated strings are extracted once)."""
     index: dict[str, int] = {}
-    ids, lengths = array("i"), array("q")
+    ids, offsets = array("i"), array("q", [0])
     query_words: dict[str, frozenset] = {}
     for title, description, tag, query in zip(titles, descriptions, tags, queries):
         drop = query_words.get(query)
         if drop is None:
             drop = query_words[query] = frozenset(extractor(query))
-        row = [index.setdefault(k, len(index)) for k in extractor(title, description, tag) if k not in drop]
-        ids.extend(row)
-        lengths.append(len(row))
-    offsets = np.zeros(len(lengths) + 1, dtype=np.int64)
-    np.cumsum(np.frombuffer(lengths, dtype=np.int64) if lengths else [], out=offsets[1:])
-    return KeywordBags(list(index), np.frombuffer(ids, dtype=np.int32).copy() if ids else np.zeros(0, np.int32),
-                       offsets)
+        ids.extend([index.setdefault(k, len(index)) for k in extractor(title, description, tag) if k not in drop])
+        offsets.append(len(ids))
+    return KeywordBags(list(index), array_column(ids, np.int32), array_column(offsets, np.int64))
 
 
 def image_keywords(extractor, titles: Sequence[str], descriptions: Sequence[str], tags: Sequence[str],

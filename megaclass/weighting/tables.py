@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from megaclass.data.columns import StringBuilder, StringColumn, as_string_column, first_rows, lookup
+from megaclass.data.columns import StringBuilder, StringColumn, array_column, as_string_column, first_rows, lookup
 from megaclass.io import atomic_output
 
 
@@ -118,10 +118,11 @@ def read_predictions(path: str | os.PathLike, wnids: Sequence[str]) -> Predictio
     k = int(length.max()) or 1
     classes = np.full((len(length), k), -1, dtype=np.int64)
     probs = np.zeros((len(length), k), dtype=np.float32)
-    rows = np.repeat(np.arange(len(length)), length)
-    columns = np.arange(len(rows)) - np.repeat(np.cumsum(length) - length, length)
-    classes[rows, columns] = np.frombuffer(flat_classes, dtype=np.int32)
-    probs[rows, columns] = np.frombuffer(flat_probs, dtype=np.float32)
+    # row i's first length[i] cells, in row-major order: the order of the flat columns (a bool [N, k] mask,
+    # not int64 row and column indices of every item)
+    filled = np.arange(k) < length[:, None]
+    classes[filled] = np.frombuffer(flat_classes, dtype=np.int32)
+    probs[filled] = np.frombuffer(flat_probs, dtype=np.float32)
     return Predictions(images, classes, probs)
 
 
@@ -193,7 +194,7 @@ def read_weight_column(path: str | os.PathLike) -> tuple[StringColumn, np.ndarra
         raise TableError(f"cannot read weights {path}: {exc}") from exc
     images = images.finish()
     _refuse_repeats(path, images, linenos)
-    return images, np.frombuffer(weights, dtype=np.float64).copy() if weights else np.zeros(0)
+    return images, array_column(weights, np.float64)
 
 
 def read_weights(path: str | os.PathLike) -> dict[str, float]:
