@@ -6,6 +6,10 @@
 
 Writes `run_dir/results.json`, `weights_stage1.tsv`, `weights_stage2.tsv`, `curves.png` and one folder
 per run; see megaclass/engine/experiment.py for the steps.
+
+One training instead of three: `--set experiment.mode=online` (weights re-estimated at each epoch end
+from the rank, the page text and the training forward passes' predictions) or `online_loss` (the
+per-image loss alone); into the same run_dir, their row joins the staged ones in results.json.
 """
 from __future__ import annotations
 
@@ -19,7 +23,8 @@ log = logging.getLogger("megaclass.experiment")  # not __name__: "__main__" unde
 
 
 def register(subparsers) -> None:
-    parser = subparsers.add_parser("experiment", help="baseline -> +Stage1 -> +Stage1+Stage2 (every rank runs it)",
+    parser = subparsers.add_parser("experiment", help="baseline -> +Stage1 -> +Stage1+Stage2, or one online training "
+                                   "(every rank runs it)",
                                    description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_arguments(parser)
     parser.set_defaults(func=run)
