@@ -268,9 +268,9 @@ def run(cfg: Config, data: RunData, oracle: torch.Tensor | None = None) -> dict:
         written = {**_rows_kept(run_dir, cfg), **results, "predictions": cfg.experiment.predictions,
                    "folds": cfg.experiment.folds, "config": _fingerprint(cfg)}
         atomic_write_text(os.path.join(run_dir, "results.json"), json.dumps(written, indent=2))
-        atomic_write_text(os.path.join(run_dir, "curves.json"), json.dumps({**_curves_kept(run_dir, written), **curves},
-                                                                           indent=2))
-        plot_curves(os.path.join(run_dir, "curves.png"), {**_curves_kept(run_dir, written), **curves})
+        every_curve = {**_curves_kept(run_dir, written), **curves}
+        atomic_write_text(os.path.join(run_dir, "curves.json"), json.dumps(every_curve, indent=2))
+        plot_curves(os.path.join(run_dir, "curves.png"), every_curve)
         print(table(written), flush=True)
 
     on_rank0("writing the results", report, device)
@@ -417,19 +417,21 @@ class OnlineEstimate:
         self.mode = cfg.experiment.mode
         self.paths, self.labels = data.paths, data.labels.numpy()
         self.history: list[dict] = []
-        self._row = self._text = None
+        self._row = self._text = self._truth = None
 
     def _prepare(self) -> None:
         """Where each training image's side information is, and (`online`) the text features, once."""
         import numpy as np
 
         from megaclass.data.columns import as_string_column, lookup
+        from megaclass.weighting.pipeline import truth_labels
 
         row = lookup(self.info.train.paths, as_string_column(self.paths))
         if (row < 0).any():
             raise ValueError(f"no side information for {int((row < 0).sum())} training images, e.g. "
                              f"{self.paths[int(np.argmax(row < 0))]!r}")
         self._row = row
+        self._truth = truth_labels(self.cfg.data.root, self.paths)  # read once, not at every re-estimate
         if self.mode == "online":
             from megaclass.weighting.keywords import KeywordExtractor
             from megaclass.weighting.pipeline import query_or_class_texts
@@ -444,8 +446,8 @@ class OnlineEstimate:
     def __call__(self, views: dict | None, epoch: int, current=None):
         import numpy as np
 
+        from megaclass.weighting.metrics import roc_auc
         from megaclass.weighting.online import loss_weights, online_weights
-        from megaclass.weighting.pipeline import truth_auc
 
         if self._row is None:
             self._prepare()
@@ -467,7 +469,11 @@ class OnlineEstimate:
             margin = self._text(info_labels, alternatives)[row]
             w = online_weights(np.asarray(train.sources)[row], np.asarray(train.ranks)[row], margin, cell, p_label,
                                current, details)
-        details["auc"] = truth_auc(self.cfg.data.root, self.paths, w)[0]
+        if self._truth is not None:
+            known, clean = self._truth
+            details["auc"] = roc_auc(w[known], clean[known])
+        else:
+            details["auc"] = None
         self.history.append(details)
         log.info("%s weights after epoch %d: mean %.3f%s", self.mode, epoch, float(np.mean(w)),
                  "" if details["auc"] is None else f", AUC clean vs noisy {details['auc']:.4f}")

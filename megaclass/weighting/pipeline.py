@@ -129,17 +129,28 @@ def _stage1_from_file(path: str | os.PathLike, paths) -> np.ndarray:
     return clip01(weights)
 
 
-def truth_auc(root: str | os.PathLike, paths, weights: np.ndarray):
-    """(AUC of `weights` for clean vs noisy images, known [N], clean [N]) where `root` has a
-    `truth_train.tsv` (synthetic data), over the images it lists; (None, None, None) without one."""
+def truth_labels(root: str | os.PathLike, paths) -> tuple[np.ndarray, np.ndarray] | None:
+    """(known [N], clean [N]) of `paths` where `root` has a `truth_train.tsv` (synthetic data): whether
+    the file lists each image, and whether it is clean; None without one."""
     from megaclass.data.synth import read_truth
-    from megaclass.weighting.metrics import roc_auc
 
     truth = read_truth(root) if root else None
     if truth is None:
+        return None
+    known = np.fromiter((p in truth for p in paths), dtype=bool, count=len(paths))
+    clean = np.fromiter((p in truth and truth[p].clean for p in paths), dtype=bool, count=len(paths))
+    return known, clean
+
+
+def truth_auc(root: str | os.PathLike, paths, weights: np.ndarray):
+    """(AUC of `weights` for clean vs noisy images, known [N], clean [N]) where `root` has a
+    `truth_train.tsv` (synthetic data), over the images it lists; (None, None, None) without one."""
+    from megaclass.weighting.metrics import roc_auc
+
+    labels = truth_labels(root, paths)
+    if labels is None:
         return None, None, None
-    known = np.fromiter((p in truth for p in paths), dtype=bool, count=len(weights))
-    clean = np.fromiter((p in truth and truth[p].clean for p in paths), dtype=bool, count=len(weights))
+    known, clean = labels
     return roc_auc(weights[known], clean[known]), known, clean
 
 
