@@ -1,7 +1,8 @@
 """The one memory probe: what a run, a benchmark or a test reports as memory.
 
 CUDA: bytes the caching allocator handed out (`torch.cuda.max_memory_allocated`). CPU: the process's
-resident set, now (`/proc/self/statm`) or at its peak (VmHWM of `/proc/self/status`);
+resident set, now (`/proc/self/statm`) or at its peak (VmHWM of `/proc/self/status`), or the part of it
+a forked worker does not share (`private_bytes`);
 `MemoryProbe`: the peak added since a point (a benchmark's inputs), resettable.
 """
 from __future__ import annotations
@@ -24,6 +25,13 @@ def peak_rss_bytes(children: bool = False) -> int:
         return resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024
     with open("/proc/self/status") as f:
         return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmHWM"))
+
+
+def private_bytes() -> int:
+    """This process's private resident memory (Private_Clean + Private_Dirty of /proc/self/smaps_rollup):
+    what a forked worker adds to the machine beyond the pages it still shares with its parent."""
+    with open("/proc/self/smaps_rollup") as f:
+        return sum(int(line.split()[1]) * 1024 for line in f if line.startswith(("Private_Clean:", "Private_Dirty:")))
 
 
 def peak_memory_bytes(device) -> int:

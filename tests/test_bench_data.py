@@ -62,6 +62,9 @@ def test_tiny_bench_writes_json_and_plot(tmp_path):
     assert not row["extrapolated"]
     assert big["read"]["seconds"] == pytest.approx(row["read"]["seconds"] * 16e6 / 1400)
     assert row["stage1"]["em_converged"] and row["stage2"]["text_em_converged"]
+    assert row["stage1"]["em_images"] == 1400  # below the sample size: EM on every image
+    # the weights against the generator's truth_clean.tsv: ranks and predictions both carry it
+    assert 0.75 < row["stage1"]["auc"] <= 1 and 0.75 < row["stage2"]["auc"] <= 1, (row["stage1"], row["stage2"])
     assert (tmp_path / "bench.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert not (tmp_path / "work" / "data_1400").exists()  # generated data removed
 

@@ -29,3 +29,14 @@ def test_non_ascii_letters_survive_and_stop_list_is_nltks(extract):
     assert extract("Grüner Kranich") == ["grüner", "kranich"]
     assert len(ENGLISH_STOP_WORDS) == 179  # NLTK 3.x english list
     assert {"the", "ourselves", "wouldn't", "ma"} <= ENGLISH_STOP_WORDS
+
+
+@pytest.mark.parametrize("text", [
+    "Cranes &amp; Herons at the <b>LAKE</b>, see HTTP://WWW.Example.COM/a/b.JPG and www.Birds.org/x.png",
+    "photo.JPEG crane.Html ftp://host/file.php?x=1 IMG_2041.Jpg index.aspx go.jsp tiff.TIFF heron.webp.",
+    "end with a url https://a.b/c", "no url www but dots... and x.y",
+])
+def test_ascii_path_matches_the_unicode_path(extract, text):
+    # ASCII text takes a faster path (lower-cased first, [a-z] tokens); appending a one-letter non-ASCII
+    # word (too short to be a keyword) sends the same text down the general Unicode path
+    assert extract(text) == extract(text + " é")

@@ -102,3 +102,20 @@ def test_auc_leaves_out_images_the_truth_file_lacks(run, capsys):
     kept = [r.path for r in wv.train if r.path not in noisy]
     auc = roc_auc(np.array([weights[p] for p in kept]), np.array([truth[p].clean for p in kept]))
     assert f"AUC clean vs noisy {auc:.4f} (30 images not in truth_train.tsv excluded)" in capsys.readouterr().out
+
+
+def test_keywords_extracted_in_blocks_by_two_processes_equal_one_list_per_image(run, monkeypatch):
+    from megaclass.weighting import pipeline
+    from megaclass.weighting.keywords import KeywordExtractor
+
+    _, wv, _, _ = run
+    extract = KeywordExtractor()
+    expected = []
+    for r in wv.train:  # the plain definition: the page's keywords minus its query's, one image at a time
+        drop = set(extract(wv.query_text(r) or wv.synsets[r.label][1]))
+        expected.append([k for k in extract(r.title, r.description, r.tags) if k not in drop])
+    monkeypatch.setattr(pipeline, "KEYWORD_BLOCK", 37)  # 22 blocks over 2 forked workers
+    bags = pipeline.train_keyword_bags(wv, KeywordExtractor(), workers=2)
+    assert bags.tolist() == expected
+    order = list(dict.fromkeys(k for ks in expected for k in ks))  # the vocabulary in order of first sight
+    assert bags.words == order

@@ -7,10 +7,13 @@ from the WordNet noun vocabulary with Zipf frequencies plus web debris (`megacla
 generator), ranks 1..700 in shuffled JSON lists. Predictions (top 5) are realistic rather than random:
 an image is clean with probability falling with its rank (0.85 at the top, 0.35 at rank 700), and a
 clean image's top-1 is its label 70% of the time; knn.tsv gives each class 10 random neighbours.
+Which images are clean is written to truth_clean.tsv: each stage's row gives the AUC of its weights
+(computed after the step's time and peak are taken).
 
 Each step runs in its own process, so that its peak RSS is its own (wall and CPU seconds are both
-recorded: on a shared machine the CPU time of the step's process is the steadier figure): `read` (the reader, into
-columns), `keywords` (keyword extraction on the columns), `stage1` and `stage2` (`megaclass weights
+recorded: on a shared machine the CPU time of the step's process is the steadier figure; keyword extraction
+runs in forked workers, one per CPU, whose CPU time and private memory are added to the step's): `read`
+(the reader, into columns), `keywords` (keyword extraction on the columns), `stage1` and `stage2` (`megaclass weights
 --stage 1`, then `--stage 2 --stage1 OUT1`, as `compute_weights` + `save_weights` run them, without
 the PNG). A step's time excludes the reading it repeats; its peak RSS includes it (that is what the
 command needs), and `read_peak_rss_bytes` is its peak at the end of that reading. Sizes given in `--extrapolate` are predicted, not run: each step's wall time, CPU time
@@ -39,8 +42,10 @@ import numpy as np
 from megaclass.argtypes import nonnegative_int, output_file, positive_int
 from megaclass.io import atomic_write_text
 from megaclass.weighting.estimate import MAX_ITERATIONS, TOLERANCE
+from megaclass.weighting.stage1 import EM_SAMPLE
 
 STEPS = ("read", "keywords", "stage1", "stage2")
+TRUTH = "truth_clean.tsv"  # `<path><TAB>1|0`: the generator's truth, for the weights' AUC
 PER_QUERY = 700
 TARGET_IMAGES, TARGET_SECONDS, TARGET_BYTES = 16_000_000, 1800, 10e9
 
@@ -77,6 +82,7 @@ def generate(root: Path, n: int, classes: int, seed: int) -> tuple[Path, Path]:
             for j, other in enumerate((others + (others >= c)).tolist()):  # never the class itself
                 f.write(f"{w}\t{wnids[other]}\t{0.9 - 0.05 * j:.3f}\n")
     predictions = root / "predictions.tsv"
+    truth = open(root / TRUTH, "w")
     filelists = {s: open(info / f"train_filelist_{s}.txt", "w") for s in ("google", "flickr")}
     query_lists = {s: open(info / f"queries_{s}.txt", "w") for s in ("google", "flickr")}
     with open(predictions, "w") as pred:
@@ -99,6 +105,7 @@ def generate(root: Path, n: int, classes: int, seed: int) -> tuple[Path, Path]:
                 image = f"{q:06d}{i:04d}"
                 path = f"{source}/{query}/{image}.jpg"
                 filelists[source].write(f"{path} {label}\n")
+                truth.write(f"{path}\t{int(clean[i])}\n")
                 entry = {"id": image, "rank": int(ranks[i]), "title": titles[i], "description": descriptions[i]}
                 if source == "flickr":
                     entry["tags"] = tags[i]
@@ -106,9 +113,17 @@ def generate(root: Path, n: int, classes: int, seed: int) -> tuple[Path, Path]:
                 classes_i = list(dict.fromkeys(top[i].tolist()))  # a top-k list names each class once
                 pred.write(path + "\t" + " ".join(f"{wnids[c]}:{p:.6f}" for c, p in zip(classes_i, probs[i])) + "\n")
             (root / source / f"{query}.json").write_text(json.dumps(entries))
-    for f in (*filelists.values(), *query_lists.values()):
+    for f in (*filelists.values(), *query_lists.values(), truth):
         f.close()
     return knn, predictions
+
+
+def _cpu_seconds() -> float:
+    """CPU time of this process and of its children that have ended (forked workers)."""
+    import resource
+
+    children = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return time.process_time() + children.ru_utime + children.ru_stime
 
 
 def _step(step: str, root: str, out: str) -> dict:
@@ -117,19 +132,17 @@ def _step(step: str, root: str, out: str) -> dict:
     from megaclass.memory import peak_rss_bytes
 
     root_path = Path(root)
-    start, cpu = time.perf_counter(), time.process_time()
+    start, cpu = time.perf_counter(), _cpu_seconds()
     data = load_metadata(root_path, check_images=False)
-    result = {"read_s": time.perf_counter() - start, "read_cpu_s": time.process_time() - cpu,
+    result = {"read_s": time.perf_counter() - start, "read_cpu_s": _cpu_seconds() - cpu,
               "images": len(data.train), "column_bytes": data.train.nbytes,
               "read_peak_rss_bytes": peak_rss_bytes()}  # whether the step's peak is its reading's or its own
-    start, cpu = time.perf_counter(), time.process_time()
+    start, cpu = time.perf_counter(), _cpu_seconds()
     if step == "keywords":
         from megaclass.weighting.keywords import KeywordExtractor
-        from megaclass.weighting.pipeline import query_or_class_texts
-        from megaclass.weighting.stage2 import keyword_bags
+        from megaclass.weighting.pipeline import train_keyword_bags
 
-        bags = keyword_bags(KeywordExtractor(), data.train.titles, data.train.descriptions, data.train.tags,
-                            query_or_class_texts(data))
+        bags = train_keyword_bags(data, KeywordExtractor(), details=result)
         result.update(vocabulary=len(bags.words), mean_keywords=float(bags.lengths().mean()))
     elif step in ("stage1", "stage2"):
         from megaclass.weighting.pipeline import compute_weights, save_weights
@@ -139,8 +152,17 @@ def _step(step: str, root: str, out: str) -> dict:
                                   stage1_tsv=Path(out) / "w1.tsv" if stage == 2 else None, drop_text=True)
         save_weights(weights, root_path, Path(out) / f"w{stage}.tsv", plot=False)
         result.update({k: v for k, v in weights.notes.items()})
-    result["step_s"], result["step_cpu_s"] = time.perf_counter() - start, time.process_time() - cpu
-    result["peak_rss_bytes"] = peak_rss_bytes()
+    result["step_s"], result["step_cpu_s"] = time.perf_counter() - start, _cpu_seconds() - cpu
+    # the machine's peak: this process's, plus what forked keyword workers held privately beside it
+    result["peak_rss_bytes"] = peak_rss_bytes() + result.get("workers_private_bytes", 0)
+    if step in ("stage1", "stage2"):  # after the step's time and peak: how well its weights rank the truth
+        from megaclass.data.columns import lookup
+        from megaclass.weighting.metrics import roc_auc
+        from megaclass.weighting.tables import read_weight_column
+
+        truth_paths, clean = read_weight_column(root_path / TRUTH)
+        row = lookup(truth_paths, weights.paths)
+        result["auc"] = round(roc_auc(weights.weights, clean[row] > 0), 4)
     return result
 
 
@@ -268,8 +290,8 @@ def run(args) -> int:
 def markdown(result: dict) -> str:
     """The results as Markdown tables (the figures of docs/scale.md): every step of every size, measured
     or extrapolated (marked), then each fit."""
-    lines = ["| N | | step | wall s | CPU s | peak RSS GB | of it, reading GB | EM steps (mean move) |",
-             "| ---: | --- | --- | ---: | ---: | ---: | ---: | --- |"]
+    lines = ["| N | | step | wall s | CPU s | peak RSS GB | of it, reading GB | EM steps (mean move) | AUC |",
+             "| ---: | --- | --- | ---: | ---: | ---: | ---: | --- | ---: |"]
     for row in result["measured"] + result["extrapolated"]:
         kind = "**extrapolated**" if row["extrapolated"] else "measured"
         for step in STEPS:
@@ -278,11 +300,13 @@ def markdown(result: dict) -> str:
                            for steps, move, ok in (("em_steps", "em_mean_change", "em_converged"),
                                                    ("text_em_steps", "text_em_mean_change", "text_em_converged"))
                            if steps in r)
+            if r.get("em_images", row["images"]) < row["images"]:
+                em += f" on a sample of {r['em_images']:,}"
             reading = f"{r['read_peak_rss_bytes'] / 1e9:.2f}" if "read_peak_rss_bytes" in r else ""
             lines.append(f"| {row['images']:,} | {kind} | {step} | {r['seconds']:.1f} | {r['cpu_seconds']:.1f} | "
-                         f"{r['peak_rss_bytes'] / 1e9:.2f} | {reading} | {em} |")
+                         f"{r['peak_rss_bytes'] / 1e9:.2f} | {reading} | {em} | {r.get('auc', '')} |")
         lines.append(f"| {row['images']:,} | {kind} | read + stage 1 + stage 2 | {row['read_plus_stages_s']:.0f} | "
-                     f"{row['read_plus_stages_cpu_s']:.0f} | {row['max_peak_rss_bytes'] / 1e9:.2f} (max) | | |")
+                     f"{row['read_plus_stages_cpu_s']:.0f} | {row['max_peak_rss_bytes'] / 1e9:.2f} (max) | | | |")
     if result["fits"]:
         lines += ["", "| step | quantity | fixed | per image | per million | log-log slope, largest two |",
                   "| --- | --- | ---: | ---: | ---: | ---: |"]
@@ -300,7 +324,7 @@ def _results(args, measured: list[dict]) -> dict:
     predicted, fits = extrapolate(measured, wanted) if wanted else ([], {})
     result = {"classes": args.classes, "images_per_query": PER_QUERY, "cpu_count": os.cpu_count(),
               "measured": [{**r, "extrapolated": False} for r in measured], "extrapolated": predicted, "fits": fits,
-              "em": {"tolerance": TOLERANCE, "max_iterations": MAX_ITERATIONS,
+              "em": {"tolerance": TOLERANCE, "max_iterations": MAX_ITERATIONS, "stage1_sample": EM_SAMPLE,
                      "stops_on": "mean |change| of the responsibilities over one SQUAREM cycle < tolerance"},
               "note": "each step in its own process; step times exclude the reading they repeat, peak RSS includes it; "
                       "extrapolated rows are fixed + per_image·N fitted per step (non-negative least squares) to the "

@@ -434,11 +434,11 @@ class OnlineEstimate:
         self._truth = truth_labels(self.cfg.data.root, self.paths)  # read once, not at every re-estimate
         if self.mode == "online":
             from megaclass.weighting.keywords import KeywordExtractor
-            from megaclass.weighting.pipeline import query_or_class_texts
-            from megaclass.weighting.stage2 import Stage2Config, TextMargins, class_descriptions, keyword_bags
+            from megaclass.weighting.pipeline import train_keyword_bags
+            from megaclass.weighting.stage2 import Stage2Config, TextMargins, class_descriptions
 
-            extractor, train, budget = KeywordExtractor(), self.info.train, Stage2Config()
-            bags = keyword_bags(extractor, train.titles, train.descriptions, train.tags, query_or_class_texts(self.info))
+            extractor, budget = KeywordExtractor(), Stage2Config()
+            bags = train_keyword_bags(self.info, extractor, workers=1)  # no fork inside a distributed rank
             class_kw = [extractor(text) for text in class_descriptions(self.info.synsets)]
             self._text = TextMargins(bags, class_kw, None, budget.min_df, budget.max_vocabulary,
                                      progress=self.cfg.train.progress)

@@ -4,7 +4,7 @@ from __future__ import annotations
 import logging
 import sys
 
-from megaclass.argtypes import output_file
+from megaclass.argtypes import output_file, positive_int
 
 
 def register(subparsers) -> None:
@@ -31,6 +31,9 @@ def register(subparsers) -> None:
                              "added to; PRED_TSV is then the stage-1 model's. Default: stage 1 from PRED_TSV")
     parser.add_argument("--out", required=True, type=output_file, metavar="OUT_TSV", help="where to write the weights (atomically); the PNG goes beside it")
     parser.add_argument("--no-plot", action="store_true", help="skip the PNG")
+    parser.add_argument("--workers", type=positive_int, default=None, metavar="W",
+                        help="stage 2: processes that extract the keywords, in blocks of 262,144 images "
+                             "(default: the CPUs this process may use; the result does not depend on W)")
     parser.set_defaults(func=_run)
 
 
@@ -46,7 +49,7 @@ def _run(args) -> int:
         if args.stage1 and args.stage != 2:
             raise ValueError("--stage1 is for --stage 2 only")
         result = compute_weights(args.data, args.knn, args.predictions, args.stage, progress=True,
-                                 stage1_tsv=args.stage1, drop_text=True)
+                                 stage1_tsv=args.stage1, drop_text=True, workers=args.workers)
     except (OSError, ValueError, KnnFileError, TableError, WeightingInputError) as exc:
         print(f"megaclass weights: {exc}", file=sys.stderr)
         return 2

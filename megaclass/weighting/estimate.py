@@ -63,6 +63,8 @@ class MonotoneRate:
         self.cell_of = self.cell_of.reshape(-1)
         self.counts = counts.astype(np.float64)
         self.bounds = np.searchsorted(cells[0], np.arange(len(group_ids) + 1))  # cells of group g: [b[g], b[g+1])
+        self.group_ids, self.cell_x = group_ids, cells[1]
+        self.values: np.ndarray | None = None  # each cell's rate in the last fit
         self.size = len(x)
 
     def __call__(self, r: np.ndarray, prior: float) -> np.ndarray:
@@ -79,7 +81,23 @@ class MonotoneRate:
             shrunk = isotonic_regression((block_k + prior) / (block_n + 1.0), weights=block_n + 1.0,
                                          increasing=self.increasing).x
             value[lo:hi] = shrunk[block]
+        self.values = value
         return value[self.cell_of]
+
+    def at(self, x: np.ndarray, groups: np.ndarray | None = None) -> np.ndarray:
+        """The last fit as a step function of other points: each x takes the rate of the largest fitted
+        x ≤ it in its group (of the smallest where it lies below them all); NaN in a group the fit never
+        saw. At the fitted points themselves it is the fit."""
+        x = np.asarray(x, dtype=np.float64)
+        groups = np.zeros(len(x), dtype=self.group_ids.dtype) if groups is None else np.asarray(groups)
+        out = np.full(len(x), np.nan)
+        group = np.minimum(np.searchsorted(self.group_ids, groups), len(self.group_ids) - 1)
+        seen = self.group_ids[group] == groups
+        for g, (lo, hi) in enumerate(zip(self.bounds[:-1], self.bounds[1:])):
+            rows = np.flatnonzero(seen & (group == g))
+            below = np.searchsorted(self.cell_x[lo:hi], x[rows], side="right") - 1
+            out[rows] = self.values[lo + np.maximum(below, 0)]
+        return out
 
 
 def clip01(p: np.ndarray) -> np.ndarray:
@@ -129,7 +147,7 @@ def em(views, start: np.ndarray, prior_logit: np.ndarray | None = None, info: di
         r = new
         if moved < TOLERANCE:
             break
-    if info is not None:
-        info.update(mean_change=moved, max_change=largest, converged=moved < TOLERANCE)
+    if info is not None:  # prior_rate: the ρ of the returned E-step (without prior_logit)
+        info.update(mean_change=moved, max_change=largest, converged=moved < TOLERANCE, prior_rate=float(r.mean()))
     r_final, evidence = step(r)
     return r_final, evidence, steps + 1

@@ -2,7 +2,7 @@
 
 `online`: the views of stage 1 and stage 2 in one EM (estimate.py), refitted at each epoch end.
 
-- Before any model exists, two views need none: the search rank (`rank_view`) and the page text's
+- Before any model exists, two views need none: the search rank (`RankView`) and the page text's
   margin against the label's K nearest categories (`margin_view` of m_i = cos(t_i, g_y) −
   max_{c ∈ KNN(y)} cos(t_i, g_c)): a page that describes its label better than the label's WordNet
   neighbours is never less likely right. EM starts from the rank alone, `rank_start`.
@@ -24,7 +24,7 @@ from __future__ import annotations
 import numpy as np
 
 from megaclass.weighting.estimate import clip01, em
-from megaclass.weighting.stage1 import prediction_view, rank_values, rank_view
+from megaclass.weighting.stage1 import PredictionView, RankView, rank_values
 from megaclass.weighting.stage2 import margin_view
 
 
@@ -57,11 +57,11 @@ def online_weights(sources, ranks, margin: np.ndarray, cell: np.ndarray | None =
     EM starts from `start` [N] in (0, 1), the previous estimate (default: `rank_start`): a young
     model's predictions carry little, and EM started from them, as stage 1 starts from a trained
     model's, settles where they put it."""
-    views = [rank_view(sources, rank_values(ranks)), margin_view(margin)]
+    views = [RankView(sources, rank_values(ranks)), margin_view(margin)]
     start = rank_start(sources, ranks) if start is None else clip01(np.asarray(start, dtype=np.float64))
     if cell is not None and (cell >= 0).any():
         p_label = np.round(np.nan_to_num(p_label) / P_LABEL_STEP) * P_LABEL_STEP
-        views.append(prediction_view(cell, p_label))
+        views.append(PredictionView(cell, p_label))
     info: dict = {}
     w, _, steps = em(views, start, info=info)
     if details is not None:

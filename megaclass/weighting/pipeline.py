@@ -3,18 +3,21 @@ training image (`compute_weights`), as `megaclass weights` runs it."""
 from __future__ import annotations
 
 import logging
+import multiprocessing
 import os
+from array import array
 from dataclasses import dataclass, field
 
 import numpy as np
 
-from megaclass.data.columns import lookup
+from megaclass.data.columns import array_column, lookup
 from megaclass.data.metadata import load_metadata
 from megaclass.data.webvision import WebVision
 from megaclass.weighting.estimate import clip01
 from megaclass.weighting.stage1 import knn_arrays, stage1_weights
 from megaclass.weighting.stage2 import Stage2Config, class_descriptions, keyword_bags, stage2_from_margins, text_margins
 from megaclass.weighting.tables import read_predictions, read_weight_column
+from megaclass.weighting.text import KeywordBags
 
 log = logging.getLogger(__name__)
 
@@ -42,14 +45,16 @@ class WeightsResult:
 def compute_weights(root: str | os.PathLike, knn_tsv: str | os.PathLike, predictions_tsv: str | os.PathLike,
                     stage: int, data: WebVision | None = None, embeddings=None,
                     stage2: Stage2Config = Stage2Config(), progress: bool = False,
-                    stage1_tsv: str | os.PathLike | None = None, drop_text: bool = False) -> WeightsResult:
+                    stage1_tsv: str | os.PathLike | None = None, drop_text: bool = False,
+                    workers: int | None = None) -> WeightsResult:
     """Stage-1 or stage-2 weights for every training image of the data set at `root` (a WebVision-layout
     root or a shards folder, `megaclass.data.metadata`). Stage 2 adds
     the text evidence to the stage-1 weights in `stage1_tsv` (OUT_TSV of a stage-1 run; the
     predictions are then the stage-1 model's), or without it to stage 1 computed from the same
     predictions. `stage2` bounds the text features' compute. With `drop_text`, the descriptions and tags
     of `data.train` (the bulk of its text) are freed before the predictions are read: stage 1 never uses
-    them, stage 2 once its keyword bags exist (`TrainColumns.drop_text`)."""
+    them, stage 2 once its keyword bags exist (`TrainColumns.drop_text`). `workers`: processes that
+    extract the keywords (`train_keyword_bags`)."""
     if stage not in (1, 2):
         raise ValueError(f"stage must be 1 or 2, got {stage}")
     from megaclass.semantics import read_knn_tsv
@@ -63,12 +68,12 @@ def compute_weights(root: str | os.PathLike, knn_tsv: str | os.PathLike, predict
     if known == 0:
         raise WeightingInputError(f"{knn_tsv}: none of the {data.num_classes} classes of {root} has neighbours "
                                   f"there; was it made from another synsets.txt?")
+    keyword_details: dict = {}
     if stage == 2:
         from megaclass.weighting.keywords import KeywordExtractor
 
         extractor = KeywordExtractor()
-        image_kw = keyword_bags(extractor, data.train.titles, data.train.descriptions, data.train.tags,
-                                query_or_class_texts(data))
+        image_kw = train_keyword_bags(data, extractor, workers, keyword_details)
     if drop_text:  # before the predictions' columns exist: the two never share the peak
         data.train.drop_text()
     preds = read_predictions(predictions_tsv, data.wnids)
@@ -79,7 +84,7 @@ def compute_weights(root: str | os.PathLike, knn_tsv: str | os.PathLike, predict
                                   f"(first row: {preds.paths[0]!r}, first image: {paths[0]!r})")
     del preds  # aligned now: its own columns (~100 bytes an image) are not needed again
     notes = {"images": len(paths), "without_predictions": int((~found).sum()),
-             "classes_without_neighbours": data.num_classes - known}
+             "classes_without_neighbours": data.num_classes - known, **keyword_details}
     if notes["without_predictions"]:
         log.warning("%d of %d training images have no prediction row in %s; they keep their rank prior",
                     notes["without_predictions"], len(paths), predictions_tsv)
@@ -87,7 +92,8 @@ def compute_weights(root: str | os.PathLike, knn_tsv: str | os.PathLike, predict
     details: dict = {}
     if stage == 1 or stage1_tsv is None:
         weights = stage1_weights(labels, data.train.sources, data.train.ranks, pred_classes, pred_probs, neighbors, scores, details)
-        notes.update(clean_rate=round(details["clean_rate"], 4), em_steps=details["em_iterations"],
+        notes.update(clean_rate=round(details["clean_rate"], 4), em_images=details["em_images"],
+                     em_steps=details["em_iterations"],
                      em_mean_change=details["em_mean_change"], em_converged=details["em_converged"])
     else:
         weights = _stage1_from_file(stage1_tsv, paths)
@@ -104,13 +110,67 @@ def compute_weights(root: str | os.PathLike, knn_tsv: str | os.PathLike, predict
     return WeightsResult(data, weights, stage, notes)
 
 
-def query_or_class_texts(data: WebVision, block: int = 65536):
-    """Each image's query text, or its class's names where the query's text is unknown (streamed)."""
+def query_or_class_texts(data: WebVision, block: int = 65536, start: int = 0, stop: int | None = None):
+    """Each image's query text, or its class's names where the query's text is unknown (streamed), for
+    training images start..stop-1 (default all)."""
     query_texts, names = data.query_texts(), [text for _, text in data.synsets]
-    for lo in range(0, len(data.train), block):
-        queries = data.train.queries[lo:lo + block].tolist()
-        labels = data.train.labels[lo:lo + block].tolist()
+    stop = len(data.train) if stop is None else stop
+    for lo in range(start, stop, block):
+        hi = min(lo + block, stop)
+        queries, labels = data.train.queries[lo:hi].tolist(), data.train.labels[lo:hi].tolist()
         yield from (query_texts[q] or names[y] for q, y in zip(queries, labels))
+
+
+KEYWORD_BLOCK = 1 << 18
+_SHARED: tuple | None = None  # (data, extractor) for the forked workers of `train_keyword_bags`
+
+
+def train_keyword_bags(data: WebVision, extractor, workers: int | None = None,
+                       details: dict | None = None) -> KeywordBags:
+    """`keyword_bags` of every training image of `data` (title, description and tags minus the query's
+    words), by `workers` processes (default: the CPUs this process may run on) over blocks of
+    `KEYWORD_BLOCK` images taken in order, so that the bags and the vocabulary's order are exactly one
+    process's: each block's new words join the vocabulary in their order of first sight. Forked workers
+    share the columns and the extractor's loaded WordNet; only each block's keyword ids come back.
+    `details`, when given, receives `workers_private_bytes`: the sum over the workers of the most
+    private memory each held after a block (what they added to the machine beside this process)."""
+    n = len(data.train)
+    workers = len(os.sched_getaffinity(0)) if workers is None else workers
+    if workers < 2 or n <= KEYWORD_BLOCK:
+        return _block_bags(0, data, extractor)
+    global _SHARED
+    extractor("warm up wordnet")  # loaded once, before the fork
+    _SHARED = (data, extractor)
+    index: dict[str, int] = {}
+    ids, offsets = array("i"), array("q", [0])
+    private: dict[int, int] = {}
+    try:
+        with multiprocessing.get_context("fork").Pool(workers) as pool:
+            for block, pid, held in pool.imap(_shared_block_bags, range(0, n, KEYWORD_BLOCK)):
+                private[pid] = max(private.get(pid, 0), held)
+                to_global = np.array([index.setdefault(w, len(index)) for w in block.words], dtype=np.int32)
+                ids.frombytes(to_global[block.ids].tobytes())
+                offsets.frombytes((block.offsets[1:] + offsets[-1]).tobytes())
+    finally:
+        _SHARED = None
+    if details is not None:
+        details["workers_private_bytes"] = sum(private.values())
+    return KeywordBags(list(index), array_column(ids, np.int32), array_column(offsets, np.int64))
+
+
+def _block_bags(start: int, data: WebVision, extractor, size: int | None = None) -> KeywordBags:
+    stop = len(data.train) if size is None else min(start + size, len(data.train))
+    train = data.train
+    return keyword_bags(extractor, train.titles.slice(start, stop), train.descriptions.slice(start, stop),
+                        train.tags.slice(start, stop), query_or_class_texts(data, start=start, stop=stop))
+
+
+def _shared_block_bags(start: int) -> tuple[KeywordBags, int, int]:
+    from megaclass.memory import private_bytes
+
+    data, extractor = _SHARED
+    bags = _block_bags(start, data, extractor, KEYWORD_BLOCK)
+    return bags, os.getpid(), private_bytes()
 
 
 def _stage1_from_file(path: str | os.PathLike, paths) -> np.ndarray:

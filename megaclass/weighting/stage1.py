@@ -22,7 +22,7 @@ from collections.abc import Mapping, Sequence
 
 import numpy as np
 
-from megaclass.weighting.estimate import MonotoneRate, em, log_odds_ratio
+from megaclass.weighting.estimate import MonotoneRate, clip01, em, log_odds_ratio, logit, sigmoid
 
 CELLS = ("label", "neighbour, label in top k", "neighbour, label absent", "other, label in top k",
          "other, label absent")
@@ -68,35 +68,67 @@ def rank_values(ranks) -> np.ndarray:
     return np.array([np.nan if r is None else r for r in ranks], dtype=np.float64)
 
 
-def rank_view(sources: Sequence[str], ranks: np.ndarray):
-    """The EM view of the search rank: P(clean | source, rank), non-increasing in rank per source."""
-    source_of = np.unique(np.asarray(sources), return_inverse=True)[1]
-    ranks = np.asarray(ranks, dtype=np.float64)
-    known = ~np.isnan(ranks)
-    by_rank = MonotoneRate(ranks[known], False, source_of[known])
-    count = np.bincount(source_of).astype(np.float64)
+class RankView:
+    """The EM view of the search rank: P(clean | source, rank), non-increasing in rank per source; an
+    image without a rank gets its source's rate. Called with responsibilities it refits (estimate.py's
+    views); `at` gives the last fit's evidence for other images."""
 
-    def fit(r: np.ndarray) -> np.ndarray:
-        rho = float(r.mean())
-        out = ((np.bincount(source_of, weights=r) + rho) / (count + 1.0))[source_of]  # unknown rank: the source's rate
-        out[known] = by_rank(r[known], rho)
+    def __init__(self, sources: Sequence[str] | np.ndarray, ranks: np.ndarray):
+        self.names, self.source_of = np.unique(np.asarray(sources), return_inverse=True)
+        self.source_of = self.source_of.reshape(-1)
+        ranks = np.asarray(ranks, dtype=np.float64)
+        self.known = ~np.isnan(ranks)
+        self.by_rank = MonotoneRate(ranks[self.known], False, self.source_of[self.known])
+        self.count = np.bincount(self.source_of, minlength=len(self.names)).astype(np.float64)
+        self.rho, self.source_rate = 0.5, None
+
+    def __call__(self, r: np.ndarray) -> np.ndarray:
+        self.rho = rho = float(r.mean())
+        self.source_rate = (np.bincount(self.source_of, weights=r, minlength=len(self.names)) + rho) / (self.count + 1.0)
+        out = self.source_rate[self.source_of]  # unknown rank: the source's rate
+        out[self.known] = self.by_rank(r[self.known], rho)
         return log_odds_ratio(out, rho)
 
-    return fit
+    def at(self, sources: Sequence[str] | np.ndarray, ranks: np.ndarray) -> np.ndarray:
+        sources, ranks = np.asarray(sources), np.asarray(ranks, dtype=np.float64)
+        source = np.minimum(np.searchsorted(self.names, sources), len(self.names) - 1)
+        seen = self.names[source] == sources
+        out = np.where(seen, self.source_rate[source], np.nan)  # a source never fitted: no evidence
+        known = seen & ~np.isnan(ranks)
+        by_rank = self.by_rank.at(ranks[known], source[known])  # NaN: the source had no rank in the fit
+        out[known] = np.where(np.isnan(by_rank), out[known], by_rank)
+        return log_odds_ratio(out, self.rho)
 
 
-def prediction_view(cell: np.ndarray, p_label: np.ndarray):
-    """The EM view of the predictions: P(clean | cell, p_label), non-decreasing in p_label per cell."""
-    has = cell >= 0
-    by_cell = MonotoneRate(p_label[has], True, cell[has])
+class PredictionView:
+    """The EM view of the predictions: P(clean | cell, p_label), non-decreasing in p_label per cell;
+    an image without predictions (cell -1) gets no evidence. Refits when called; `at` as `RankView`'s."""
 
-    def fit(r: np.ndarray) -> np.ndarray:
-        rho = float(r[has].mean()) if has.any() else float(r.mean())
+    def __init__(self, cell: np.ndarray, p_label: np.ndarray):
+        self.has = cell >= 0
+        self.by_cell = MonotoneRate(p_label[self.has], True, cell[self.has])
+        self.rho = 0.5
+
+    def __call__(self, r: np.ndarray) -> np.ndarray:
+        self.rho = rho = float(r[self.has].mean()) if self.has.any() else float(r.mean())
         out = np.full(len(r), np.nan)
-        out[has] = by_cell(r[has], rho)
+        out[self.has] = self.by_cell(r[self.has], rho)
         return log_odds_ratio(out, rho)
 
-    return fit
+    def at(self, cell: np.ndarray, p_label: np.ndarray) -> np.ndarray:
+        out = np.full(len(cell), np.nan)
+        has = cell >= 0
+        out[has] = self.by_cell.at(p_label[has], cell[has])
+        return log_odds_ratio(out, self.rho)
+
+
+EM_SAMPLE = 1_000_000
+"""Stage 1's EM is fitted on at most this many images, a random sample (seeded: the same data gives
+the same weights), and the fitted rates then weight every image. What EM estimates is a handful of
+curves (a rate per source and rank, one per prediction cell and p_label), which a million images pin
+down; its steps, though, grow faster than N on the flat ridge a two-view mixture has (the move
+tolerance, estimate.py): 235, 556 and 1,717 steps at 1M, 2M and 4M images (`megaclass bench data`),
+the 2,000 cap before 16M. On a sample they do not grow at all. Data up to this size is fitted whole."""
 
 
 def stage1_weights(labels: np.ndarray, sources: Sequence[str], ranks: Sequence[int | None],
@@ -114,13 +146,29 @@ def stage1_weights(labels: np.ndarray, sources: Sequence[str], ranks: Sequence[i
     ranks = rank_values(ranks)
     cell, p_label = prediction_cells(labels, pred_classes, pred_probs, neighbors)
     start = (p_label + 0.5) / 2
+    sources = np.asarray(sources)
+    fitted = em_sample(len(labels))
+    by_rank, by_prediction = RankView(sources[fitted], ranks[fitted]), PredictionView(cell[fitted], p_label[fitted])
     info: dict = {}
-    w, (_, pred_evidence), iterations = em([rank_view(sources, ranks), prediction_view(cell, p_label)], start,
-                                           info=info)
+    w, (_, pred_evidence), iterations = em([by_rank, by_prediction], start[fitted], info=info)
+    if len(w) < len(labels):  # fitted on a sample: the fitted rates weight every image
+        pred_evidence = by_prediction.at(cell, p_label)
+        # the E-step of `em`, in its order of sums: on the sample it gives back EM's weights bit for bit
+        w = sigmoid(logit(clip01(np.array(info["prior_rate"]))) + np.nan_to_num(by_rank.at(sources, ranks), nan=0.0)
+                    + np.nan_to_num(pred_evidence, nan=0.0))
     if details is not None:
         details.update(clean_rate=float(w.mean()), em_iterations=iterations, em_mean_change=info["mean_change"],
-                       em_converged=info["converged"],
+                       em_converged=info["converged"], em_images=int(len(start[fitted])),
                        cell_log_odds={name: round(float(pred_evidence[cell == i].mean()), 3) if (cell == i).any()
                                       else None for i, name in enumerate(CELLS)},
                        cell_share={name: float((cell == i).mean()) for i, name in enumerate(CELLS)})
     return w
+
+
+def em_sample(n: int, size: int | None = None) -> np.ndarray | slice:
+    """The images stage 1's EM is fitted on: all of them (a slice) up to `size` (default `EM_SAMPLE`),
+    else that many distinct rows drawn with a fixed seed, in order."""
+    size = EM_SAMPLE if size is None else size
+    if n <= size:
+        return slice(None)
+    return np.sort(np.random.default_rng(0).choice(n, size=size, replace=False))

@@ -20,6 +20,7 @@ from __future__ import annotations
 from array import array
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from itertools import filterfalse
 
 import numpy as np
 
@@ -70,7 +71,11 @@ def keyword_bags(extractor, titles: Iterable[str], descriptions: Iterable[str], 
         drop = query_words.get(query)
         if drop is None:
             drop = query_words[query] = frozenset(extractor(query))
-        ids.extend([index.setdefault(k, len(index)) for k in extractor(title, description, tag) if k not in drop])
+        kept = list(filterfalse(drop.__contains__, extractor(title, description, tag)))
+        try:  # C-level lookups once the words are known; a new word is added in order of first sight
+            ids.extend(list(map(index.__getitem__, kept)))
+        except KeyError:
+            ids.extend([index.setdefault(k, len(index)) for k in kept])
         offsets.append(len(ids))
     return KeywordBags(list(index), array_column(ids, np.int32), array_column(offsets, np.int64))
 

@@ -7,10 +7,12 @@ from __future__ import annotations
 
 import math
 import os
+import re
 from array import array
 from decimal import Decimal
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from itertools import islice, repeat
 from pathlib import Path
 
 import numpy as np
@@ -54,6 +56,22 @@ class Predictions:
         return classes, probs, found
 
 
+BLOCK_LINES = 65536
+_PLAIN_DECIMALS = re.compile(r"[0-9.\n]*")
+
+
+@dataclass(slots=True)
+class _PredictionRows:
+    """PRED_TSV's rows while reading, as flat columns: 16M rows of 5 (class, prob) tuples would be ~10 GB
+    of objects."""
+
+    images: StringBuilder = field(default_factory=StringBuilder)
+    linenos: array = field(default_factory=lambda: array("q"))
+    lengths: array = field(default_factory=lambda: array("i"))
+    classes: array = field(default_factory=lambda: array("i"))
+    probs: array = field(default_factory=lambda: array("f"))
+
+
 def read_predictions(path: str | os.PathLike, wnids: Sequence[str]) -> Predictions:
     """Read PRED_TSV against the class list `wnids` (line order of synsets.txt).
 
@@ -61,69 +79,142 @@ def read_predictions(path: str | os.PathLike, wnids: Sequence[str]) -> Predictio
     not a class, a probability outside [0, 1], a class named twice in a row, probabilities summing
     above 1 by more than `SUM_TOLERANCE` plus the rounding of the printed values (half a unit of each
     one's last decimal: 5 values of 4 decimals may sum to 1 + 1e-4 + 2.5e-4), or an image listed twice.
+    A block of `BLOCK_LINES` lines is checked at once (`_add_block`); a block with anything unusual in
+    it is read again line by line (`_add_line`), which decides and names the line.
     """
     path = Path(path)
     class_of = {w: i for i, w in enumerate(wnids)}
-    images, linenos = StringBuilder(), array("q")
-    # flat columns, not a list per row: 16M rows of 5 (class, prob) tuples would be ~10 GB of objects
-    flat_classes, flat_probs, lengths = array("i"), array("f"), array("i")
+    rows = _PredictionRows()
     try:
         f = open(path, encoding="utf-8")
     except OSError as exc:
         raise TableError(f"cannot read predictions {path}: {exc}") from exc
     with f:
-        for lineno, line in enumerate(f, 1):
-            line = line.rstrip("\r\n")
-            if not line.strip():
-                continue
-            image, tab, rest = line.partition("\t")
-            where = f"{path}:{lineno}"
-            if not tab or not image:
-                raise TableError(f"{where}: expected '<image path><TAB><wnid>:<prob> …', got {line[:120]!r}")
-            items, rounding = [], 0.0
-            for item in rest.split():
-                wnid, colon, prob = item.partition(":")
-                if not colon:
-                    raise TableError(f"{where}: {item!r} is not '<wnid>:<prob>'")
-                if wnid not in class_of:
-                    raise TableError(f"{where}: {wnid!r} is not one of the {len(wnids)} classes of synsets.txt")
-                try:
-                    p = float(prob)
-                    rounded = _rounding(prob)
-                except (ValueError, ArithmeticError):  # decimal.InvalidOperation is an ArithmeticError
-                    raise TableError(f"{where}: probability {prob!r} is not a number") from None
-                if not 0.0 <= p <= 1.0 + SUM_TOLERANCE + rounded:
-                    raise TableError(f"{where}: probability {prob} outside [0, 1]")
-                if any(c == class_of[wnid] for c, _ in items):
-                    raise TableError(f"{where}: class {wnid} named twice (a top-k list names each class once)")
-                items.append((class_of[wnid], p))
-                rounding += rounded
-            total = math.fsum(p for _, p in items)
-            if total > 1.0 + SUM_TOLERANCE + rounding:
-                raise TableError(f"{where}: probabilities sum to {total:.6g}, above 1 by more than the "
-                                 f"{SUM_TOLERANCE:g} of float32 softmax plus {rounding:.3g} for the rounding of the "
-                                 f"{len(items)} printed values (softmax probabilities of distinct classes sum to "
-                                 f"at most 1)")
-            images.append(image)
-            linenos.append(lineno)
-            lengths.append(len(items))
-            for c, p in items:
-                flat_classes.append(c)
-                flat_probs.append(p)
-    if not lengths:
+        lineno = 0
+        while lines := list(islice(f, BLOCK_LINES)):
+            if not _add_block(rows, lines, lineno, class_of):
+                for n, line in enumerate(lines, lineno + 1):
+                    _add_line(rows, path, n, line, class_of, wnids)
+            lineno += len(lines)
+    if not rows.lengths:
         raise TableError(f"{path}: no predictions")
-    images = images.finish()
-    _refuse_repeats(path, images, linenos)
-    length = np.frombuffer(lengths, dtype=np.int32)
+    images = rows.images.finish()
+    _refuse_repeats(path, images, rows.linenos)
+    length = np.frombuffer(rows.lengths, dtype=np.int32)
     k = int(length.max()) or 1
     classes = np.full((len(length), k), -1, dtype=np.int64)
     probs = np.zeros((len(length), k), dtype=np.float32)
     # row i's first length[i] cells, in row-major order: the order of the flat columns (a bool [N, k] mask,
     # not int64 row and column indices of every item)
     filled = np.arange(k) < length[:, None]
-    classes[filled] = np.frombuffer(flat_classes, dtype=np.int32)
-    probs[filled] = np.frombuffer(flat_probs, dtype=np.float32)
+    classes[filled] = np.frombuffer(rows.classes, dtype=np.int32)
+    probs[filled] = np.frombuffer(rows.probs, dtype=np.float32)
     return Predictions(images, classes, probs)
+
+
+def _add_block(rows: _PredictionRows, lines: list[str], lineno: int, class_of: dict[str, int]) -> bool:
+    """Add `lines` (the first is line `lineno` + 1) when every one of them is plainly well formed: a
+    path, a tab, `wnid:prob` items of known classes, each class once, probabilities written as plain
+    decimals, in range, and a sum clear of the limit by more than float rounding. Otherwise add nothing
+    and return False: `_add_line` then reads the block and raises at the first bad line."""
+    images, linenos, counts, items = [], [], [], []
+    for n, line in enumerate(lines, lineno + 1):
+        line = line.rstrip("\r\n")
+        if not line.strip():
+            continue
+        image, tab, rest = line.partition("\t")
+        if not tab or not image:
+            return False
+        parts = rest.split()
+        images.append(image)
+        linenos.append(n)
+        counts.append(len(parts))
+        items += parts
+    if not images:
+        return True
+    if (np.fromiter(map(str.count, items, repeat(":")), dtype=np.int64, count=len(items)) != 1).any():
+        return False
+    fields = "\n".join(items).replace(":", "\n").split("\n") if items else []
+    wnid, prob = fields[0::2], fields[1::2]
+    if not _PLAIN_DECIMALS.fullmatch("\n".join(prob)):
+        return False
+    classes = list(map(class_of.get, wnid))
+    if None in classes:
+        return False
+    try:
+        p = np.fromiter(map(float, prob), dtype=np.float64, count=len(prob))
+    except ValueError:
+        return False
+    dot = np.fromiter(map(str.find, prob, repeat(".")), dtype=np.int64, count=len(prob))
+    decimals = np.where(dot >= 0, np.fromiter(map(len, prob), dtype=np.int64, count=len(prob)) - dot - 1, 0)
+    rounded = np.where(decimals > 0, 0.5 * np.power(10.0, -decimals.astype(np.float64)), 0.0)
+    if np.any(p > 1.0 + SUM_TOLERANCE + rounded):
+        return False
+    count = np.asarray(counts, dtype=np.int64)
+    k = int(count.max()) if len(count) else 0
+    if k:
+        filled = np.arange(k) < count[:, None]
+        table = np.full((len(count), k), -1, dtype=np.int64)
+        table[filled] = classes
+        ordered = np.sort(table, axis=1)
+        if np.any((ordered[:, 1:] == ordered[:, :-1]) & (ordered[:, 1:] >= 0)):
+            return False
+        per_row = np.zeros((len(count), k))
+        per_row[filled] = p
+        margin = np.zeros((len(count), k))
+        margin[filled] = rounded
+        # a plain float sum is within a few ulps of math.fsum: a row that close to the limit is left to it
+        if np.any(per_row.sum(1) > 1.0 + SUM_TOLERANCE + margin.sum(1) - 1e-9):
+            return False
+    for image in images:
+        rows.images.append(image)
+    rows.linenos.extend(linenos)
+    rows.lengths.extend(counts)
+    rows.classes.extend(classes)
+    rows.probs.extend(p.tolist())
+    return True
+
+
+def _add_line(rows: _PredictionRows, path: Path, lineno: int, line: str, class_of: dict[str, int],
+              wnids: Sequence[str]) -> None:
+    """Add one line, or raise TableError naming it (`read_predictions`)."""
+    line = line.rstrip("\r\n")
+    if not line.strip():
+        return
+    image, tab, rest = line.partition("\t")
+    where = f"{path}:{lineno}"
+    if not tab or not image:
+        raise TableError(f"{where}: expected '<image path><TAB><wnid>:<prob> …', got {line[:120]!r}")
+    items, rounding = [], 0.0
+    for item in rest.split():
+        wnid, colon, prob = item.partition(":")
+        if not colon:
+            raise TableError(f"{where}: {item!r} is not '<wnid>:<prob>'")
+        if wnid not in class_of:
+            raise TableError(f"{where}: {wnid!r} is not one of the {len(wnids)} classes of synsets.txt")
+        try:
+            p = float(prob)
+            rounded = _rounding(prob)
+        except (ValueError, ArithmeticError):  # decimal.InvalidOperation is an ArithmeticError
+            raise TableError(f"{where}: probability {prob!r} is not a number") from None
+        if not 0.0 <= p <= 1.0 + SUM_TOLERANCE + rounded:
+            raise TableError(f"{where}: probability {prob} outside [0, 1]")
+        if any(c == class_of[wnid] for c, _ in items):
+            raise TableError(f"{where}: class {wnid} named twice (a top-k list names each class once)")
+        items.append((class_of[wnid], p))
+        rounding += rounded
+    total = math.fsum(p for _, p in items)
+    if total > 1.0 + SUM_TOLERANCE + rounding:
+        raise TableError(f"{where}: probabilities sum to {total:.6g}, above 1 by more than the "
+                         f"{SUM_TOLERANCE:g} of float32 softmax plus {rounding:.3g} for the rounding of the "
+                         f"{len(items)} printed values (softmax probabilities of distinct classes sum to "
+                         f"at most 1)")
+    rows.images.append(image)
+    rows.linenos.append(lineno)
+    rows.lengths.append(len(items))
+    for c, p in items:
+        rows.classes.append(c)
+        rows.probs.append(p)
 
 
 def _refuse_repeats(path: Path, images: StringColumn, linenos: array) -> None:
