@@ -1,6 +1,7 @@
 """`megaclass train | predict`, `megaclass weights` on what predict wrote, from outside the source tree:
 training under the real `deepspeed` launcher (2 CPU ranks, `--module megaclass.train`), prediction from
 its checkpoint on one rank, checked against the checkpoint's own tensors evaluated in float64."""
+import glob
 import os
 import signal
 import subprocess
@@ -52,8 +53,10 @@ def trained(tmp_path_factory):
         """))
     from dist_utils import free_port
 
-    trained = _run([f"{BIN}/deepspeed", "--num_gpus", "2", "--master_port", str(free_port()), "--module",
+    port = free_port()
+    trained = _run([f"{BIN}/deepspeed", "--num_gpus", "2", "--master_port", str(port), "--module",
                     "megaclass.train", "--config", str(config)], cwd=root)
+    trained.port = port
     return root, data, run_dir, config, trained
 
 
@@ -66,6 +69,9 @@ def test_megaclass_train_runs_as_a_module_under_the_deepspeed_launcher(trained):
     assert open(run_dir / "checkpoints" / "latest").read() == "step-00000002"
     assert len(os.listdir(run_dir / "checkpoints" / "step-00000002" / "head")) == 2  # one shard per rank
     assert len((run_dir / "train.csv").read_text().splitlines()) == 3
+    # DeepSpeed's CPU shared-memory allreduce never unlinks its 67 MB buffer per rank; each rank unlinks
+    # its own once every rank has mapped them all (engine.distributed.init), so none outlives the job
+    assert not glob.glob(f"/dev/shm/deepspeed_allreduce_buffer_{os.getuid()}_*_{result.port}_*")
 
 
 def _reference_topk(data, checkpoint, k):

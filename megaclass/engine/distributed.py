@@ -28,10 +28,25 @@ def init(cfg: Config) -> None:
     port = {} if "RANK" in os.environ else {"distributed_port": _mpi_store_port()}
     deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=True, verbose=False,
                                timeout=timedelta(seconds=cfg.parallel.timeout_s), **port)
+    unlink_shm_buffer()
     if "OMP_NUM_THREADS" not in os.environ:  # ranks of one node share its cores instead of oversubscribing
         local = int(os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("LOCAL_SIZE", "1")))
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // local))
     faults.start_heartbeat(cfg.parallel.heartbeat_s)
+
+
+def unlink_shm_buffer() -> None:
+    """Unlink this rank's buffer of DeepSpeed's CPU shared-memory allreduce (67 MB in /dev/shm, named
+    after the job's address, port and rank), which DeepSpeed never unlinks: every job left them behind
+    until /dev/shm filled. Once every rank is past `init_distributed` each has mapped every buffer, and
+    a mapped segment lives on until its last process unmaps it, so only the name goes."""
+    name = (f"/dev/shm/deepspeed_allreduce_buffer_{os.getuid()}_{os.environ.get('MASTER_ADDR', '')}_"
+            f"{os.environ.get('MASTER_PORT', '')}_{comm.rank()}")
+    comm.barrier()
+    try:
+        os.unlink(name)
+    except FileNotFoundError:  # ranks on several nodes, or no shared-memory op: nothing was made
+        pass
 
 
 def _mpi_store_port() -> int:

@@ -14,6 +14,7 @@ import torch
 from deepspeed.pipe import PipelineModule
 
 from megaclass.engine.config import ConfigError
+from megaclass.engine.distributed import unlink_shm_buffer
 from megaclass.engine.optim import build_optimizer, build_schedule
 from megaclass.engine.trainer import Trainer
 from megaclass.models.backbones import create
@@ -48,6 +49,7 @@ class PipelineTrainer(Trainer):
             raise ConfigError(f"parallel.pipeline_stages: {stages} does not divide the {self.world} ranks")
         self.loss_fn = HeadLoss()
         deepspeed.init_distributed(verbose=False)  # PipelineModule needs DeepSpeed's comm (wraps an existing group)
+        unlink_shm_buffer()
         module = PipelineModule(layers=layer_specs(cfg.model.name, cfg.train.seed, cfg.model.checkpoint, cfg.model.drop_rate),
                                 num_stages=stages, loss_fn=self.loss_fn, partition_method=cfg.parallel.partition_method)
         release_cache()
