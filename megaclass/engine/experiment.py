@@ -113,7 +113,7 @@ def _weights(cfg: Config, info: WebVision, knn: str, predictions: str, stage: in
 
     root = cfg.data.root or cfg.data.shards  # truth and thumbnails live in data.root, when there is one
     result = compute_weights(root, knn, predictions, stage, data=info, progress=cfg.train.progress,
-                             stage1_tsv=stage1_tsv)
+                             stage1_tsv=stage1_tsv, workers=1)  # no fork inside a distributed rank
     log.info("%s", save_weights(result, root, out))
     return result.auc
 
