@@ -6,10 +6,13 @@ short side, ~40 kB each, like WebVision's resized release), generated here with 
   memory       from bytes already in RAM: the limit of the decode + transform. Two decoders: PIL (the path
                before issue 18) and megaclass.data.decode.decode_image (libjpeg-turbo via decode_jpeg);
                also each decoder alone, without the transform ("decode-only")
-  files        one file per image through ImageDataset (page cache warm: written just before)
-  shards       tar shards in the pinned format (KEY.jpg, KEY.json, KEY.cls; webdataset's TarWriter), read
-               sequentially, each sample's label and original path parsed, then decode_image; and the
-               reading alone ("shards-read-only"). Left out where webdataset is not installed
+  files        one file per image of a WebVision layout through ImageDataset (page cache warm)
+  shards       that layout converted by `megaclass shards` (--per-shard samples each), read by the
+               training reader (ShardDataset: the sample index, one pread per image) in training's
+               order (shards shuffled, then a shuffle buffer); and the reading alone ("shards-read-only")
+  webdataset   the same tars read sequentially by webdataset's reference reader (every member's
+               header parsed, KEY.json decoded), for comparison; and its reading alone
+The shard rows are left out where webdataset (the converter's tar writer) is not installed.
 Each source runs in this one process with one intra-op thread, --rounds times interleaved; the best round
 is reported as images per CPU-second ("per core": robust on a shared machine) and per wall-second. The
 shard reader's overhead is its per-image CPU cost over the from-memory one (target <= 10 %; and >= 600
@@ -41,9 +44,7 @@ from megaclass.io import atomic_write_text
 
 TARGET_PER_CORE = 600
 TARGET_OVERHEAD = 0.10
-# an integer mtime: TarWriter's default, time.time(), is a float, which Python's tarfile stores in an extra PAX
-# header per member; parsing it nearly doubles the reader's cost per sample
-MTIME = 1_700_000_000
+CLASSES = 1000
 
 
 def register(subparsers) -> None:
@@ -100,43 +101,22 @@ def pil_decode(data: bytes) -> torch.Tensor:
     return torch.from_numpy(array.copy()).permute(2, 0, 1)
 
 
-def write_files(images: list[bytes], root: Path) -> list[tuple[str, int]]:
-    """One file per image under root/images/; the (path, label) items ImageDataset reads."""
-    (root / "images").mkdir(parents=True, exist_ok=True)
-    items = []
+def write_layout(images: list[bytes], root: Path) -> list[tuple[str, int]]:
+    """A WebVision layout of the images (`megaclass.bench.shards.write_layout`, one query per class of
+    1,000); the (path, label) items ImageDataset reads."""
+    from megaclass.bench.shards import write_layout as layout
+
+    (root / "pool").mkdir(parents=True, exist_ok=True)
+    pool = []
     for i, data in enumerate(images):
-        (root / "images" / f"{i:06d}.jpg").write_bytes(data)
-        items.append((f"images/{i:06d}.jpg", i % 1000))
-    return items
-
-
-def write_shards(images: list[bytes], out: Path, per_shard: int) -> list[str]:
-    """Tar shards in the pinned format (docs/scale.md) with webdataset's TarWriter, and their index.json."""
-    from webdataset import TarWriter
-
-    out.mkdir(parents=True, exist_ok=True)
-    shards = []
-    for shard, start in enumerate(range(0, len(images), per_shard)):
-        path = out / f"train-{shard:06d}.tar"
-        with open(path, "wb") as stream, TarWriter(stream, mtime=MTIME) as writer:
-            for index, data in enumerate(images[start:start + per_shard]):
-                label = (start + index) % 1000
-                meta = {"path": f"images/{start + index:06d}.jpg", "wnid": f"n{label:08d}", "label": label,
-                        "source": "google", "query": "", "rank": index + 1, "title": "", "description": "", "tags": ""}
-                writer.write({"__key__": f"{shard:06d}{index:06d}", "jpg": data, "json": json.dumps(meta).encode(),
-                              "cls": str(label).encode()})
-        shards.append((path, len(images[start:start + per_shard])))
-    index = {"format": "megaclass-shards", "version": 1, "classes": [[f"n{c:08d}", ""] for c in range(1000)],
-             "splits": {"train": {"samples": len(images), "shards": [{"name": p.name, "samples": k} for p, k in shards]}},
-             "skipped": {}}
-    atomic_write_text(out / "index.json", json.dumps(index))
-    return [str(p) for p, _ in shards]
+        pool.append(root / "pool" / f"{i:06d}.jpg")
+        pool[-1].write_bytes(data)
+    return layout(root, len(images), pool, CLASSES)
 
 
 def read_shards(urls: list[str]) -> Iterator[tuple[str, bytes, int, str]]:
     """(key, image bytes, label, original path) of every sample, shard after shard, read sequentially by
-    webdataset (`tarfile_samples`: a path or any URL its gopen takes). The one place that reads shards here:
-    the training reader takes its place."""
+    webdataset (`tarfile_samples`): the field's reference reader, for comparison with the indexed one."""
     from webdataset.tariterators import tarfile_samples
 
     for sample in tarfile_samples([{"url": url} for url in urls]):
@@ -231,30 +211,36 @@ def gpu_decode(images: list[bytes], transform, batch: int, rounds: int) -> dict:
 def bench(args, work: Path) -> dict:
     from megaclass.data import ImageDataset
     from megaclass.data.decode import decode_image
+    from megaclass.data.shards import ShardDataset, convert, load_shards, shard_epoch_order
 
     images = photo_jpegs(args.images)
-    items = write_files(images, work)
+    items = write_layout(images, work / "webvision")
     try:
-        shards = write_shards(images, work / "shards", args.per_shard)
+        convert(work / "webvision", work / "shards", args.per_shard, progress=False)
     except ImportError:  # no webdataset: the GPU image unless .whl/ brings it (make gpu-wheels); the rest still runs
         shards = None
-    files = ImageDataset(work, items, args.image_size, train=True)
+    else:
+        shards = ShardDataset(load_shards(work / "shards"), "train", args.image_size, train=True)
+    files = ImageDataset(work / "webvision", items, args.image_size, train=True)
     transform = files.transform
+    # the order training reads in: shards shuffled, then a shuffle buffer (files read in the same order)
+    order = shard_epoch_order(shards.sizes if shards else [len(items)], 0, 0, buffer=args.per_shard).tolist()
 
     def from_memory(decoder):
         return lambda: sum(1 for data in images if transform(decoder(data)) is not None)
-
-    def from_shards():
-        return sum(1 for key, data, _, _ in read_shards(shards) if transform(decode_image(data, key)) is not None)
 
     sources = {"decode-only/pil": lambda: sum(1 for data in images if pil_decode(data) is not None),
                "decode-only": lambda: sum(1 for data in images if decode_image(data, "memory") is not None),
                "memory/pil": from_memory(pil_decode),
                "memory": from_memory(lambda data: decode_image(data, "memory")),
-               "files": lambda: sum(1 for i in range(len(files)) if files[i] is not None)}
+               "files": lambda: sum(1 for i in order if files[i] is not None)}
     if shards:
-        sources["shards"] = from_shards
-        sources["shards-read-only/none"] = lambda: sum(1 for _ in read_shards(shards))
+        tars = [str(path) for path in shards.files]
+        sources["shards"] = lambda: sum(1 for i in order if shards[i] is not None)
+        sources["shards-read-only/none"] = lambda: sum(1 for i in order if shards._encoded(i))
+        sources["webdataset"] = lambda: sum(1 for key, data, _, _ in read_shards(tars)
+                                            if transform(decode_image(data, key)) is not None)
+        sources["webdataset-read-only/none"] = lambda: sum(1 for _ in read_shards(tars))
     rates = _measure(sources, args.rounds)
     rows = [{"source": name.split("/")[0], "decoder": name.split("/")[1] if "/" in name else "decode_image", **rate}
             for name, rate in rates.items()]
@@ -266,7 +252,7 @@ def bench(args, work: Path) -> dict:
         "machine": machine(args.device),
         "config": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items() if k != "func"},
         "jpeg_mean_bytes": round(statistics.mean(len(d) for d in images)),
-        "shard_bytes_per_image": round(sum(Path(url).stat().st_size for url in shards) / len(images)) if shards else None,
+        "shard_bytes_per_image": round(sum(p.stat().st_size for p in shards.files) / len(images)) if shards else None,
         "decoded_equal_to_pil": {"images": len(images), "equal": equal},
         "input": rows,
         "shard_overhead_vs_memory": overhead,

@@ -51,11 +51,12 @@ def launch(worker: str, spec: dict, world: int, env: dict | None = None) -> list
     return results
 
 
-def machine(device) -> dict:
+def machine(device="cpu") -> dict:
     """The machine a benchmark ran on, for its report."""
     import torch
 
-    info = {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(), "torch": torch.__version__}
+    info = {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(), "torch": torch.__version__,
+            "load_average_1min_at_start": round(os.getloadavg()[0], 2)}  # quiet or shared: what the figures mean
     try:
         with open("/proc/cpuinfo") as f:
             info["cpu"] = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))

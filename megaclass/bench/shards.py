@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import resource
 import shutil
 import subprocess
@@ -33,6 +32,7 @@ from pathlib import Path
 import numpy as np
 
 from megaclass.argtypes import output_file, positive_int
+from megaclass.bench.ranks import machine
 
 
 def register(subparsers) -> None:
@@ -54,7 +54,7 @@ def register(subparsers) -> None:
 
 
 def plot(result: dict, path) -> None:
-    """Conversion seconds against images (log-log): wall time on the loaded machine, CPU-seconds / 2 (what
+    """Conversion seconds against images (log-log): wall time, CPU-seconds / 2 (what
     2 free cores would take), and the target's 2,000 images/s."""
     import matplotlib
 
@@ -65,7 +65,7 @@ def plot(result: dict, path) -> None:
 
     n = np.array([r["images"] for r in result["conversion"]], dtype=float)
     fig, ax = plt.subplots(figsize=(5, 3.6))
-    ax.loglog(n, [r["seconds"] for r in result["conversion"]], "o-", label="wall (machine shared, loaded)")
+    ax.loglog(n, [r["seconds"] for r in result["conversion"]], "o-", label=f"wall (load average {result['machine']['load_average_1min_at_start']} at start)")
     ax.loglog(n, [r["cpu_seconds"] / 2 for r in result["conversion"]], "s-", label="CPU-seconds / 2 cores")
     ax.loglog(n, n / result["target_images_per_s"], "k--", label="target: 2,000 images/s")
     ax.set_xticks(n, [f"{int(v):,}" for v in n])
@@ -88,22 +88,25 @@ def _photo(rng: np.random.Generator, size: int = 256) -> np.ndarray:
     return np.clip(image, 0, 255).astype(np.uint8)
 
 
-def _write_layout(root: Path, n: int, pool: list[Path], classes: int) -> None:
-    """A WebVision layout of `n` training images (hard links to the pool), one query per class."""
+def write_layout(root: Path, n: int, pool: list[Path], classes: int) -> list[tuple[str, int]]:
+    """A WebVision layout of `n` training images (hard links to the pool), one query per class; returns
+    each image's (path relative to root, label)."""
     (root / "info").mkdir(parents=True)
     (root / "info" / "synsets.txt").write_text("".join(f"n{10_000_000 + c:08d} class {c}\n" for c in range(classes)))
-    lines, per_query = [], {}
+    lines, per_query, items = [], {}, []
     for i in range(n):
         c = i % classes
         rel = f"google/q{c + 1:04d}/{i}.jpg"
         (root / rel).parent.mkdir(parents=True, exist_ok=True)
         os.link(pool[i % len(pool)], root / rel)
         lines.append(f"{rel} {c}\n")
+        items.append((rel, c))
         per_query.setdefault(c, []).append({"id": str(i), "rank": len(per_query.get(c, [])) + 1,
                                             "title": f"photo {i} of class {c}", "description": "a web image " * 8})
     (root / "info" / "train_filelist_google.txt").write_text("".join(lines))
     for c, entries in per_query.items():
         (root / "google" / f"q{c + 1:04d}.json").write_text(json.dumps(entries))
+    return items
 
 
 def _cpu_seconds() -> float:
@@ -190,7 +193,7 @@ def startup(args) -> int:
             Image.fromarray(rng.integers(0, 256, (16, 16, 3), dtype=np.uint8)).save(pool[-1], quality=90)
         for n in [int(s) for s in args.startup.split(",")]:
             root, out, scan = Path(tmp) / "data", Path(tmp) / "shards", Path(tmp) / "scan"
-            _write_layout(root, n, pool, args.classes)
+            write_layout(root, n, pool, args.classes)
             convert(root, out, per_shard=10_000, workers=args.workers, progress=False)
             shutil.rmtree(root)
             scan.mkdir()  # the same tars, an index.json without sample indexes
@@ -219,7 +222,7 @@ def startup(args) -> int:
         print(f"extrapolated to 16M samples from {largest:,} ({how}): {x['cpu_seconds']:.0f} CPU-s, "
               f"peak RSS +{x['peak_rss_rise_gib']:.2f} GiB")
     if args.out:
-        result = {"benchmark": "shards startup", "machine": f"{platform.node()}, {os.cpu_count()} cores (shared, loaded by other work)",
+        result = {"benchmark": "shards startup", "machine": machine(),
                   "per_shard": 10_000, "rows": rows, "extrapolated_to_16M": at_16m}
         atomic_write_text(args.out, json.dumps(result, indent=1))
     return 0
@@ -247,7 +250,7 @@ def run(args) -> int:
         jpeg_bytes = float(np.mean([p.stat().st_size for p in pool]))
         for n in sizes:
             root, out = Path(tmp) / f"data-{n}", Path(tmp) / f"shards-{n}"
-            _write_layout(root, n, pool, args.classes)
+            write_layout(root, n, pool, args.classes)
             cpu0, t0 = _cpu_seconds(), time.perf_counter()
             index = convert(root, out, per_shard=args.per_shard, workers=args.workers, progress=False)
             seconds, cpu = time.perf_counter() - t0, _cpu_seconds() - cpu0
@@ -258,7 +261,7 @@ def run(args) -> int:
                   f"({n / cpu:6.0f} images per CPU-second)", flush=True)
             shutil.rmtree(root)
             shutil.rmtree(out)
-    result = {"benchmark": "shards", "machine": f"{platform.node()}, {os.cpu_count()} cores (shared, loaded by other work)",
+    result = {"benchmark": "shards", "machine": machine(),
               "workers": args.workers, "per_shard": args.per_shard, "mean_jpeg_bytes": jpeg_bytes,
               "target_images_per_s": 2000, "conversion": rows, "class_balanced": _histograms()}
     cb = result["class_balanced"]

@@ -18,6 +18,7 @@ from pathlib import Path, PurePosixPath
 
 from megaclass.data.columns import SOURCES, TrainBuilder
 from megaclass.data.paths import plain_relative
+from megaclass.data.store import ShardStore, is_url
 from megaclass.data.webvision import (_INTEGER, OUTSIDE, WebVision, WebVisionFormatError, _as_text, _note, _rank,
                                       _show, load_webvision)
 
@@ -25,19 +26,20 @@ INDEX = "index.json"
 
 
 def is_shards(path: str | os.PathLike) -> bool:
-    return (Path(path) / INDEX).is_file()
+    """A shards folder (it holds index.json) or a shards URL (`megaclass.data.store`)."""
+    return is_url(path) or (Path(path) / INDEX).is_file()
 
 
-def load_metadata(path: str | os.PathLike, *, check_images: bool = True, progress: bool = False) -> WebVision:
-    """A shards folder (it holds index.json) or a WebVision-layout root, read into columns.
-    `check_images` applies to a root (a shard holds its images)."""
+def load_metadata(path: str | os.PathLike, *, check_images: bool = True, progress: bool = False,
+                  cache: str | os.PathLike | None = None) -> WebVision:
+    """A shards folder (it holds index.json) or URL, or a WebVision-layout root, read into columns.
+    `check_images` applies to a root (a shard holds its images); `cache` to a URL."""
     if is_shards(path):
-        return load_shards(path, progress=progress)
+        return load_shards(path, progress=progress, cache=cache)
     return load_webvision(path, check_images=check_images, progress=progress)
 
 
-def _read_index(folder: Path) -> dict:
-    where = folder / INDEX
+def _read_index(where: Path) -> dict:
     try:
         index = json.loads(where.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, ValueError) as exc:
@@ -103,10 +105,12 @@ def _side_information(source: str, sample: dict, where: str, skipped: Counter, e
     return (rank, *texts)
 
 
-def load_shards(folder: str | os.PathLike, *, progress: bool = False) -> WebVision:
-    """Read the metadata of a shards folder (module docstring)."""
-    folder = Path(folder)
-    index = _read_index(folder)
+def load_shards(location: str | os.PathLike, *, progress: bool = False, cache: str | os.PathLike | None = None) -> WebVision:
+    """Read the metadata of a shards folder or URL (module docstring; from a URL each tar is copied into
+    the node's `cache` first, where training then finds it)."""
+    store = ShardStore(location, cache)
+    index = _read_index(store.index())
+    folder = store.folder
     synsets = [tuple(c) for c in index["classes"]]
     skipped: Counter = Counter()
     examples: dict[str, str] = {}
@@ -123,7 +127,9 @@ def load_shards(folder: str | os.PathLike, *, progress: bool = False) -> WebVisi
 
             shards = tqdm(shards, desc=f"shards {split}", unit="shard")
         for shard in shards:
-            for where, sample in _samples(folder / shard["name"], skipped, examples):
+            # from a URL: copied into the cache first (ShardFetchError when that fails after its tries)
+            path = store.fetch(shard["name"], shard["bytes"] if isinstance(shard.get("bytes"), int) else None)
+            for where, sample in _samples(path, skipped, examples):
                 if sample is None:
                     continue
                 if not isinstance(sample, dict) or not isinstance(sample.get("path"), str):

@@ -41,6 +41,7 @@ import json
 import logging
 import os
 import tarfile
+import threading
 from collections import Counter, OrderedDict
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -51,6 +52,7 @@ import torch
 
 from megaclass.data.columns import StringColumn
 from megaclass.data.dataset import ImageDataset
+from megaclass.data.store import ShardStore
 from megaclass.io import atomic_output, atomic_write_bytes, atomic_write_text
 from megaclass.seeding import derive_seed
 
@@ -346,11 +348,15 @@ class Shards:
     """A shard folder as read: the class list, skip counts, and each split's samples."""
 
     folder: Path
+    """where the files are read: the folder, or the local cache's copy of a URL's"""
     classes: list[tuple[str, str]]
     skipped: dict
     files: dict[str, list[Path]]
     sizes: dict[str, list[int]]
+    """samples per shard"""
     columns: dict[str, ShardColumns]
+    store: ShardStore
+    tar_bytes: dict[str, list[int]]
 
     @property
     def wnids(self) -> list[str]:
@@ -361,9 +367,10 @@ def _file_name(value) -> bool:
     return isinstance(value, str) and "/" not in value and value not in ("", ".", "..")
 
 
-def read_index(folder: str | os.PathLike) -> dict:
+def read_index(folder: str | os.PathLike | ShardStore) -> dict:
     """index.json, checked against the pinned format (a clear error naming the file otherwise)."""
-    path = Path(folder) / "index.json"
+    store = folder if isinstance(folder, ShardStore) else ShardStore(folder)
+    path = store.index()  # from a URL: copied first (ShardFetchError when that fails)
     try:
         index = json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
@@ -455,40 +462,45 @@ def scan_shard(path: Path, num_classes: int) -> tuple:
     return offsets, sizes, labels, StringColumn.from_strings(paths)
 
 
-def load_shards(folder: str | os.PathLike, splits=SPLITS) -> Shards:
+def load_shards(location: str | os.PathLike | ShardStore, splits=SPLITS, cache: str | os.PathLike | None = None) -> Shards:
     """Read index.json and the sample indexes of `splits` (shards without one are scanned); each shard
-    must be as long as the index says and hold the samples it says."""
-    folder = Path(folder)
-    index = read_index(folder)
+    must be as long as the index says and hold the samples it says. `location`: a folder, or a URL whose
+    files are copied into the node-local `cache` (`megaclass.data.store`: index.json and the sample
+    indexes here, each tar when it is first read)."""
+    store = location if isinstance(location, ShardStore) else ShardStore(location, cache)
+    index = read_index(store)
     classes = [(str(w), str(t)) for w, t in index["classes"]]
-    files, sizes, columns = {}, {}, {}
+    files, sizes, tar_bytes, columns = {}, {}, {}, {}
     scanned = 0
     for split in splits:
         entries = index["splits"][split]["shards"]
-        files[split] = [folder / e["name"] for e in entries]
+        files[split] = [store.path(e["name"]) for e in entries]
         sizes[split] = [int(e["samples"]) for e in entries]
+        tar_bytes[split] = [int(e["bytes"]) for e in entries]
         builder = _ColumnsBuilder(sum(sizes[split]))
         for number, (path, entry) in enumerate(zip(files[split], entries)):
-            expected, tar_bytes = int(entry["samples"]), int(entry["bytes"])
-            try:
-                actual = path.stat().st_size
-            except OSError as exc:
-                raise ShardFormatError(f"{path}: unreadable shard ({exc})") from None
-            if actual != tar_bytes:
-                raise ShardFormatError(f"{path}: {actual} bytes, index.json says {tar_bytes} (truncated or replaced?)")
+            expected, size = int(entry["samples"]), int(entry["bytes"])
+            if not store.remote:  # a URL's tar is checked when it is copied
+                try:
+                    actual = path.stat().st_size
+                except OSError as exc:
+                    raise ShardFormatError(f"{path}: unreadable shard ({exc})") from None
+                if actual != size:
+                    raise ShardFormatError(f"{path}: {actual} bytes, index.json says {size} (truncated or replaced?)")
             if entry.get("index") is None:
-                got = scan_shard(path, len(classes))
+                got = scan_shard(store.fetch(path.name, size), len(classes))
                 scanned += 1
             else:
-                got = read_shard_index(folder / entry["index"]["name"], entry["index"], expected, tar_bytes, len(classes))
+                sample_index = store.fetch(entry["index"]["name"], int(entry["index"]["bytes"]), entry["index"]["sha256"])
+                got = read_shard_index(sample_index, entry["index"], expected, size, len(classes))
             if len(got[0]) != expected:
                 raise ShardFormatError(f"{path}: holds {len(got[0])} samples, index.json says {expected} (truncated or replaced?)")
             builder.add(number, *got)
         columns[split] = builder.finish()
     if scanned:
         log.info("%s: %d shards have no sample index and were scanned instead (slow at millions of images); "
-                 "rerun `megaclass shards` on this folder to write the indexes", folder, scanned)
-    return Shards(folder, classes, dict(index.get("skipped", {})), files, sizes, columns)
+                 "rerun `megaclass shards` on this folder to write the indexes", store.location, scanned)
+    return Shards(store.folder, classes, dict(index.get("skipped", {})), files, sizes, columns, store, tar_bytes)
 
 
 def verify(folder: str | os.PathLike) -> int:
@@ -537,6 +549,7 @@ class ShardDataset(ImageDataset):
         self.files = shards.files[split]
         self.sizes = shards.sizes[split]
         """samples per shard, in position order (the shard order draws from these)"""
+        self.store, self.tar_bytes = shards.store, shards.tar_bytes[split]
         self.columns = shards.columns[split]
         self._fds: OrderedDict[int, int] = OrderedDict()
         self._pid = os.getpid()
@@ -546,8 +559,8 @@ class ShardDataset(ImageDataset):
         if self._pid != os.getpid():  # a DataLoader worker: its parent's descriptors stay the parent's
             self._fds, self._pid = OrderedDict(), os.getpid()
         fd = self._fds.pop(shard, None)
-        if fd is None:
-            fd = os.open(self.files[shard], os.O_RDONLY)
+        if fd is None:  # from a URL, the tar is copied into the cache first, unless it is there
+            fd = os.open(self.store.fetch(self.files[shard].name, self.tar_bytes[shard]), os.O_RDONLY)
             while len(self._fds) >= self.MAX_OPEN:
                 os.close(self._fds.popitem(last=False)[1])
         self._fds[shard] = fd
@@ -565,10 +578,37 @@ class ShardDataset(ImageDataset):
         shard, offset = int(self.columns.shard[index]), int(self.columns.offset[index])
         return f"{self.files[shard]}@{offset} ({self.columns.paths[index]})"
 
+    def prefetch(self, order) -> threading.Thread | None:
+        """From a URL: copy the tars into the cache in the background, in `order` (shard numbers, as they
+        are first read), skipping those another process of the node is copying. A failure is only logged
+        here: the read that needs the shard copies it again, and raises. None for a folder."""
+        if not self.store.remote:
+            return None
+
+        def run():
+            for shard in order:
+                try:
+                    self.store.fetch(self.files[shard].name, self.tar_bytes[shard], wait=False)
+                except OSError as exc:
+                    log.warning("prefetch: %s", exc)
+
+        thread = threading.Thread(target=run, name="shard-prefetch", daemon=True)
+        thread.start()
+        return thread
+
     def __getstate__(self):  # DataLoader workers under spawn: descriptors do not travel
         state = self.__dict__.copy()
         state["_fds"] = OrderedDict()
         return state
+
+
+def _order_rng(seed: int, epoch: int) -> np.random.Generator:
+    return np.random.default_rng(derive_seed(seed, "shard order", epoch))
+
+
+def shard_order(count: int, seed: int, epoch: int) -> np.ndarray:
+    """The `count` shards in the order `shard_epoch_order` reads them in `epoch` (its first draw)."""
+    return _order_rng(seed, epoch).permutation(count)
 
 
 def shard_epoch_order(sizes: list[int], seed: int, epoch: int, buffer: int,
@@ -582,7 +622,7 @@ def shard_epoch_order(sizes: list[int], seed: int, epoch: int, buffer: int,
     multinomial with p_i = 1 / (classes × count of i's class)), and each sample appears that many times
     at its place in the stream. A web filelist is grouped by query, so a shard holds few classes:
     balancing inside one buffer could not balance the epoch; counting draws over the whole epoch does."""
-    rng = np.random.default_rng(derive_seed(seed, "shard order", epoch))
+    rng = _order_rng(seed, epoch)
     starts = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
     stream = np.concatenate([np.arange(starts[s], starts[s + 1]) for s in rng.permutation(len(sizes))] or [[]])
     stream = stream.astype(np.int64)

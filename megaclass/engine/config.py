@@ -103,7 +103,11 @@ class DataConfig:
     """Use only the first N training images (0 = all); for smoke runs."""
     shards: str | None = None
     """A folder `megaclass shards` wrote: train, evaluate and predict from its tar shards instead of the
-    files under `root` (which is then optional; the class list comes from its index.json)."""
+    files under `root` (which is then optional; the class list comes from its index.json). Or that folder
+    in an object store, as a URL: `pipe:aws s3 cp s3://bucket/shards/{name} -`, `https://host/shards`
+    (docs/scale.md); its files are copied once per node into `shard_cache`."""
+    shard_cache: str | None = None
+    """With a `shards` URL: the node-local folder its files are copied into (default $TMPDIR/megaclass-shards)."""
     shuffle_buffer: int = 10_000
     """With `shards`: samples in the shuffle buffer that follows the seeded shard order (docs/data.md)."""
 
@@ -114,8 +118,9 @@ class DataConfig:
         _check(self.shuffle_buffer >= 1, "data.shuffle_buffer", f"must be at least 1, got {self.shuffle_buffer}")
         _check(self.weight_knee is None or 0 < self.weight_knee <= 1, "data.weight_knee",
                f"must be in (0, 1] or null, got {self.weight_knee}")
-
-
+        _check(not (self.shards and self.shards.startswith("pipe:") and "{name}" not in self.shards), "data.shards",
+               f"a pipe: URL needs {{name}} where each file's name goes (e.g. 'pipe:aws s3 cp "
+               f"s3://bucket/shards/{{name}} -'), got {self.shards!r}")
 
 
 @dataclass(kw_only=True, slots=True)

@@ -24,7 +24,7 @@ from torch.utils.data import Dataset, Sampler
 
 from megaclass.data import ClassBalancedSampler, ImageDataset, WebVision, load_webvision
 from megaclass.data.columns import StringColumn, as_string_column, lookup
-from megaclass.data.shards import ShardDataset, Shards, load_shards, shard_epoch_order
+from megaclass.data.shards import ShardDataset, Shards, load_shards, shard_epoch_order, shard_order
 from megaclass.seeding import derive_seed
 from megaclass.weighting.tables import read_weight_column
 
@@ -50,6 +50,13 @@ def epoch_order_fn(dataset: Dataset, seed: int, labels: torch.Tensor | None = No
         return lambda epoch: shard_epoch_order(dataset.sizes, seed, epoch, buffer, labels)
     n = len(dataset)
     return lambda epoch: epoch_order(n, seed, epoch, labels)
+
+
+def prefetch_shards(dataset: Dataset, seed: int, epoch: int) -> None:
+    """From a shard URL: start copying `dataset`'s tars into the node's cache, in the order `epoch` first
+    reads them (nothing on files or a shard folder; elsewhere each tar is copied when first read)."""
+    if isinstance(dataset, ShardDataset):
+        dataset.prefetch(shard_order(len(dataset.sizes), seed, epoch))
 
 
 class RankBatches(Sampler):
@@ -200,7 +207,7 @@ class RunData:
 
 def load_shard_data(cfg) -> RunData:
     """Everything `cfg.data` names, from the shard folder `cfg.data.shards`."""
-    shards = load_shards(cfg.data.shards)
+    shards = load_shards(cfg.data.shards, cache=cfg.data.shard_cache)
     if cfg.data.limit_train:  # the first N positions, as the first N images on files
         shards.columns["train"] = shards.columns["train"].head(cfg.data.limit_train)
         left, sizes = len(shards.columns["train"]), []

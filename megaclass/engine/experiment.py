@@ -89,7 +89,7 @@ def side_information(cfg: Config, data: RunData) -> WebVision:
     """The training images' side information: data.root's (read with the data), or on shards their KEY.json."""
     from megaclass.data.metadata import load_metadata
 
-    return data.webvision if data.webvision is not None else load_metadata(cfg.data.shards)
+    return data.webvision if data.webvision is not None else load_metadata(cfg.data.shards, cache=cfg.data.shard_cache)
 
 
 def _semantics(cfg: Config, info: WebVision, knn: str) -> None:

@@ -30,7 +30,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from megaclass.engine import checkpoint, faults
 from megaclass.engine.config import Config, ConfigError
-from megaclass.engine.data import RankBatches, SeededItems, epoch_order_fn
+from megaclass.engine.data import RankBatches, SeededItems, epoch_order_fn, prefetch_shards
 from megaclass.engine.monitor import Monitor
 from megaclass.engine.optim import InPlaceSGD, build_optimizer, build_schedule
 from megaclass.memory import peak_memory_bytes
@@ -248,6 +248,7 @@ class Trainer:
         cfg = self.cfg
         self.eval_rows = []
         start = self.resume()
+        prefetch_shards(self.data.dataset, cfg.train.seed, start // self.steps_per_epoch)
         accum = cfg.train.grad_accum
         sampler = RankBatches(len(self.data.dataset), self.data_rank, self.data_world, cfg.train.micro_batch_size,
                               total_micro_steps=self.last_step * accum, order_fn=self._order_fn(), start=start * accum)
