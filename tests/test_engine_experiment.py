@@ -203,6 +203,11 @@ def test_the_experiment_config_checks_its_keys():
         config_from_dict({"experiment": {"mode": "both"}})
     with pytest.raises(ConfigError, match="experiment.warmup_epochs: must be >= 0"):
         config_from_dict({"experiment": {"warmup_epochs": -1}})
+    assert (cfg.experiment.online_epochs, cfg.experiment.online_em, cfg.experiment.online_text) == (None, "step", True)
+    with pytest.raises(ConfigError, match="experiment.online_em: must be one of step, converge, got 'all'"):
+        config_from_dict({"experiment": {"online_em": "all"}})
+    with pytest.raises(ConfigError, match="experiment.online_epochs: must be positive or null, got 0"):
+        config_from_dict({"experiment": {"online_epochs": 0}})
     with pytest.raises(ConfigError, match="experiment.mode: online scores each training batch"):
         config_from_dict({"experiment": {"mode": "online"}, "parallel": {"pipeline_stages": 2}})
 
@@ -320,5 +325,9 @@ def test_rows_of_another_mode_are_kept_only_from_the_same_config(tmp_path):
     assert _rows_kept(str(tmp_path), staged) == {"online": rows["online"]}
     other_seed = config_from_dict({"run_dir": str(tmp_path), "train": {"seed": 1}, "experiment": {"mode": "online"}})
     assert _rows_kept(str(tmp_path), other_seed) == {}
+    # the online modes' own settings do not make the staged rows another experiment's
+    longer = config_from_dict({"run_dir": str(tmp_path), "experiment": {"mode": "online", "online_epochs": 10,
+                                                                          "online_em": "converge"}})
+    assert _rows_kept(str(tmp_path), longer) == _rows_kept(str(tmp_path), online)
     (tmp_path / "results.json").write_text("{not json")
     assert _rows_kept(str(tmp_path), online) == {}

@@ -152,3 +152,29 @@ def test_the_online_weights_do_not_depend_on_the_validation_set(tmp_path):
     a, b = (tmp_path / "a" / "weights_online.tsv").read_bytes(), (tmp_path / "b" / "weights_online.tsv").read_bytes()
     assert a == b and len(a.splitlines()) > 80
     assert with_val["estimates"] == without_val["estimates"]
+
+
+def test_without_the_page_text_the_weights_come_from_the_rank_and_the_predictions_alone(tmp_path):
+    """experiment.online_text: false (stage 1's evidence only, to measure what the text adds): the start
+    weights are EM on the rank alone, as `online_weights` gives them when no page says anything."""
+    import dataclasses
+
+    from megaclass.data.columns import as_string_column, lookup
+    from megaclass.data.synth import SynthConfig, generate
+    from megaclass.engine.data import load_run_data
+    from megaclass.engine.experiment import OnlineEstimate, side_information
+    from megaclass.weighting.online import online_weights
+
+    root = tmp_path / "data"
+    generate(root, SynthConfig(classes=6, per_class=16, val_per_class=2, image_size=16, seed=5), progress=False)
+    cfg = _config(root, tmp_path / "run")
+    data = load_run_data(cfg)
+    info = side_information(cfg, data)
+    neighbors = np.tile(np.arange(2), (data.num_classes, 1))
+    row = lookup(info.train.paths, as_string_column(data.paths))
+    rank_alone = online_weights(np.asarray(info.train.sources)[row], np.asarray(info.train.ranks)[row],
+                                np.full(len(row), np.nan))
+    no_text = dataclasses.replace(cfg, experiment=dataclasses.replace(cfg.experiment, online_text=False))
+    np.testing.assert_array_equal(OnlineEstimate(no_text, data, info, neighbors)(None, 0), rank_alone)
+    with_text = OnlineEstimate(cfg, data, info, neighbors)(None, 0)
+    assert np.abs(with_text - rank_alone).max() > 0.05  # the text moves the start

@@ -35,7 +35,7 @@ def test_online_weights_recover_a_known_mixture_and_each_view_adds():
     sources = ["google"] * len(ranks)
     start_details, details = {}, {}
     w0 = online_weights(sources, ranks, margin, details=start_details)
-    w = online_weights(sources, ranks, margin, cell, p_label, start=w0, details=details)
+    w = online_weights(sources, ranks, margin, cell, p_label, start=w0, details=details, em_mode="converge")
     assert abs(details["clean_rate"] - clean.mean()) < 0.03, (details["clean_rate"], clean.mean())
     assert details["em_converged"] and start_details["em_converged"]
     # rank and text together beat either alone; the predictions add to both
@@ -47,8 +47,35 @@ def test_online_weights_recover_a_known_mixture_and_each_view_adds():
     # images the model has not seen yet (cell -1) keep the evidence of rank and text only
     unseen = cell.copy()
     unseen[:100] = -1
-    w_partial = online_weights(sources, ranks, margin, unseen, p_label)
+    w_partial = online_weights(sources, ranks, margin, unseen, p_label, em_mode="converge")
     assert np.isfinite(w_partial).all() and roc_auc(w_partial, clean) > roc_auc(w0, clean)
+
+
+def test_a_step_re_estimate_is_one_em_step_from_the_weights_in_use():
+    """online_em: step. The E-step by its definition: each view refitted to the weights in use, their
+    log-odds added to logit of the mean weight. Repeated, the steps approach EM's fixed point."""
+    from megaclass.weighting.stage1 import PredictionView, RankView, rank_values
+    from megaclass.weighting.stage2 import margin_view
+
+    rng = np.random.default_rng(1)
+    ranks, clean, margin, cell, p_label = _mixture(20_000, rng)
+    sources = ["google"] * len(ranks)
+    w0 = online_weights(sources, ranks, margin)
+    details = {}
+    w1 = online_weights(sources, ranks, margin, cell, p_label, start=w0, details=details)
+    assert details["em_steps"] == 1
+    grid = np.round(p_label / 0.01) * 0.01
+    views = [RankView(sources, rank_values(ranks)), margin_view(margin), PredictionView(cell, grid)]
+    evidence = sum(np.nan_to_num(view(w0), nan=0.0) for view in views)
+    by_hand = 1.0 / (1.0 + np.exp(-(np.log(w0.mean() / (1.0 - w0.mean())) + evidence)))
+    np.testing.assert_allclose(w1, np.clip(by_hand, 1e-6, 1 - 1e-6), rtol=1e-9, atol=1e-9)
+    # the predictions' evidence is in after one step, and repeated steps approach the converged estimate
+    converged = online_weights(sources, ranks, margin, cell, p_label, start=w0, em_mode="converge")
+    assert roc_auc(w1, clean) > roc_auc(w0, clean) + 0.04
+    w = w1
+    for _ in range(30):
+        w = online_weights(sources, ranks, margin, cell, p_label, start=w)
+    assert np.abs(w - converged).mean() < 0.5 * np.abs(w1 - converged).mean()
 
 
 def _divide_mix_reference(loss):

@@ -259,6 +259,7 @@ class EvalConfig:
 
 
 PREDICTIONS = ("crossfit", "final")
+ONLINE_EM = ("step", "converge")
 MODES = ("staged", "online", "online_loss")
 
 
@@ -285,6 +286,17 @@ class ExperimentConfig:
     `online_loss`: one training weighted by the per-image loss alone (DivideMix's signal)."""
     warmup_epochs: int = 1
     """online modes: epochs trained on the start weights before the forward passes' views are collected."""
+    online_epochs: float | None = None
+    """online modes: epochs of their one training (None: `train.epochs`). The staged experiment costs three
+    trainings and two prediction passes, so an online training of up to 0.4 × (3 × epochs + 2) epochs
+    stays within 0.4 × its image-steps (10 for the demo's 8)."""
+    online_text: bool = True
+    """online: false leaves out the page text (stage 2's evidence): rank and predictions only, as stage 1,
+    to measure what the text adds inside one training."""
+    online_em: str = "step"
+    """online: how far each re-estimate moves once the model's views are in. `step`: one EM step from the
+    weights in use (online EM: each epoch's new evidence advances the estimate by a step); `converge`:
+    EM to its fixed point at every re-estimate, which a young model's views can pull to a wrong one."""
     oracle: bool = False
     """Also train the clean-only oracle: the same config with weight 1 for every clean and 0 for every
     noisy training image, from `data.root/truth_train.tsv` (synthetic data only; an error when absent)."""
@@ -295,6 +307,10 @@ class ExperimentConfig:
                f"must be one of {', '.join(PREDICTIONS)}, got {self.predictions!r}")
         _check(self.mode in MODES, "experiment.mode", f"must be one of {', '.join(MODES)}, got {self.mode!r}")
         _check(self.warmup_epochs >= 0, "experiment.warmup_epochs", f"must be >= 0, got {self.warmup_epochs}")
+        _check(self.online_epochs is None or self.online_epochs > 0, "experiment.online_epochs",
+               f"must be positive or null, got {self.online_epochs}")
+        _check(self.online_em in ONLINE_EM, "experiment.online_em",
+               f"must be one of {', '.join(ONLINE_EM)}, got {self.online_em!r}")
         _check(self.folds >= 2, "experiment.folds", f"must be at least 2 (one to predict, one to train on), got {self.folds}")
 
 

@@ -278,12 +278,13 @@ def run(cfg: Config, data: RunData, oracle: torch.Tensor | None = None) -> dict:
 
 
 def _fingerprint(cfg: Config) -> str:
-    """What makes two modes' rows comparable: the whole config but the mode (and the oracle switch)."""
+    """What makes two modes' rows comparable: the whole config but the mode, the oracle switch and the
+    online modes' own settings."""
     import hashlib
 
     plain = dataclasses.asdict(cfg)
-    plain["experiment"].pop("mode")
-    plain["experiment"].pop("oracle")
+    for key in ("mode", "oracle", "warmup_epochs", "online_epochs", "online_text", "online_em"):
+        plain["experiment"].pop(key)
     return hashlib.sha256(json.dumps(plain, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
@@ -382,7 +383,9 @@ def _online(cfg: Config, data: RunData, info: WebVision, knn: str, val, device) 
     neighbors = knn_arrays(data.wnids, read_knn_tsv(knn))[0]
     estimate = OnlineEstimate(cfg, data, info, neighbors)
     t0 = time.perf_counter()
-    trainer = OnlineTrainer(dataclasses.replace(cfg, run_dir=os.path.join(cfg.run_dir, mode)),
+    epochs = cfg.experiment.online_epochs or cfg.train.epochs
+    trainer = OnlineTrainer(dataclasses.replace(cfg, run_dir=os.path.join(cfg.run_dir, mode),
+                                                train=dataclasses.replace(cfg.train, epochs=epochs)),
                             TrainData(data.train, data.num_classes, data.labels, None, data.wnids),
                             estimate, neighbors, cfg.experiment.warmup_epochs, name=mode)
     rows = trainer.fit(val=val)
@@ -432,7 +435,7 @@ class OnlineEstimate:
                              f"{self.paths[int(np.argmax(row < 0))]!r}")
         self._row = row
         self._truth = truth_labels(self.cfg.data.root, self.paths)  # read once, not at every re-estimate
-        if self.mode == "online":
+        if self.mode == "online" and self.cfg.experiment.online_text:
             from megaclass.weighting.keywords import KeywordExtractor
             from megaclass.weighting.pipeline import train_keyword_bags
             from megaclass.weighting.stage2 import Stage2Config, TextMargins, class_descriptions
@@ -466,9 +469,10 @@ class OnlineEstimate:
                 alternatives[seen] = -1
                 alternatives[seen, :k] = views["top_k"][views["seen"]]
                 cell, p_label = views["cell"], views["p_label"]
-            margin = self._text(info_labels, alternatives)[row]
+            # without the page text (online_text: false) every image's margin says nothing
+            margin = self._text(info_labels, alternatives)[row] if self._text is not None else np.full(len(row), np.nan)
             w = online_weights(np.asarray(train.sources)[row], np.asarray(train.ranks)[row], margin, cell, p_label,
-                               current, details)
+                               current, details, self.cfg.experiment.online_em)
         if self._truth is not None:
             known, clean = self._truth
             details["auc"] = roc_auc(w[known], clean[known])

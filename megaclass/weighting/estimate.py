@@ -111,7 +111,8 @@ def log_odds_ratio(g: np.ndarray, rho: float) -> np.ndarray:
     return logit(clip01(g)) - logit(clip01(np.array(rho)))
 
 
-def em(views, start: np.ndarray, prior_logit: np.ndarray | None = None, info: dict | None = None):
+def em(views, start: np.ndarray, prior_logit: np.ndarray | None = None, info: dict | None = None,
+       max_steps: int = MAX_ITERATIONS):
     """EM over `views`: callables `fit(r) -> evidence [N]` (a view's log-odds ratio, logit g − logit ρ,
     refitted to the responsibilities r; NaN where the view says nothing). The E-step adds the views'
     evidence to `prior_logit` [N] (fixed log-odds from outside the fit, e.g. stage 1's weight in stage 2)
@@ -130,7 +131,8 @@ def em(views, start: np.ndarray, prior_logit: np.ndarray | None = None, info: di
 
     r = np.asarray(start, dtype=np.float64)
     steps = 0
-    while steps < MAX_ITERATIONS:
+    moved = largest = float("inf")
+    while max_steps >= 4 and steps < max_steps:
         r1, _ = step(r)
         r2, _ = step(r1)
         steps += 2
@@ -147,7 +149,10 @@ def em(views, start: np.ndarray, prior_logit: np.ndarray | None = None, info: di
         r = new
         if moved < TOLERANCE:
             break
+    r_final, evidence = step(r)
+    if steps == 0:  # max_steps < 4: the one plain step above
+        change = np.abs(r_final - r)
+        moved, largest = float(change.mean()), float(change.max())
     if info is not None:  # prior_rate: the ρ of the returned E-step (without prior_logit)
         info.update(mean_change=moved, max_change=largest, converged=moved < TOLERANCE, prior_rate=float(r.mean()))
-    r_final, evidence = step(r)
     return r_final, evidence, steps + 1

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from megaclass.weighting.estimate import clip01, em
+from megaclass.weighting.estimate import MAX_ITERATIONS, clip01, em
 from megaclass.weighting.stage1 import PredictionView, RankView, rank_values
 from megaclass.weighting.stage2 import margin_view
 
@@ -51,19 +51,24 @@ def rank_start(sources, ranks) -> np.ndarray:
 
 def online_weights(sources, ranks, margin: np.ndarray, cell: np.ndarray | None = None,
                    p_label: np.ndarray | None = None, start: np.ndarray | None = None,
-                   details: dict | None = None) -> np.ndarray:
+                   details: dict | None = None, em_mode: str = "step") -> np.ndarray:
     """P(the label is right) [N] from the rank and the text margin [N] (NaN: the page says nothing) and,
     once the model has seen images, their prediction cell [N] (-1: not seen yet) and mean p(label) [N].
     EM starts from `start` [N] in (0, 1), the previous estimate (default: `rank_start`): a young
     model's predictions carry little, and EM started from them, as stage 1 starts from a trained
-    model's, settles where they put it."""
+    model's, settles where they put it. With the model's views in, `em_mode` "step" moves one EM step
+    from `start` (online EM: each re-estimate's new evidence advances the weights in use by a step, so a
+    young model's views cannot carry them to a fixed point of their own); "converge" runs EM to its
+    fixed point. Without them (the start weights) EM always converges."""
     views = [RankView(sources, rank_values(ranks)), margin_view(margin)]
     start = rank_start(sources, ranks) if start is None else clip01(np.asarray(start, dtype=np.float64))
-    if cell is not None and (cell >= 0).any():
+    model_in = cell is not None and bool((cell >= 0).any())
+    if model_in:
         p_label = np.round(np.nan_to_num(p_label) / P_LABEL_STEP) * P_LABEL_STEP
         views.append(PredictionView(cell, p_label))
     info: dict = {}
-    w, _, steps = em(views, start, info=info)
+    # the start (no model yet) is fitted to convergence; with the model's views, `step` moves one EM step
+    w, _, steps = em(views, start, info=info, max_steps=1 if model_in and em_mode == "step" else MAX_ITERATIONS)
     if details is not None:
         details.update(clean_rate=float(w.mean()), em_steps=steps, em_mean_change=info["mean_change"],
                        em_converged=info["converged"])
