@@ -1,5 +1,6 @@
 """Pipeline mode: two DeepSpeed pipeline stages (LayerSpecs of a timm ResNet) with the sharded head on
-the last stage train exactly like one process running the whole model."""
+the last stage train exactly like one process running the whole model, dropout included (model.drop_rate:
+the last stage drops the features of each image as the data-parallel trainer does)."""
 import os
 
 import pytest
@@ -14,7 +15,8 @@ N, CLASSES = 32, 5
 
 def _config(run_dir, stages):
     return config_from_dict({
-        "run_dir": run_dir, "model": {"name": "resnet_tiny"}, "head": {"bias": True}, "data": {"num_workers": 0},
+        "run_dir": run_dir, "model": {"name": "resnet_tiny", "drop_rate": 0.3}, "head": {"bias": True},
+        "data": {"num_workers": 0},
         "optim": {"name": "sgd", "lr": 0.1, "momentum": 0.9, "schedule": "constant"},
         "train": {"micro_batch_size": 4, "grad_accum": 2, "max_steps": 3, "progress": False, "seed": 2},
         "parallel": {"pipeline_stages": stages, "zero_stage": 1 if stages > 1 else 0},

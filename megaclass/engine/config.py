@@ -37,7 +37,9 @@ class ModelConfig:
     checkpoint: str | None = None
     """Optional local checkpoint of the backbone (a state dict or a dict with `state_dict`/`model`)."""
     drop_rate: float = 0.0
-    """Dropout before the classifier (timm `drop_rate`)."""
+    """Dropout on the backbone's features before the classifier (in place of timm's `drop_rate`), each
+    image's mask keyed by its place in the epoch, so that a run resumed on another number of ranks drops
+    the same features (`megaclass.nn.row_seeded_dropout`)."""
 
     def __post_init__(self):
         from megaclass.models.backbones import check_model_name

@@ -59,6 +59,23 @@ def prefetch_shards(dataset: Dataset, seed: int, epoch: int) -> None:
         dataset.prefetch(shard_order(len(dataset.sizes), seed, epoch))
 
 
+def micro_batch_place(step: int, per_epoch: int, rank: int, world: int, micro: int) -> tuple[int, int]:
+    """(epoch, row of that epoch's global order where rank `rank`'s micro-batch starts) at micro-step
+    `step`, with `per_epoch` global batches of `world × micro` an epoch. The rank's images are that row
+    and the `micro - 1` after it."""
+    epoch, j = divmod(step, per_epoch)
+    return epoch, (j * world + rank) * micro
+
+
+def sample_keys(step: int, per_epoch: int, rank: int, world: int, micro: int) -> torch.Tensor:
+    """[micro] int64: the place in the run of each image that rank `rank` reads at micro-step `step` of
+    training (`RankBatches`): epoch · 2**32 + its row in the epoch's global order (at most 2**32 images an
+    epoch). An image has the same key whatever the number of ranks and however the same global batch is
+    split into micro-batches; model.drop_rate's masks are keyed by it (`megaclass.nn.row_seeded_dropout`)."""
+    epoch, first = micro_batch_place(step, per_epoch, rank, world, micro)
+    return torch.arange(first, first + micro) + (epoch << 32)
+
+
 class RankBatches(Sampler):
     """Yields this rank's micro-batches as lists of (epoch, image index), from micro-step `start` on.
 
@@ -85,18 +102,15 @@ class RankBatches(Sampler):
         return self.total - self.start
 
     def __iter__(self):
-        g = self.world * self.micro
         epoch, order = -1, None
         for step in range(self.start, self.total):
-            e, j = divmod(step, self.per_epoch)
+            e, first = micro_batch_place(step, self.per_epoch, self.rank, self.world, self.micro)
             if self.order_fn is None:
-                rows = torch.arange(j * g + self.rank * self.micro, j * g + (self.rank + 1) * self.micro)
-                yield [(0, int(i) if i < self.num_items else -1) for i in rows]
+                yield [(0, i if i < self.num_items else -1) for i in range(first, first + self.micro)]
                 continue
             if e != epoch:
                 epoch, order = e, self.order_fn(e)
-            rows = order[j * g + self.rank * self.micro: j * g + (self.rank + 1) * self.micro]
-            yield [(e, int(i)) for i in rows]
+            yield [(e, int(i)) for i in order[first: first + self.micro]]
 
 
 def skipped_samples(dataset: ImageDataset, device: torch.device | str = "cpu") -> int:

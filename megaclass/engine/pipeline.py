@@ -5,9 +5,12 @@ With P ranks and S stages there are P/S data-parallel replicas. The head is shar
 the last stage's data-parallel group and lives *outside* the PipelineModule (its loss function is a
 plain callable, not a submodule), so the pipeline engine never averages its rows; it has its own
 optimizer, stepped after each `train_batch`. DeepSpeed's pipeline engine supports ZeRO stage <= 1,
-which the config check enforces.
+which the config check enforces. The loss function also applies model.drop_rate's dropout, keyed per
+image as in data-parallel mode: each micro-batch's keys travel beside its labels to the last stage.
 """
 from __future__ import annotations
+
+import itertools
 
 import deepspeed
 import torch
@@ -19,21 +22,26 @@ from megaclass.engine.optim import build_optimizer, build_schedule
 from megaclass.engine.trainer import Trainer
 from megaclass.models.backbones import create
 from megaclass.models.pipeline import layer_specs, release_cache
+from megaclass.nn import row_seeded_dropout
 from megaclass.parallel import comm
 
 
 class HeadLoss:
-    """`loss_fn(features, (labels, weights))` of the PipelineModule, run on the last stage. Deliberately
-    not an nn.Module: a module would be registered inside the pipeline and its rows averaged."""
+    """`loss_fn(features, (labels, weights, sample keys))` of the PipelineModule, run on the last stage:
+    dropout (`drop_rate`, masks keyed by `Trainer.sample_keys` and `seed`), then the head. Deliberately not
+    an nn.Module: a module would be registered inside the pipeline and its rows averaged."""
 
-    def __init__(self):
+    def __init__(self, drop_rate: float, seed: int):
+        self.drop_rate, self.seed = drop_rate, seed
         self.head, self.data_world = None, 1
         self.grad_into = lambda: None  # the trainer's `_head_grad_into`: where the head's dW goes
 
     def __call__(self, features: torch.Tensor, labels) -> torch.Tensor:
-        target, weights = labels
-        features = comm.scale_grad(features.float(), self.data_world)  # undo DeepSpeed's data-parallel average
-        into = self.grad_into() if torch.is_grad_enabled() else None  # evaluation makes no gradient
+        target, weights, keys = labels
+        training = torch.is_grad_enabled()  # evaluation makes no gradient and drops nothing
+        features = row_seeded_dropout(features.float(), self.drop_rate, self.seed, keys, training)
+        features = comm.scale_grad(features, self.data_world)  # undo DeepSpeed's data-parallel average
+        into = self.grad_into() if training else None
         return self.head(features, target, weights, gather_input=True, weight_grad_into=into)
 
 
@@ -47,10 +55,10 @@ class PipelineTrainer(Trainer):
         stages = cfg.parallel.pipeline_stages
         if self.world % stages:
             raise ConfigError(f"parallel.pipeline_stages: {stages} does not divide the {self.world} ranks")
-        self.loss_fn = HeadLoss()
+        self.loss_fn = HeadLoss(cfg.model.drop_rate, self.row_dropout_seed)
         deepspeed.init_distributed(verbose=False)  # PipelineModule needs DeepSpeed's comm (wraps an existing group)
         unlink_shm_buffer()
-        module = PipelineModule(layers=layer_specs(cfg.model.name, cfg.train.seed, cfg.model.checkpoint, cfg.model.drop_rate),
+        module = PipelineModule(layers=layer_specs(cfg.model.name, cfg.train.seed, cfg.model.checkpoint),
                                 num_stages=stages, loss_fn=self.loss_fn, partition_method=cfg.parallel.partition_method)
         release_cache()
         grid = module._grid
@@ -73,11 +81,12 @@ class PipelineTrainer(Trainer):
     def train_step(self, batches) -> float:
         """One `train_batch` (grad_accum micro-batches through the pipeline), then the head's step."""
         def micro_batches():
-            while True:
+            for micro in itertools.count():
                 images, labels, index = next(batches)
                 weights = (torch.ones(len(labels)) if self.data.sample_weights is None
                            else self.data.sample_weights[index])
-                yield images.to(self.device, self.input_dtype), (labels.to(self.device), weights.to(self.device))
+                yield images.to(self.device, self.input_dtype), (labels.to(self.device), weights.to(self.device),
+                                                                 self.sample_keys(micro).to(self.device))
 
         torch.manual_seed(self.dropout_seed())
         loss = self.engine.train_batch(data_iter=micro_batches())

@@ -3,6 +3,7 @@
 One optimizer step (data-parallel mode, P ranks, each with its own micro-batch):
 
     features = engine(images)                      [n, D]   backbone: ZeRO 0-3 data parallel
+    features = dropout(features)                   model.drop_rate, each image's mask keyed by its place
     loss = head(features, labels, weights, gather_input=True)
         all-gather features -> [P·n, D]; every rank scores them against its classes; the loss is the
         weighted mean over the global batch; d(features) returns by reduce-scatter
@@ -30,12 +31,12 @@ from torch.utils.data import DataLoader, Dataset
 
 from megaclass.engine import checkpoint, faults
 from megaclass.engine.config import Config, ConfigError
-from megaclass.engine.data import RankBatches, SeededItems, epoch_order_fn, prefetch_shards
+from megaclass.engine.data import RankBatches, SeededItems, epoch_order_fn, prefetch_shards, sample_keys
 from megaclass.engine.monitor import Monitor
 from megaclass.engine.optim import InPlaceSGD, build_optimizer, build_schedule
 from megaclass.memory import peak_memory_bytes
 from megaclass.models import build_backbone
-from megaclass.nn import ShardedLinearCrossEntropy, clip_head_grad_, sharded_topk
+from megaclass.nn import ShardedLinearCrossEntropy, clip_head_grad_, row_seeded_dropout, sharded_topk
 from megaclass.parallel import comm
 from megaclass.seeding import derive_seed
 
@@ -76,6 +77,7 @@ class Trainer:
         self.device = device_of_rank()
         self.input_dtype = torch.bfloat16 if cfg.parallel.precision == "bf16" else torch.float32
         self.step = 0
+        self.row_dropout_seed = derive_seed(cfg.train.seed, "row dropout")  # model.drop_rate's masks (`sample_keys`)
         self.checkpoint_step = None  # the step of the checkpoint this run last loaded or saved
         self.ckpt_root = os.path.join(cfg.run_dir, "checkpoints")
         self._build(backbone)
@@ -94,8 +96,9 @@ class Trainer:
 
     def _schedule_steps(self, data_world: int) -> None:
         cfg = self.cfg
-        micro_steps = len(self.data.dataset) // (data_world * cfg.train.micro_batch_size)
-        self.steps_per_epoch = micro_steps // cfg.train.grad_accum
+        # RankBatches.per_epoch: micro-steps (global batches of data_world × micro_batch_size) an epoch
+        self.micro_steps_per_epoch = len(self.data.dataset) // (data_world * cfg.train.micro_batch_size)
+        self.steps_per_epoch = self.micro_steps_per_epoch // cfg.train.grad_accum
         if self.steps_per_epoch == 0:
             raise ValueError(f"{len(self.data.dataset)} training images do not fill one optimizer step of "
                              f"{data_world} data-parallel ranks × train.micro_batch_size {cfg.train.micro_batch_size} × "
@@ -123,7 +126,7 @@ class Trainer:
         if cfg.parallel.pipeline_stages > 1:
             raise ConfigError("parallel.pipeline_stages > 1: use megaclass.engine.pipeline.PipelineTrainer")
         if backbone is None:
-            backbone = build_backbone(cfg.model.name, cfg.model.checkpoint, cfg.model.drop_rate, seed=cfg.train.seed)
+            backbone = build_backbone(cfg.model.name, cfg.model.checkpoint, seed=cfg.train.seed)
         self.data_rank, self.data_world = self.rank, self.world
         self._schedule_steps(self.world)
         self._build_head(backbone.num_features)
@@ -204,9 +207,11 @@ class Trainer:
             images, labels = images.to(self.device, self.input_dtype, non_blocking=True), labels.to(self.device)
             weights = None if self.data.sample_weights is None else self.data.sample_weights[index].to(self.device)
             torch.manual_seed(self.dropout_seed(micro))
+            features = row_seeded_dropout(self.engine(images).float(), self.cfg.model.drop_rate, self.row_dropout_seed,
+                                          self.sample_keys(micro).to(self.device), self.engine.training)
             # the head's loss is the mean over the gathered global batch, so these features get the exact
             # gradient of the global loss; DeepSpeed then averages the backbone's over the P ranks: scale by P
-            features = comm.scale_grad(self.engine(images).float(), self.data_world)
+            features = comm.scale_grad(features, self.data_world)
             loss = self.head(features, labels, weights, gather_input=True, weight_grad_into=self._head_grad_into())
             self.observe(features.detach(), labels, index)
             self.engine.backward(loss)
@@ -217,9 +222,16 @@ class Trainer:
         return total / accum
 
     def dropout_seed(self, micro: int = 0) -> int:
-        """The random state of micro-step `step · grad_accum + micro` (dropout): a resumed run redraws
-        what an unbroken one drew. The pipeline seeds once per step, at its first micro-step."""
+        """The random state of micro-step `step · grad_accum + micro`, for whatever the backbone draws itself
+        (a given backbone's own dropout, drop-path): a resumed run redraws what an unbroken one drew, on the
+        same number of ranks. The pipeline seeds once per step, at its first micro-step."""
         return derive_seed(self.cfg.train.seed, "dropout", self.step * self.cfg.train.grad_accum + micro)
+
+    def sample_keys(self, micro: int) -> torch.Tensor:
+        """[micro_batch_size] int64: the keys of model.drop_rate's masks in this rank's micro-batch `micro` of
+        this step, each image's place in the run (`data.sample_keys`), so the same on any number of ranks."""
+        return sample_keys(self.step * self.cfg.train.grad_accum + micro, self.micro_steps_per_epoch, self.data_rank,
+                           self.data_world, self.cfg.train.micro_batch_size)
 
     def _head_grad_into(self) -> tuple | None:
         """Where the head's weight gradient of this micro-batch goes instead of a fresh weight.grad (a

@@ -30,12 +30,13 @@ def check_model_name(name: str) -> None:
                          f"or one of {', '.join(SMALL_MODELS)}")
 
 
-def create(name: str, drop_rate: float = 0.0) -> nn.Module:
-    """The model with its classifier removed (`num_classes=0`); `.num_features` is the feature width."""
+def create(name: str) -> nn.Module:
+    """The model with its classifier removed (`num_classes=0`); `.num_features` is the feature width. No
+    dropout of timm's (`drop_rate`): the trainer applies model.drop_rate to the features, keyed per image."""
     if name in SMALL_MODELS:
-        return ResNet(**SMALL_MODELS[name], num_classes=0, drop_rate=drop_rate)
+        return ResNet(**SMALL_MODELS[name], num_classes=0)
     check_model_name(name)
-    return timm.create_model(name, pretrained=False, num_classes=0, drop_rate=drop_rate)
+    return timm.create_model(name, pretrained=False, num_classes=0)
 
 
 def load_checkpoint(model: nn.Module, path: str) -> None:
@@ -61,13 +62,13 @@ def load_checkpoint(model: nn.Module, path: str) -> None:
                          f"unexpected {unexpected[:5]}")
 
 
-def build_backbone(name: str, checkpoint: str | None = None, drop_rate: float = 0.0, seed: int | None = None) -> nn.Module:
+def build_backbone(name: str, checkpoint: str | None = None, seed: int | None = None) -> nn.Module:
     """images [B, 3, H, W] -> features [B, model.num_features]; `seed` fixes the initialization
     without touching the global random state."""
     with torch.random.fork_rng():
         if seed is not None:
             torch.manual_seed(seed)
-        model = create(name, drop_rate)
+        model = create(name)
     if checkpoint:
         load_checkpoint(model, checkpoint)
     return model

@@ -48,9 +48,7 @@ def sequential_children(name: str) -> list[str]:
     return children
 
 
-def layer_specs(name: str, seed: int, checkpoint: str | None = None, drop_rate: float = 0.0) -> list[LayerSpec]:
-    """images [B, 3, H, W] -> features [B, num_features], as pipeline layers."""
-    specs = [LayerSpec(BackbonePart, name, child, seed, checkpoint) for child in sequential_children(name)]
-    if drop_rate > 0:
-        specs.append(LayerSpec(nn.Dropout, drop_rate))
-    return specs
+def layer_specs(name: str, seed: int, checkpoint: str | None = None) -> list[LayerSpec]:
+    """images [B, 3, H, W] -> features [B, num_features], as pipeline layers (model.drop_rate's dropout is
+    the trainer's, on the last stage)."""
+    return [LayerSpec(BackbonePart, name, child, seed, checkpoint) for child in sequential_children(name)]
