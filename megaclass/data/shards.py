@@ -31,7 +31,8 @@ sample counts, each tar's size), give every sample's byte range, label and path 
 bytes a sample plus its path's, no Python object per sample); `ShardDataset[i]` then reads sample i (position i of the
 concatenated shards) with one `pread`, so the engine's world-size-independent global
 order (`megaclass.engine.data.RankBatches`) works on shards as it does on files. `shard_epoch_order`
-is that order for shards: a seeded shard permutation, then a shuffle buffer.
+is that order for shards: a seeded shard permutation, then a shuffle buffer. The folder may also be a
+URL (an object store, `megaclass.data.store`): its files are then copied into a node-local cache first.
 """
 from __future__ import annotations
 
