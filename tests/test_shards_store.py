@@ -3,6 +3,7 @@ stand in for `aws s3 cp`, `gsutil cat` or `curl`. The reference is the same shar
 and the copy log each command writes (what was copied, how many times)."""
 import multiprocessing as mp
 import os
+import time
 from collections import Counter
 
 import numpy as np
@@ -109,7 +110,32 @@ def test_a_truncated_copy_is_refused_and_leaves_nothing(shard_dir, tmp_path, no_
 def test_a_damaged_sample_index_is_refused(shard_dir, tmp_path, no_pause):
     url = f"pipe:cat {shard_dir}/{{name}}; case {{name}} in *.idx) echo extra;; esac"
     with pytest.raises(ShardFetchError, match=r"^train-000000.idx: \d+ bytes, index.json says \d+"):
-        load_shards(url, cache=tmp_path)
+        load_shards(url, cache=tmp_path / "longer")
+    same_size = f"pipe:case {{name}} in *.idx) tr a b < {shard_dir}/{{name}};; *) cat {shard_dir}/{{name}};; esac"
+    with pytest.raises(ShardFetchError, match=r"^train-000000.idx: a SHA-256 other than index.json's"):
+        load_shards(same_size, cache=tmp_path / "same-size")
+
+
+def test_a_shard_that_cannot_be_copied_stops_the_reader_instead_of_being_skipped(shard_dir, tmp_path, no_pause):
+    url = f"pipe:case {{name}} in *.tar) exit 3;; *) cat {shard_dir}/{{name}};; esac"
+    dataset = ShardDataset(load_shards(url, cache=tmp_path), "train", 72, train=True)
+    with pytest.raises(ShardFetchError, match=r"train-0000\d\d.tar: the command exited with status 3"):
+        dataset[0]  # an unreadable image would be skipped and counted; a missing shard is an error
+    loader = torch.utils.data.DataLoader(dataset, batch_size=4, num_workers=1)
+    with pytest.raises(ShardFetchError, match=r"exited with status 3"):
+        next(iter(loader))
+    assert dataset.skips.sum() == 0 and not dataset.unreadable
+
+
+def test_a_copy_that_stalls_is_stopped_and_retried(shard_dir, tmp_path, no_pause, monkeypatch):
+    monkeypatch.setattr(store_module, "STALL_S", 0.5)
+    with pytest.raises(ShardFetchError, match=r"^index.json: no data for 0.5 s \(the copy was stopped\), after 3 tries"):
+        load_shards("pipe:sleep 30 # {name}", cache=tmp_path)
+
+
+def test_a_scheme_gopen_cannot_open_is_refused_with_the_pipe_to_use():
+    with pytest.raises(ValueError, match=r"s3:// is not opened directly; .* 'pipe:aws s3 cp s3://b/wv2/\{name\} -'"):
+        ShardStore("s3://b/wv2/", "/tmp")
 
 
 def test_a_reconverted_set_gets_a_cache_folder_of_its_own(shard_dir, tmp_path):
@@ -148,6 +174,61 @@ def test_processes_of_a_node_copy_a_shard_once(shard_dir, tmp_path):
     assert sizes == [size] * 4 and _copies(log)["train-000001.tar"] == 1
 
 
+def _hold_lock(lock_file, held, release):
+    import fcntl
+
+    with open(lock_file, "a") as f:
+        fcntl.lockf(f, fcntl.LOCK_EX)
+        held.set()
+        release.wait(60)
+
+
+def test_without_waiting_a_shard_another_process_copies_is_left_to_it(shard_dir, tmp_path):
+    store = ShardStore(f"pipe:cat {shard_dir}/{{name}}", tmp_path)
+    store.index()
+    (store.folder / ".locks").mkdir()
+    ctx = mp.get_context("fork")
+    held, release = ctx.Event(), ctx.Event()
+    holder = ctx.Process(target=_hold_lock, args=(store.folder / ".locks" / "train-000002.tar", held, release))
+    holder.start()
+    try:
+        assert held.wait(60)
+        assert store.fetch("train-000002.tar", wait=False) is None and not store.path("train-000002.tar").exists()
+    finally:
+        release.set()
+        holder.join(60)
+    assert store.fetch("train-000002.tar").stat().st_size == (shard_dir / "train-000002.tar").stat().st_size
+
+
+def _crossed(url, cache, mine, other, results):
+    """A prefetch thread copies `mine` (slowly) while the main thread waits for `other`."""
+    import threading
+
+    store = ShardStore(url, cache)
+    store.index()
+    thread = threading.Thread(target=store.fetch, args=(mine,))
+    thread.start()
+    time.sleep(0.2)
+    results.put(store.fetch(other).name)
+    thread.join(60)
+
+
+def test_two_processes_waiting_for_each_others_copy_both_finish(shard_dir, tmp_path):
+    """Each process's thread holds one shard's lock while its main thread waits for the other's: a
+    blocking POSIX lock would be refused here with EDEADLK (the kernel counts processes, not threads)."""
+    url = f"pipe:sleep 1; cat {shard_dir}/{{name}}"
+    ctx = mp.get_context("fork")
+    results = ctx.Queue()
+    a, b = "train-000000.tar", "train-000001.tar"
+    procs = [ctx.Process(target=_crossed, args=(url, tmp_path, mine, other, results)) for mine, other in ((a, b), (b, a))]
+    for p in procs:
+        p.start()
+    got = sorted(results.get(timeout=60) for _ in procs)
+    for p in procs:
+        p.join(60)
+    assert got == [a, b] and all(p.exitcode == 0 for p in procs)
+
+
 def test_prefetch_copies_the_tars_in_the_order_they_are_read(shard_dir, tmp_path):
     log = tmp_path / "log"
     dataset = ShardDataset(load_shards(_logged_url(shard_dir, log), cache=tmp_path), "train", 16, train=True)
@@ -159,8 +240,12 @@ def test_prefetch_copies_the_tars_in_the_order_they_are_read(shard_dir, tmp_path
 
 
 def test_a_pipe_url_without_its_name_is_a_config_error():
-    with pytest.raises(ConfigError, match=r"data.shards: a pipe: URL needs \{name\}"):
+    with pytest.raises(ConfigError, match=r"data.shards: 'pipe:aws s3 cp s3://bucket/shards/ -' is a pipe: URL "
+                                          r"without \{name\}"):
         config_from_dict({"data": {"shards": "pipe:aws s3 cp s3://bucket/shards/ -"}})
+    with pytest.raises(ConfigError, match=r"s3:// is not opened directly; give a command .* 'pipe:aws s3 cp "
+                                          r"s3://bucket/shards/\{name\} -'"):
+        config_from_dict({"data": {"shards": "s3://bucket/shards"}})
 
 
 # -- training from a URL: two ranks with two loader workers each share one node's cache (72 px: above the

@@ -285,6 +285,7 @@ def run(args) -> int:
         runs.append((name if args.tp == 1 else f"{name} ({args.tp} ranks)", name, args.tp))
     if args.tp > 1 and available("megaclass", args.device) is None:
         runs.append(("megaclass (1 rank)", "megaclass", 1))
+    machine_info = machine(args.device)  # before the benchmark's own load
     results = []
     for label, name, world in runs:
         why = available(name, args.device)
@@ -295,7 +296,7 @@ def run(args) -> int:
             log.info("running %s ...", label)
             row.update(_launch(dict(spec, variant=name), world))
         results.append(row)
-    report = {"config": dict(spec, tp=args.tp), "machine": machine(args.device), "results": results}
+    report = {"config": dict(spec, tp=args.tp), "machine": machine_info, "results": results}
     print(format_table(report))
     if args.json:
         atomic_write_text(args.json, json.dumps(report, indent=2))

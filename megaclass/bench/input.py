@@ -101,17 +101,17 @@ def pil_decode(data: bytes) -> torch.Tensor:
     return torch.from_numpy(array.copy()).permute(2, 0, 1)
 
 
-def write_layout(images: list[bytes], root: Path) -> list[tuple[str, int]]:
-    """A WebVision layout of the images (`megaclass.bench.shards.write_layout`, one query per class of
-    1,000); the (path, label) items ImageDataset reads."""
-    from megaclass.bench.shards import write_layout as layout
+def images_as_webvision(images: list[bytes], root: Path) -> list[tuple[str, int]]:
+    """The images as a WebVision layout under `root` (`megaclass.bench.shards.write_layout`, one query per
+    class of 1,000); the (path, label) items ImageDataset reads."""
+    from megaclass.bench.shards import write_layout
 
     (root / "pool").mkdir(parents=True, exist_ok=True)
     pool = []
     for i, data in enumerate(images):
         pool.append(root / "pool" / f"{i:06d}.jpg")
         pool[-1].write_bytes(data)
-    return layout(root, len(images), pool, CLASSES)
+    return write_layout(root, len(images), pool, CLASSES)
 
 
 def read_shards(urls: list[str]) -> Iterator[tuple[str, bytes, int, str]]:
@@ -213,8 +213,9 @@ def bench(args, work: Path) -> dict:
     from megaclass.data.decode import decode_image
     from megaclass.data.shards import ShardDataset, convert, load_shards, shard_epoch_order
 
+    machine_info = machine(args.device)  # before the benchmark's own load
     images = photo_jpegs(args.images)
-    items = write_layout(images, work / "webvision")
+    items = images_as_webvision(images, work / "webvision")
     try:
         convert(work / "webvision", work / "shards", args.per_shard, progress=False)
     except ImportError:  # no webdataset: the GPU image unless .whl/ brings it (make gpu-wheels); the rest still runs
@@ -249,7 +250,7 @@ def bench(args, work: Path) -> dict:
     overhead = per_core["memory"] / per_core["shards"] - 1 if shards else None
     equal = sum(torch.equal(decode_image(data, "memory"), pil_decode(data)) for data in images)
     result = {
-        "machine": machine(args.device),
+        "machine": machine_info,
         "config": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items() if k != "func"},
         "jpeg_mean_bytes": round(statistics.mean(len(d) for d in images)),
         "shard_bytes_per_image": round(sum(p.stat().st_size for p in shards.files) / len(images)) if shards else None,

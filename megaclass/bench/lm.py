@@ -184,6 +184,7 @@ def run(args) -> int:
     spec = {key: getattr(args, key) for key in ("family", "vocab", "hidden", "layers", "seq", "batch", "dtype",
                                                  "device", "repeats", "threads")}
     env = {"OMP_NUM_THREADS": str(args.threads)}
+    machine_info = machine(args.device)  # before the benchmark's own load
     results = []
     for name in names:
         row = {"variant": name}
@@ -197,7 +198,7 @@ def run(args) -> int:
             except RankFailed as exc:
                 row["error"] = str(exc)
         results.append(row)
-    report = {"config": spec, "machine": machine(args.device), "results": results}
+    report = {"config": spec, "machine": machine_info, "results": results}
     print(format_table(report))
     if args.json:
         atomic_write_text(args.json, json.dumps(report, indent=2))

@@ -176,6 +176,8 @@ def startup(args) -> int:
     """`--startup`: load_shards through the sample indexes, by the scan, and (--compare-with) by other code."""
     from PIL import Image
 
+    machine_info = machine()  # before the benchmark's own load
+
     import megaclass
     from megaclass.data.shards import convert
     from megaclass.io import atomic_write_text
@@ -222,7 +224,7 @@ def startup(args) -> int:
         print(f"extrapolated to 16M samples from {largest:,} ({how}): {x['cpu_seconds']:.0f} CPU-s, "
               f"peak RSS +{x['peak_rss_rise_gib']:.2f} GiB")
     if args.out:
-        result = {"benchmark": "shards startup", "machine": machine(),
+        result = {"benchmark": "shards startup", "machine": machine_info,
                   "per_shard": 10_000, "rows": rows, "extrapolated_to_16M": at_16m}
         atomic_write_text(args.out, json.dumps(result, indent=1))
     return 0
@@ -233,6 +235,7 @@ def run(args) -> int:
 
     if args.startup:
         return startup(args)
+    machine_info = machine()  # before the benchmark's own load
 
     from megaclass.data.shards import convert
     from megaclass.io import atomic_write_text
@@ -261,7 +264,7 @@ def run(args) -> int:
                   f"({n / cpu:6.0f} images per CPU-second)", flush=True)
             shutil.rmtree(root)
             shutil.rmtree(out)
-    result = {"benchmark": "shards", "machine": machine(),
+    result = {"benchmark": "shards", "machine": machine_info,
               "workers": args.workers, "per_shard": args.per_shard, "mean_jpeg_bytes": jpeg_bytes,
               "target_images_per_s": 2000, "conversion": rows, "class_balanced": _histograms()}
     cb = result["class_balanced"]

@@ -18,11 +18,10 @@ from pathlib import Path, PurePosixPath
 
 from megaclass.data.columns import SOURCES, TrainBuilder
 from megaclass.data.paths import plain_relative
-from megaclass.data.store import ShardStore, is_url
+from megaclass.data.store import INDEX, ShardStore, is_url
 from megaclass.data.webvision import (_INTEGER, OUTSIDE, WebVision, WebVisionFormatError, _as_text, _note, _rank,
                                       _show, load_webvision)
 
-INDEX = "index.json"
 
 
 def is_shards(path: str | os.PathLike) -> bool:

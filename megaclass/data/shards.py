@@ -53,7 +53,7 @@ import torch
 
 from megaclass.data.columns import StringColumn
 from megaclass.data.dataset import ImageDataset
-from megaclass.data.store import ShardStore
+from megaclass.data.store import ShardFetchError, ShardStore, is_url
 from megaclass.io import atomic_output, atomic_write_bytes, atomic_write_text
 from megaclass.seeding import derive_seed
 
@@ -508,6 +508,8 @@ def verify(folder: str | os.PathLike) -> int:
     """The deep check (`megaclass shards --verify DIR`): `load_shards`' checks, then every shard's sample
     index against a scan of its tar (headers, KEY.json and KEY.cls); a ShardFormatError names the first
     that differs. Returns the samples checked. Costs the scan the indexes spare training (docs/scale.md)."""
+    if is_url(folder):
+        raise ShardFormatError(f"{folder}: --verify reads a folder; run it where the shards were written")
     shards = load_shards(folder)
     for split, columns in shards.columns.items():
         start = 0
@@ -590,7 +592,7 @@ class ShardDataset(ImageDataset):
             for shard in order:
                 try:
                     self.store.fetch(self.files[shard].name, self.tar_bytes[shard], wait=False)
-                except OSError as exc:
+                except (ShardFetchError, OSError) as exc:
                     log.warning("prefetch: %s", exc)
 
         thread = threading.Thread(target=run, name="shard-prefetch", daemon=True)

@@ -1,9 +1,9 @@
 """Where a shard folder's files come from: a local (or shared, or mounted) folder, or an object store.
 
-`data.shards` is either a folder or a URL that webdataset's `gopen` opens:
+`data.shards` is either a folder or a URL (webdataset's forms; all but `pipe:` opened by its `gopen`):
   pipe:COMMAND      a shell command that writes the file named {name} to stdout, e.g.
                     `pipe:aws s3 cp s3://bucket/wv2-shards/{name} -` or `pipe:gsutil cat gs://b/wv2/{name}`
-  https://HOST/DIR  (also http, gs, ...): the file is DIR/{name}, or wherever {name} stands in the URL
+  https://HOST/DIR  (also http, gs, file): the file is DIR/{name}, or wherever {name} stands in the URL
 
 From a URL, each file is copied once per node into a local cache (`data.shard_cache`, by default
 `$TMPDIR/megaclass-shards`) and read there with the same positioned reads as from a folder: the global
@@ -16,8 +16,9 @@ random-access copy serves every epoch after the first. The copy is
     second one waits for the first one's copy instead of making its own;
   - versioned: the cache keeps each distinct index.json (by its SHA-256) in a folder of its own, so a
     re-converted set never mixes with an older copy.
-A failed copy is retried (`TRIES`, with a pause that doubles), then raises `ShardFetchError` naming the
-URL and the command's exit status. The cache is never evicted: it grows to the size of the set (0.67 TB
+A failed copy (the command's exit status, a short or damaged file, no byte for `STALL_S` seconds) is
+retried (`TRIES`, with a pause that doubles), then raises `ShardFetchError` naming the file, the URL and
+the reason: an error that stops the run, not an unreadable image that the reader would skip. The cache is never evicted: it grows to the size of the set (0.67 TB
 at WebVision 2.0's 16M images); see docs/scale.md.
 """
 from __future__ import annotations
@@ -38,17 +39,34 @@ log = logging.getLogger(__name__)
 INDEX = "index.json"
 TRIES = 3
 PAUSE = 1.0  # seconds before the second try; doubled before each next one
+STALL_S = 300.0  # a try that receives no byte for this long is stopped and counts as failed
+LOCK_POLL_S = 0.05  # waiting for another process's copy: how often its lock is tried again
 CHUNK = 1 << 20
+SCHEMES = ("http", "https", "gs", "file")  # besides pipe:, what webdataset's gopen opens by itself
 
 
-class ShardFetchError(OSError):
-    """A file of a shard URL could not be copied into the local cache."""
+class ShardFetchError(RuntimeError):
+    """A file of a shard URL could not be copied into the local cache. Not an OSError: the reader counts
+    and skips an unreadable image, but a shard it cannot copy must stop the run."""
 
 
 def is_url(location: str | os.PathLike) -> bool:
     """A `data.shards` value that names an object store rather than a folder."""
     text = str(location)
     return text.startswith("pipe:") or bool(re.match(r"[A-Za-z][A-Za-z0-9+.-]*://", text))
+
+
+def url_problem(location: str) -> str | None:
+    """Why `location` is not a shards URL megaclass can copy from (None: it is one, or it is a folder)."""
+    if location.startswith("pipe:"):
+        return None if "{name}" in location else (
+            f"{location!r} is a pipe: URL without {{name}}, where each file's name goes "
+            f"(e.g. 'pipe:aws s3 cp s3://bucket/shards/{{name}} -')")
+    scheme = re.match(r"([A-Za-z][A-Za-z0-9+.-]*)://", location)
+    if scheme and scheme[1].lower() not in SCHEMES:
+        return (f"{location!r}: {scheme[1]}:// is not opened directly; give a command that writes the file to "
+                f"stdout, e.g. 'pipe:aws s3 cp {location.rstrip('/')}/{{name}} -' (or one of {', '.join(SCHEMES)})")
+    return None
 
 
 def default_cache() -> Path:
@@ -62,13 +80,13 @@ class ShardStore:
     def __init__(self, location: str | os.PathLike, cache: str | os.PathLike | None = None):
         self.location = str(location)
         self.remote = is_url(self.location)
-        if self.remote and self.location.startswith("pipe:") and "{name}" not in self.location:
-            raise ValueError(f"data.shards: {self.location!r} is a pipe: URL without {{name}}, where each file's "
-                             f"name goes (e.g. 'pipe:aws s3 cp s3://bucket/shards/{{name}} -')")
+        problem = url_problem(self.location)
+        if problem:
+            raise ValueError(f"data.shards: {problem}")
         self.cache = None
         self.folder = Path(self.location)
-        if self.remote:
-            base = Path(cache) if cache else default_cache()
+        if self.remote:  # resolved: one spelling per file, so that one process has one lock per file
+            base = (Path(cache) if cache else default_cache()).resolve()
             self.cache = base / hashlib.sha256(self.location.encode()).hexdigest()[:16]
             self.folder = self.cache  # until the index is read: then its version's folder
 
@@ -88,7 +106,7 @@ class ShardStore:
         if not self.remote:
             return self.path(INDEX)
         self.cache.mkdir(parents=True, exist_ok=True)
-        fresh = self._copy(INDEX, self.cache / f"{INDEX}.{os.getpid()}")
+        fresh = self._copy(INDEX, self.cache / f".{INDEX}.{os.getpid()}-{threading.get_ident()}")
         digest = hashlib.sha256(fresh.read_bytes()).hexdigest()
         self.folder = self.cache / digest[:16]
         os.makedirs(self.folder, exist_ok=True)
@@ -109,13 +127,15 @@ class ShardStore:
             return None
         try:
             with open(self.folder / ".locks" / name, "a") as lock:
-                try:
-                    fcntl.lockf(lock, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
-                except OSError as exc:
-                    if exc.errno in (errno.EACCES, errno.EAGAIN):
+                # polled, never a blocking lockf: the kernel's deadlock check counts processes, not threads,
+                # and would refuse a wait while this process's prefetch thread holds another file's lock
+                while not _try_lock(lock):
+                    if not wait:
                         return None
-                    raise
+                    time.sleep(LOCK_POLL_S)
                 if not _intact(path, size, sha256):  # else the lock's last holder copied it meanwhile
+                    for stale in self.folder.glob(f".{name}.*"):  # temp files of a copy that was killed
+                        stale.unlink(missing_ok=True)
                     self._copy(name, path, size, sha256)
         finally:
             thread_lock.release()
@@ -123,8 +143,6 @@ class ShardStore:
 
     def _copy(self, name: str, path: Path, size: int | None = None, sha256: str | None = None) -> Path:
         """Copy the file `name` from its URL to `path` (atomically), checked; `TRIES` tries."""
-        from webdataset.gopen import gopen
-
         from megaclass.io import atomic_output
 
         url, pause, problem = self.url(name), PAUSE, ""
@@ -132,17 +150,27 @@ class ShardStore:
             started, digest, got = time.perf_counter(), hashlib.sha256(), 0
             try:
                 with atomic_output(path) as tmp, open(tmp, "wb") as out:
+                    watchdog = None
                     try:
-                        with gopen(url, "rb") as stream:
+                        with _open(url) as stream:
+                            watchdog = _Watchdog(stream, STALL_S)
                             while chunk := stream.read(CHUNK):
+                                watchdog.progress()
                                 out.write(chunk)
                                 got += len(chunk)
                                 if sha256 is not None:
                                     digest.update(chunk)
-                    except OSError as exc:  # the command's exit status, a refused connection, a full disk
-                        status = re.search(r"exit (\d+) \(read\)", str(exc))
+                    except (OSError, ValueError) as exc:  # the command's exit status, a refused connection, a full disk
+                        if watchdog is not None and watchdog.stalled:
+                            raise _Mismatch(f"no data for {STALL_S:g} s (the copy was stopped)") from exc
+                        status = re.search(r"exit (-?\d+) \(read\)", str(exc))  # gopen's Pipe
                         raise _Mismatch(f"the command exited with status {status[1]}" if status and exc.errno is None
-                                        else f"{type(exc).__name__}: {exc}") from exc
+                                        else str(exc) if exc.errno is None else f"{type(exc).__name__}: {exc}") from exc
+                    finally:
+                        if watchdog is not None:
+                            watchdog.stop()
+                    if watchdog.stalled:
+                        raise _Mismatch(f"no data for {STALL_S:g} s (the copy was stopped)")
                     if size is not None and got != size:
                         raise _Mismatch(f"{got} bytes, index.json says {size} (a partial copy, or a file of "
                                         f"another conversion)")
@@ -180,6 +208,83 @@ os.register_at_fork(after_in_child=_forget_thread_locks)
 
 class _Mismatch(ValueError):
     """One try's failure, retried."""
+
+
+def _try_lock(lock) -> bool:
+    try:
+        fcntl.lockf(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        return True
+    except OSError as exc:
+        if exc.errno in (errno.EACCES, errno.EAGAIN):
+            return False
+        raise
+
+
+class _Command:
+    """The stdout of a `pipe:` URL's shell command, in a session of its own, so that a stalled copy can
+    be stopped with everything the command started (webdataset's gopen kills only the shell)."""
+
+    def __init__(self, command: str):
+        import subprocess
+
+        self.command = command
+        self.proc = subprocess.Popen(command, shell=True, stdout=subprocess.PIPE, start_new_session=True)
+
+    def read(self, size: int) -> bytes:
+        return self.proc.stdout.read(size)
+
+    def kill(self) -> None:
+        import signal
+
+        try:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, kind, value, traceback) -> None:
+        self.proc.stdout.close()
+        status = self.proc.wait()
+        if kind is None and status != 0:
+            raise OSError(f"the command exited with status {status}")
+
+
+def _open(url: str):
+    """A readable stream of `url`: a `pipe:` command here, anything else through webdataset's gopen
+    (curl for http/https, gsutil for gs://, a plain file for file://)."""
+    if url.startswith("pipe:"):
+        return _Command(url[len("pipe:"):])
+    from webdataset.gopen import gopen
+
+    return gopen(url, "rb")
+
+
+class _Watchdog:
+    """Stops a copy that receives no byte for `stall` seconds: kills the stream's process (a pipe's
+    command and its children, or curl), whose read then ends."""
+
+    def __init__(self, stream, stall: float):
+        self.stream, self.stall, self.stalled = stream, stall, False
+        self.last, self.done = time.monotonic(), threading.Event()
+        threading.Thread(target=self._watch, daemon=True).start()
+
+    def progress(self) -> None:
+        self.last = time.monotonic()
+
+    def _watch(self) -> None:
+        while not self.done.wait(min(1.0, self.stall / 4)):
+            if time.monotonic() - self.last > self.stall:
+                self.stalled = True
+                if isinstance(self.stream, _Command):
+                    self.stream.kill()
+                elif getattr(self.stream, "proc", None) is not None:  # gopen's Pipe (curl, gsutil)
+                    self.stream.proc.kill()
+                return
+
+    def stop(self) -> None:
+        self.done.set()
 
 
 def _intact(path: Path, size: int | None, sha256: str | None) -> bool:

@@ -120,9 +120,11 @@ class DataConfig:
         _check(self.shuffle_buffer >= 1, "data.shuffle_buffer", f"must be at least 1, got {self.shuffle_buffer}")
         _check(self.weight_knee is None or 0 < self.weight_knee <= 1, "data.weight_knee",
                f"must be in (0, 1] or null, got {self.weight_knee}")
-        _check(not (self.shards and self.shards.startswith("pipe:") and "{name}" not in self.shards), "data.shards",
-               f"a pipe: URL needs {{name}} where each file's name goes (e.g. 'pipe:aws s3 cp "
-               f"s3://bucket/shards/{{name}} -'), got {self.shards!r}")
+        if self.shards:
+            from megaclass.data.store import url_problem
+
+            problem = url_problem(self.shards)
+            _check(problem is None, "data.shards", problem or "")
 
 
 @dataclass(kw_only=True, slots=True)

@@ -285,6 +285,7 @@ def _fingerprint(cfg: Config) -> str:
     plain = dataclasses.asdict(cfg)
     for key in ("mode", "oracle", "warmup_epochs", "online_epochs", "online_text", "online_em"):
         plain["experiment"].pop(key)
+    plain["data"].pop("shard_cache")  # where a node keeps its copy of the shards
     return hashlib.sha256(json.dumps(plain, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 

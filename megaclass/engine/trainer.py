@@ -260,7 +260,7 @@ class Trainer:
         cfg = self.cfg
         self.eval_rows = []
         start = self.resume()
-        prefetch_shards(self.data.dataset, cfg.train.seed, start // self.steps_per_epoch)
+        prefetch_shards(self.data.dataset, cfg.train.seed, start * cfg.train.grad_accum // self.micro_steps_per_epoch)
         accum = cfg.train.grad_accum
         sampler = RankBatches(len(self.data.dataset), self.data_rank, self.data_world, cfg.train.micro_batch_size,
                               total_micro_steps=self.last_step * accum, order_fn=self._order_fn(), start=start * accum)

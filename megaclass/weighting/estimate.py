@@ -112,15 +112,16 @@ def log_odds_ratio(g: np.ndarray, rho: float) -> np.ndarray:
 
 
 def em(views, start: np.ndarray, prior_logit: np.ndarray | None = None, info: dict | None = None,
-       max_steps: int = MAX_ITERATIONS):
+       one_step: bool = False):
     """EM over `views`: callables `fit(r) -> evidence [N]` (a view's log-odds ratio, logit g − logit ρ,
     refitted to the responsibilities r; NaN where the view says nothing). The E-step adds the views'
     evidence to `prior_logit` [N] (fixed log-odds from outside the fit, e.g. stage 1's weight in stage 2)
     or, without it, to logit ρ with ρ the current mean responsibility. Iterated to its fixed point with
     SQUAREM (Varadhan & Roland 2008: two EM steps, then a step along their extrapolation, kept only if
     it stays a valid responsibility), since plain EM crawls along the nearly flat ridge a two-view
-    mixture has. Returns (posterior [N], the views' evidence, EM steps); `info`, when given, receives
-    the last cycle's mean and largest move and whether the tolerance was reached (not the step cap)."""
+    mixture has. `one_step`: a single plain EM step from `start` instead (online EM). Returns (posterior
+    [N], the views' evidence, EM steps); `info`, when given, receives the last cycle's mean and largest
+    move and whether the tolerance was reached (not the step cap)."""
 
     def step(r: np.ndarray) -> tuple[np.ndarray, list[np.ndarray]]:
         evidence = [fit(r) for fit in views]
@@ -132,7 +133,7 @@ def em(views, start: np.ndarray, prior_logit: np.ndarray | None = None, info: di
     r = np.asarray(start, dtype=np.float64)
     steps = 0
     moved = largest = float("inf")
-    while max_steps >= 4 and steps < max_steps:
+    while not one_step and steps < MAX_ITERATIONS:
         r1, _ = step(r)
         r2, _ = step(r1)
         steps += 2
@@ -150,7 +151,7 @@ def em(views, start: np.ndarray, prior_logit: np.ndarray | None = None, info: di
         if moved < TOLERANCE:
             break
     r_final, evidence = step(r)
-    if steps == 0:  # max_steps < 4: the one plain step above
+    if one_step:  # the one plain E-step above, from `start`
         change = np.abs(r_final - r)
         moved, largest = float(change.mean()), float(change.max())
     if info is not None:  # prior_rate: the ρ of the returned E-step (without prior_logit)

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from megaclass.weighting.estimate import MAX_ITERATIONS, clip01, em
+from megaclass.weighting.estimate import clip01, em
 from megaclass.weighting.stage1 import PredictionView, RankView, rank_values
 from megaclass.weighting.stage2 import margin_view
 
@@ -68,7 +68,7 @@ def online_weights(sources, ranks, margin: np.ndarray, cell: np.ndarray | None =
         views.append(PredictionView(cell, p_label))
     info: dict = {}
     # the start (no model yet) is fitted to convergence; with the model's views, `step` moves one EM step
-    w, _, steps = em(views, start, info=info, max_steps=1 if model_in and em_mode == "step" else MAX_ITERATIONS)
+    w, _, steps = em(views, start, info=info, one_step=model_in and em_mode == "step")
     if details is not None:
         details.update(clean_rate=float(w.mean()), em_steps=steps, em_mean_change=info["mean_change"],
                        em_converged=info["converged"])
