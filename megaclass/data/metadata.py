@@ -23,7 +23,6 @@ from megaclass.data.webvision import (_INTEGER, OUTSIDE, WebVision, WebVisionFor
                                       _show, load_webvision)
 
 
-
 def is_shards(path: str | os.PathLike) -> bool:
     """A shards folder (it holds index.json) or a shards URL (`megaclass.data.store`)."""
     return is_url(path) or (Path(path) / INDEX).is_file()
