@@ -348,8 +348,6 @@ class _ColumnsBuilder:
 class Shards:
     """A shard folder as read: the class list, skip counts, and each split's samples."""
 
-    folder: Path
-    """where the files are read: the folder, or the local cache's copy of a URL's"""
     classes: list[tuple[str, str]]
     skipped: dict
     files: dict[str, list[Path]]
@@ -358,6 +356,11 @@ class Shards:
     columns: dict[str, ShardColumns]
     store: ShardStore
     tar_bytes: dict[str, list[int]]
+
+    @property
+    def folder(self) -> Path:
+        """Where the files are read: the folder, or the local cache's copy of a URL's."""
+        return self.store.folder
 
     @property
     def wnids(self) -> list[str]:
@@ -501,7 +504,7 @@ def load_shards(location: str | os.PathLike | ShardStore, splits=SPLITS, cache: 
     if scanned:
         log.info("%s: %d shards have no sample index and were scanned instead (slow at millions of images); "
                  "rerun `megaclass shards` on this folder to write the indexes", store.location, scanned)
-    return Shards(store.folder, classes, dict(index.get("skipped", {})), files, sizes, columns, store, tar_bytes)
+    return Shards(classes, dict(index.get("skipped", {})), files, sizes, columns, store, tar_bytes)
 
 
 def verify(folder: str | os.PathLike) -> int:

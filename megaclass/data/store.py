@@ -161,16 +161,13 @@ class ShardStore:
                                 if sha256 is not None:
                                     digest.update(chunk)
                     except (OSError, ValueError) as exc:  # the command's exit status, a refused connection, a full disk
-                        if watchdog is not None and watchdog.stalled:
-                            raise _Mismatch(f"no data for {STALL_S:g} s (the copy was stopped)") from exc
-                        status = re.search(r"exit (-?\d+) \(read\)", str(exc))  # gopen's Pipe
-                        raise _Mismatch(f"the command exited with status {status[1]}" if status and exc.errno is None
-                                        else str(exc) if exc.errno is None else f"{type(exc).__name__}: {exc}") from exc
+                        stalled = watchdog is not None and watchdog.stalled
+                        raise _Mismatch(watchdog.reason if stalled else _reason(exc)) from exc
                     finally:
                         if watchdog is not None:
                             watchdog.stop()
                     if watchdog.stalled:
-                        raise _Mismatch(f"no data for {STALL_S:g} s (the copy was stopped)")
+                        raise _Mismatch(watchdog.reason)
                     if size is not None and got != size:
                         raise _Mismatch(f"{got} bytes, index.json says {size} (a partial copy, or a file of "
                                         f"another conversion)")
@@ -210,6 +207,14 @@ class _Mismatch(ValueError):
     """One try's failure, retried."""
 
 
+def _reason(exc: Exception) -> str:
+    """Why a try's stream failed, in words: the command's exit status, or the error itself."""
+    status = re.search(r"exit (-?\d+) \(read\)", str(exc))  # how gopen's Pipe (curl, gsutil) says it
+    if status and getattr(exc, "errno", None) is None:
+        return f"the command exited with status {status[1]}"
+    return str(exc) if getattr(exc, "errno", None) is None else f"{type(exc).__name__}: {exc}"
+
+
 def _try_lock(lock) -> bool:
     try:
         fcntl.lockf(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -227,7 +232,6 @@ class _Command:
     def __init__(self, command: str):
         import subprocess
 
-        self.command = command
         self.proc = subprocess.Popen(command, shell=True, stdout=subprocess.PIPE, start_new_session=True)
 
     def read(self, size: int) -> bytes:
@@ -272,6 +276,10 @@ class _Watchdog:
 
     def progress(self) -> None:
         self.last = time.monotonic()
+
+    @property
+    def reason(self) -> str:
+        return f"no data for {self.stall:g} s (the copy was stopped)"
 
     def _watch(self) -> None:
         while not self.done.wait(min(1.0, self.stall / 4)):
